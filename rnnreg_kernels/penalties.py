@@ -1,0 +1,184 @@
+"""Penalty configuration and the post-hoc penalty math.
+
+``Penalties`` is what users pass to :func:`rnnreg_kernels.recurrence`.  The functions below
+compute the same penalties *after* a recurrence, from its output sequence, in eager PyTorch:
+they are the ``naive`` backend's penalties, the benchmark baseline (cuDNN + post-hoc), and a
+direct transcription of the definitions in DESIGN.md section 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+TERM_NAMES = ("norm_stabilizer", "tar", "ar")
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Activation regularizers computed together with the recurrence.
+
+    Args:
+        norm_stabilizer: beta of the norm-stabilizer (Krueger & Memisevic); 0 = off.
+        tar: beta of temporal activation regularization (Merity et al.); 0 = off.
+        ar: alpha of activation regularization (Merity et al.); 0 = off.
+        ns_include_initial: also penalize the step h_0 -> h_1 (the paper's formula); the
+            default excludes it (the seed code: mean over (T-1)*B).
+        ns_eps: epsilon inside the norm, n_t = sqrt(sum_i (h_ti^2 + eps)).
+        ar_mask: optional ``[B, H]`` mask applied to h before AR (a locked-dropout mask with
+            the 1/(1-p) scale inside).
+    """
+
+    norm_stabilizer: float = 0.0
+    tar: float = 0.0
+    ar: float = 0.0
+    ns_include_initial: bool = False
+    ns_eps: float = 1e-9
+    ar_mask: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        for name in ("norm_stabilizer", "tar", "ar"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Penalties.{name}: expected a non-negative finite number, "
+                                 f"got {value!r} ({type(value).__name__})")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"Penalties.{name}: expected a non-negative finite number, "
+                                 f"got {value!r}")
+        eps = self.ns_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
+                or eps < 0:
+            raise ValueError(f"Penalties.ns_eps: expected a non-negative finite number, got {eps!r}")
+        if not isinstance(self.ns_include_initial, bool):
+            raise ValueError("Penalties.ns_include_initial: expected a bool, "
+                             f"got {self.ns_include_initial!r}")
+        m = self.ar_mask
+        if m is not None:
+            if not isinstance(m, torch.Tensor):
+                raise ValueError(f"Penalties.ar_mask: expected a [B, H] tensor or None, "
+                                 f"got {type(m).__name__}")
+            if m.dim() != 2:
+                raise ValueError(f"Penalties.ar_mask: expected a [B, H] tensor, got shape "
+                                 f"{tuple(m.shape)}")
+            if not m.is_floating_point():
+                raise ValueError(f"Penalties.ar_mask: expected a floating tensor, got {m.dtype}")
+
+    @property
+    def active(self) -> bool:
+        return self.norm_stabilizer > 0 or self.tar > 0 or self.ar > 0
+
+    def check_mask(self, batch: int, hidden: int) -> None:
+        """Raise ``ValueError`` when ``ar_mask`` does not match ``[batch, hidden]``."""
+        m = self.ar_mask
+        if m is not None and tuple(m.shape) != (batch, hidden):
+            raise ValueError(f"Penalties.ar_mask: expected shape [B, H] = [{batch}, {hidden}], "
+                             f"got {list(m.shape)}")
+
+
+class Weights(NamedTuple):
+    """Penalty coefficients divided by their counts (see ``contract.Spec``)."""
+
+    ns: float
+    tar: float
+    ar: float
+
+
+def penalty_weights(pen: Penalties, steps: int, batch: int, hidden: int,
+                    lengths: Optional[torch.Tensor] = None) -> Weights:
+    """beta / |S|, beta / (#pairs * H), alpha / (#steps * H), each 0 when off or empty.
+
+    ``lengths`` (CPU or device, int) counts only each row's valid steps; None means all ``steps``.
+    """
+    if lengths is None:
+        total = steps * batch
+    else:
+        total = int(lengths.sum().item())
+    pairs = total - batch  # sum_b (L_b - 1)
+    ns_count = total if pen.ns_include_initial else pairs
+    ns = pen.norm_stabilizer / ns_count if pen.norm_stabilizer > 0 and ns_count > 0 else 0.0
+    tar = pen.tar / (pairs * hidden) if pen.tar > 0 and pairs > 0 else 0.0
+    ar = pen.ar / (total * hidden) if pen.ar > 0 and total > 0 else 0.0
+    return Weights(float(ns), float(tar), float(ar))
+
+
+def step_mask(steps: int, lengths: Optional[torch.Tensor], batch: int,
+              device=None) -> Optional[torch.Tensor]:
+    """``[T, B]`` bool, True where processing step k (row index k-1) is valid; None = all."""
+    if lengths is None:
+        return None
+    k = torch.arange(1, steps + 1, device=device).unsqueeze(1)
+    return k <= lengths.to(device).view(1, batch)
+
+
+def hidden_norms(states: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[K, B, H] -> [K, B]``: sqrt(sum_i (h_i^2 + eps)), in at least float32."""
+    s = states.to(torch.promote_types(states.dtype, torch.float32))
+    return torch.sqrt((s * s).sum(-1) + s.shape[-1] * eps)
+
+
+def posthoc_terms(h0: torch.Tensor, states: torch.Tensor, pen: Penalties,
+                  lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The three weighted terms ``[3]`` from the states in *processing order*.
+
+    Args:
+        h0: ``[B, H]`` initial state.
+        states: ``[T, B, H]`` h_1..h_T in processing order (for a reverse recurrence, flip
+            each row first); entries past a row's length are ignored.
+        pen: the penalty configuration.
+        lengths: ``[B]`` valid steps per row, or None.
+    Returns:
+        ``[3]`` tensor (norm_stabilizer, tar, ar) in float32 (float64 for float64 states),
+        differentiable with respect to ``h0`` and ``states``.
+    """
+    T, B, H = states.shape
+    acc = torch.promote_types(states.dtype, torch.float32)
+    w = penalty_weights(pen, T, B, H, lengths)
+    hs = torch.cat([h0.unsqueeze(0), states], 0).to(acc)  # [T+1, B, H]
+    valid = step_mask(T, lengths, B, states.device)
+    if valid is None:
+        valid = torch.ones(T, B, dtype=torch.bool, device=states.device)
+    zero = hs[:0].sum()  # 0, but in the graph like the active terms
+    terms = []
+    if w.ns:
+        n = hidden_norms(hs, pen.ns_eps)
+        d2 = (n[1:] - n[:-1]) ** 2  # [T, B], step k = 1..T
+        sel = valid.clone()
+        if not pen.ns_include_initial:
+            sel[0] = False
+        terms.append(w.ns * torch.where(sel, d2, zero).sum())
+    else:
+        terms.append(zero)
+    if w.tar:
+        diff = ((hs[2:] - hs[1:-1]) ** 2).sum(-1)  # [T-1, B], step k = 2..T
+        terms.append(w.tar * torch.where(valid[1:], diff, zero).sum())
+    else:
+        terms.append(zero)
+    if w.ar:
+        h = hs[1:]
+        if pen.ar_mask is not None:
+            h = h * pen.ar_mask.to(acc)
+        terms.append(w.ar * torch.where(valid, (h * h).sum(-1), zero).sum())
+    else:
+        terms.append(zero)
+    return torch.stack(terms)
+
+
+def to_processing_order(output: torch.Tensor, lengths: Optional[torch.Tensor],
+                        reverse: bool) -> torch.Tensor:
+    """Reorder a ``[T, B, H]`` output from time positions to processing steps.
+
+    Forward: unchanged.  Reverse: step k of row b is position L_b - k; positions past a
+    row's length map to zeros.
+    """
+    if not reverse:
+        return output
+    T, B = output.shape[:2]
+    if lengths is None:
+        return output.flip(0)
+    L = lengths.to(output.device).view(1, B)
+    k = torch.arange(1, T + 1, device=output.device).view(T, 1)
+    pos = (L - k).clamp(min=0)  # [T, B]
+    gathered = output.gather(0, pos.unsqueeze(-1).expand(T, B, output.shape[2]))
+    return torch.where((k <= L).unsqueeze(-1), gathered, torch.zeros_like(gathered))

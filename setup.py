@@ -1,0 +1,49 @@
+"""Build script. The pure-Python package always installs; the optional CUDA extension
+(`rnnreg_kernels._C`, sources in csrc/) is added by `cuda_extension()` when it can be built."""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "csrc"))
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for the CUDA extension, or ([], {}) with one line saying why not.
+
+    Implemented in csrc/build_ext.py (owned by the CUDA backend)."""
+    try:
+        import build_ext as _b  # csrc/build_ext.py
+    except ImportError:
+        print("rnnreg_kernels: csrc/build_ext.py not found; skipping the CUDA extension")
+        return [], {}
+    return _b.cuda_extension()
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="rnnreg_kernels",
+    version="0.1.0",
+    description="Fused Triton/CUDA kernels for RNNs trained with activation regularizers "
+                "(norm-stabilizer, TAR, AR)",
+    long_description=open(os.path.join(HERE, "README.md")).read()
+    if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["rnnreg_kernels", "rnnreg_kernels.*"]),
+    package_data={"rnnreg_kernels": ["csrc/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.11",
+        "numpy",
+        "triton>=3.6; platform_system == 'Linux'",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
