@@ -32,7 +32,6 @@ setup(
     if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rnnreg_kernels", "rnnreg_kernels.*"]),
-    package_data={"rnnreg_kernels": ["csrc/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",

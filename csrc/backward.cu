@@ -1,0 +1,222 @@
+// Backward of the recurrence: one persistent cooperative launch, steps k = T..1.
+//
+// Block `blk` owns hidden units [blk*units, blk*units + nu) and keeps the matching columns of
+// w_hh (W^T rows, all G*H entries each) in shared memory.  Per step it stages dz_{k+1} (fp32,
+// double-buffered global exchange buffer) for a tile of batch rows, computes its slice of the
+// recurrent gradient dz_{k+1} W, adds the upstream gradient and the penalty gradients
+// (DESIGN.md section 2, from the saved norms), runs the cell backward and publishes its slice
+// of dz_k.  grad_w_hh is one GEMM on the host side afterwards (binding / cuda.py).
+#include <cooperative_groups.h>
+
+#include "common.cuh"
+
+namespace rnnreg {
+namespace cg = cooperative_groups;
+
+// h after processing step kk (1 <= kk <= L) of row b, unit i, in fp32.
+template <typename T>
+__device__ __forceinline__ float load_h(const BwdArgs& a, int kk, int L, int b, int i) {
+  const int B = a.s.B, H = a.s.H;
+  if (a.hsave) return a.hsave[((size_t)(kk - 1) * B + b) * H + i];
+  const T* out = static_cast<const T*>(a.out);
+  return to_f(out[((size_t)position(kk, L, a.s.reverse) * B + b) * H + i]);
+}
+
+// dPenalty/dh_k for row b, unit i at valid step k (1 <= k <= L), hk = h_k.
+template <typename T>
+__device__ __forceinline__ float penalty_grad(const BwdArgs& a, int k, int L, int b, int i,
+                                              float hk, float cns, float ctar, float car) {
+  const Scalars& s = a.s;
+  const int B = s.B;
+  float g = 0.f;
+  if (cns != 0.f) {
+    const float nk = a.norms[(size_t)k * B + b];
+    const float dk = (k >= 2 || s.ns_include_initial) ? nk - a.norms[(size_t)(k - 1) * B + b]
+                                                      : 0.f;
+    const float dn = k + 1 <= L ? a.norms[(size_t)(k + 1) * B + b] - nk : 0.f;
+    if (nk > 0.f) g += cns * (dk - dn) * hk / nk;
+  }
+  if (ctar != 0.f) {
+    if (k >= 2) g += ctar * (hk - load_h<T>(a, k - 1, L, b, i));
+    if (k + 1 <= L) g -= ctar * (load_h<T>(a, k + 1, L, b, i) - hk);
+  }
+  if (car != 0.f) {
+    const T* mask = static_cast<const T*>(a.mask);
+    const float m = mask ? to_f(mask[(size_t)b * s.H + i]) : 1.f;
+    g += car * m * m * hk;
+  }
+  return g;
+}
+
+// Stage dz rows [b0, b0+nb) of `dz` ([B][GH] fp32) into shared memory and compute
+// dh[bl][il] = sum_r W[r][j0+il] dz[b0+bl][r] for the block's units.
+template <typename T>
+__device__ __forceinline__ void recurrent_grad(const T* wt, int nu, int units, const float* dz,
+                                               int b0, int nb, int GH, int Kp, float* dzs,
+                                               float* dhs, float* red) {
+  for (int idx = threadIdx.x; idx < nb * Kp; idx += kThreads) {
+    const int bl = idx / Kp, r = idx % Kp;
+    dzs[idx] = r < GH ? __ldcg(dz + (size_t)(b0 + bl) * GH + r) : 0.f;
+  }
+  __syncthreads();
+  block_matvec<T>(wt, nu, dzs, nb, Kp, dhs, units, red);
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
+  cg::grid_group grid = cg::this_grid();
+  const Scalars& s = a.s;
+  const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
+  const int G = cell == kLSTM ? 4 : 1, GH = G * H;
+  const int units = a.plan.units, bs = a.plan.bs_bwd;
+  const int Kp = round_up(GH, kVec);
+  const int blk = blockIdx.x;
+  const int j0 = blk * units, nu = min(units, H - j0);
+  const int tid = threadIdx.x;
+
+  unsigned char* smem = dynamic_smem();
+  const Layout lay = bwd_layout(G, H, units, bs, (int)sizeof(T));
+  T* wt = reinterpret_cast<T*>(smem + lay.w);
+  float* dzs = reinterpret_cast<float*>(smem + lay.a);
+  float* dhs = reinterpret_cast<float*>(smem + lay.z);
+  float* red = reinterpret_cast<float*>(smem + lay.red);
+
+  const T* w = static_cast<const T*>(a.w);
+  const T* h0 = static_cast<const T*>(a.h0);
+  const T* c0 = static_cast<const T*>(a.c0);
+  const T* g_out = static_cast<const T*>(a.g_out);
+  const T* g_hn = static_cast<const T*>(a.g_hn);
+  const T* g_cn = static_cast<const T*>(a.g_cn);
+  T* gx = static_cast<T*>(a.gx);
+  float* dzbuf = a.scratch;                          // [2][B][GH]
+  float* dhacc = dzbuf + 2 * (size_t)B * GH;         // [B][H] carried dL/dh
+  float* dcacc = dhacc + (size_t)B * H;              // [B][H] carried dL/dc
+
+  // W^T slice: wt[il][r] = w[r][j0 + il].
+  for (int idx = tid; idx < units * Kp; idx += kThreads) {
+    const int il = idx % units, r = idx / units;
+    T v = from_f<T>(0.f);
+    if (il < nu && r < GH) v = w[(size_t)r * H + j0 + il];
+    wt[(size_t)il * Kp + r] = v;
+  }
+  const float cns = 2.f * s.w_ns * a.g_terms[0];
+  const float ctar = 2.f * s.w_tar * a.g_terms[1];
+  const float car = 2.f * s.w_ar * a.g_terms[2];
+
+  // Carries start from the gradients of h_n / c_n (same thread <-> (b, i) map as the steps).
+  for (int b0 = 0; b0 < B; b0 += bs) {
+    const int nb = min(bs, B - b0);
+    for (int q = tid; q < nb * nu; q += kThreads) {
+      const size_t o = (size_t)(b0 + q / nu) * H + j0 + q % nu;
+      dhacc[o] = to_f(g_hn[o]);
+      if (cell == kLSTM) dcacc[o] = to_f(g_cn[o]);
+    }
+  }
+
+  for (int k = T_; k >= 1; --k) {
+    const float* dz_next = dzbuf + (size_t)((k + 1) & 1) * B * GH;
+    float* dz_cur = dzbuf + (size_t)(k & 1) * B * GH;
+    for (int b0 = 0; b0 < B; b0 += bs) {
+      const int nb = min(bs, B - b0);
+      const bool rec = k < T_;
+      if (rec) recurrent_grad<T>(wt, nu, units, dz_next, b0, nb, GH, Kp, dzs, dhs, red);
+      for (int q = tid; q < nb * nu; q += kThreads) {
+        const int bl = q / nu, il = q % nu, b = b0 + bl, i = j0 + il;
+        const int L = row_length(a.lengths, b, T_);
+        const size_t o = (size_t)b * H + i;
+        float dh = dhacc[o] + (rec ? dhs[bl * units + il] : 0.f);
+        const size_t zstep = ((size_t)(k - 1) * B + b) * GH + i;  // step-indexed [T, B, GH]
+        if (k > L) {  // frozen step: the gradient passes through unchanged
+          dhacc[o] = dh;
+          for (int g = 0; g < G; ++g) {
+            gx[zstep + (size_t)g * H] = from_f<T>(0.f);  // position k-1, never reached
+            if (a.dz) a.dz[zstep + (size_t)g * H] = 0.f;
+            __stcg(dz_cur + (size_t)b * GH + g * H + i, 0.f);
+          }
+          continue;
+        }
+        const int pos = position(k, L, s.reverse);
+        const float hk = load_h<T>(a, k, L, b, i);
+        dh += to_f(g_out[((size_t)pos * B + b) * H + i]);
+        dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
+        float dz[4];
+        if (cell == kLSTM) {
+          const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
+          const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
+          const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
+          const float ck = a.cs[cidx];
+          const float cp = k >= 2 ? a.cs[cidx - (size_t)B * H] : to_f(c0[o]);
+          const float tc = tanhf(ck);
+          const float dc = dcacc[o] + dh * og * (1.f - tc * tc);
+          dz[0] = dc * gg * ig * (1.f - ig);
+          dz[1] = dc * cp * fg * (1.f - fg);
+          dz[2] = dc * ig * (1.f - gg * gg);
+          dz[3] = dh * tc * og * (1.f - og);
+          dcacc[o] = dc * fg;
+        } else if (cell == kTanh) {
+          dz[0] = dh * (1.f - hk * hk);
+        } else {
+          dz[0] = hk != 0.f ? dh : 0.f;
+        }
+        const size_t zpos = ((size_t)pos * B + b) * GH + i;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+          if (g >= G) break;
+          gx[zpos + (size_t)g * H] = from_f<T>(dz[g]);
+          if (a.dz) a.dz[zstep + (size_t)g * H] = dz[g];
+          __stcg(dz_cur + (size_t)b * GH + g * H + i, dz[g]);
+        }
+        dhacc[o] = 0.f;
+      }
+      __syncthreads();
+    }
+    grid.sync();
+  }
+
+  // grad_h0 = dz_1 W (+ carry of rows whose grad passed through) + NS term of h0; grad_c0.
+  T* gh0 = static_cast<T*>(a.gh0);
+  T* gc0 = static_cast<T*>(a.gc0);
+  const float* dz_first = dzbuf + (size_t)(1 & 1) * B * GH;
+  for (int b0 = 0; b0 < B; b0 += bs) {
+    const int nb = min(bs, B - b0);
+    recurrent_grad<T>(wt, nu, units, dz_first, b0, nb, GH, Kp, dzs, dhs, red);
+    for (int q = tid; q < nb * nu; q += kThreads) {
+      const int bl = q / nu, il = q % nu, b = b0 + bl;
+      const size_t o = (size_t)b * H + j0 + il;
+      float g = dhacc[o] + dhs[bl * units + il];
+      if (cns != 0.f && s.ns_include_initial) {
+        const float n0 = a.norms[b];
+        const float d1 = a.norms[(size_t)B + b] - n0;
+        if (n0 > 0.f) g -= cns * d1 * to_f(h0[o]) / n0;
+      }
+      gh0[o] = from_f<T>(g);
+      if (cell == kLSTM) gc0[o] = from_f<T>(dcacc[o]);
+    }
+    __syncthreads();
+  }
+}
+
+const void* backward_kernel_ptr(int dtype) {
+  if (dtype == kBFloat16) return reinterpret_cast<const void*>(&backward_kernel<__nv_bfloat16>);
+  if (dtype == kFloat16) return reinterpret_cast<const void*>(&backward_kernel<__half>);
+  return reinterpret_cast<const void*>(&backward_kernel<float>);
+}
+
+std::string launch_backward(int dtype, const BwdArgs& args, cudaStream_t stream) {
+  const void* fn = backward_kernel_ptr(dtype);
+  cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)args.plan.smem_bwd);
+  if (e != cudaSuccess)
+    return std::string("rnnreg backward: cudaFuncSetAttribute failed: ") + cudaGetErrorString(e);
+  BwdArgs copy = args;
+  void* params[] = {&copy};
+  e = cudaLaunchCooperativeKernel(fn, dim3(args.plan.blocks), dim3(kThreads), params,
+                                  args.plan.smem_bwd, stream);
+  if (e != cudaSuccess)
+    return std::string("rnnreg backward: cooperative launch of ") +
+           std::to_string(args.plan.blocks) + " blocks failed: " + cudaGetErrorString(e);
+  return "";
+}
+
+}  // namespace rnnreg

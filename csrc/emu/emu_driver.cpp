@@ -1,0 +1,140 @@
+// Test-only driver (tests/test_cuda_build.py): runs the kernels of forward.cu / backward.cu and
+// the planner of plan.cu on the CPU emulation of emu.h, behind a small C interface for ctypes.
+// Build: g++ -std=c++20 -O1 -pthread -shared -fPIC -DRNNREG_EMULATE -DRNNREG_THREADS=64
+//        -Icsrc/emu -Icsrc csrc/emu/emu_driver.cpp -o libemu.so
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../backward.cu"
+#include "../forward.cu"
+#include "../plan.cu"
+
+namespace {
+
+thread_local std::string g_err;
+
+template <class Args>
+void run_grid(void (*kernel)(Args), const Args& a, int blocks, size_t smem) {
+  emu::Grid grid(blocks, rnnreg::kThreads, smem);
+  std::vector<std::thread> threads;
+  threads.reserve((size_t)blocks * rnnreg::kThreads);
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < rnnreg::kThreads; ++t)
+      threads.emplace_back([&grid, &a, kernel, b, t, blocks] {
+        emu::g_grid = &grid;
+        blockIdx = dim3(b);
+        threadIdx = dim3(t);
+        gridDim = dim3(blocks);
+        blockDim = dim3(rnnreg::kThreads);
+        kernel(a);
+      });
+  for (auto& th : threads) th.join();
+}
+
+// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype
+// fargs: theta, w_ns, w_tar, w_ar, heps
+rnnreg::Scalars scalars(const int* ia, const float* fa) {
+  rnnreg::Scalars s;
+  s.T = ia[0];
+  s.B = ia[1];
+  s.H = ia[2];
+  s.cell = ia[3];
+  s.ns_include_initial = ia[4];
+  s.reverse = ia[5];
+  s.theta = fa[0];
+  s.w_ns = fa[1];
+  s.w_tar = fa[2];
+  s.w_ar = fa[3];
+  s.heps = fa[4];
+  return s;
+}
+
+bool plan_for(const int* ia, rnnreg::Plan* p) {
+  emu::g_sms = ia[7];
+  g_err = rnnreg::make_plan(ia[3], ia[8], ia[1], ia[2], 0, ia[6], p);
+  return g_err.empty();
+}
+
+}  // namespace
+
+extern "C" {
+
+// ptrs: x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms, hsave, gates, cs
+const char* emu_forward(const int* ia, const float* fa, void** p) {
+  rnnreg::FwdArgs a;
+  a.s = scalars(ia, fa);
+  if (!plan_for(ia, &a.plan)) return g_err.c_str();
+  std::vector<float> scratch(rnnreg::fwd_scratch_floats(a.s.B, a.s.H, a.plan.blocks),
+                             std::numeric_limits<float>::quiet_NaN());
+  a.x = p[0]; a.w = p[1]; a.h0 = p[2]; a.c0 = p[3]; a.mask = p[4];
+  a.lengths = static_cast<const int64_t*>(p[5]);
+  a.out = p[6]; a.hn = p[7]; a.cn = p[8];
+  a.norms = static_cast<float*>(p[9]);
+  a.terms = static_cast<float*>(p[10]);
+  a.hsave = static_cast<float*>(p[11]);
+  a.gates = static_cast<float*>(p[12]);
+  a.cs = static_cast<float*>(p[13]);
+  a.scratch = scratch.data();
+  const int dtype = ia[8];
+  if (dtype == rnnreg::kBFloat16)
+    run_grid(&rnnreg::forward_kernel<__nv_bfloat16>, a, a.plan.blocks, a.plan.smem_fwd);
+  else if (dtype == rnnreg::kFloat16)
+    run_grid(&rnnreg::forward_kernel<__half>, a, a.plan.blocks, a.plan.smem_fwd);
+  else
+    run_grid(&rnnreg::forward_kernel<float>, a, a.plan.blocks, a.plan.smem_fwd);
+  return "";
+}
+
+// ptrs: w, h0, c0, mask, lengths, out, norms, hsave, gates, cs, g_out, g_hn, g_cn, g_terms,
+//       gx, dz, gh0, gc0
+const char* emu_backward(const int* ia, const float* fa, void** p) {
+  rnnreg::BwdArgs a;
+  a.s = scalars(ia, fa);
+  if (!plan_for(ia, &a.plan)) return g_err.c_str();
+  const int G = rnnreg::gates_of(a.s.cell);
+  std::vector<float> scratch(rnnreg::bwd_scratch_floats(a.s.B, a.s.H, G),
+                             std::numeric_limits<float>::quiet_NaN());
+  a.w = p[0]; a.h0 = p[1]; a.c0 = p[2]; a.mask = p[3];
+  a.lengths = static_cast<const int64_t*>(p[4]);
+  a.out = p[5];
+  a.norms = static_cast<const float*>(p[6]);
+  a.hsave = static_cast<const float*>(p[7]);
+  a.gates = static_cast<const float*>(p[8]);
+  a.cs = static_cast<const float*>(p[9]);
+  a.g_out = p[10]; a.g_hn = p[11]; a.g_cn = p[12];
+  a.g_terms = static_cast<const float*>(p[13]);
+  a.gx = p[14];
+  a.dz = static_cast<float*>(p[15]);
+  a.gh0 = p[16]; a.gc0 = p[17];
+  a.scratch = scratch.data();
+  const int dtype = ia[8];
+  if (dtype == rnnreg::kBFloat16)
+    run_grid(&rnnreg::backward_kernel<__nv_bfloat16>, a, a.plan.blocks, a.plan.smem_bwd);
+  else if (dtype == rnnreg::kFloat16)
+    run_grid(&rnnreg::backward_kernel<__half>, a, a.plan.blocks, a.plan.smem_bwd);
+  else
+    run_grid(&rnnreg::backward_kernel<float>, a, a.plan.blocks, a.plan.smem_bwd);
+  return "";
+}
+
+// The plan for (cell, dtype, B, H) with `units` forced (0 = default) on an emulated device of
+// `sms` SMs and `smem_optin` bytes per block; out = units, blocks, bs_fwd, bs_bwd.
+const char* emu_plan(int cell, int dtype, int B, int H, int units, int sms, int smem_optin,
+                     int* out) {
+  emu::g_sms = sms;
+  emu::g_smem_optin = smem_optin;
+  rnnreg::Plan p;
+  g_err = rnnreg::make_plan(cell, dtype, B, H, 0, units, &p);
+  out[0] = p.units; out[1] = p.blocks; out[2] = p.bs_fwd; out[3] = p.bs_bwd;
+  return g_err.c_str();
+}
+
+int emu_max_hidden(int cell, int dtype, int sms, int smem_optin) {
+  emu::g_sms = sms;
+  emu::g_smem_optin = smem_optin;
+  return rnnreg::max_hidden(cell, dtype, 1, 0);
+}
+
+}  // extern "C"

@@ -1,0 +1,236 @@
+// Forward of the recurrence: one persistent cooperative launch for all T steps.
+//
+// Block `blk` owns hidden units [blk*units, blk*units + nu) and keeps the G*units rows of w_hh
+// for them in shared memory for the whole sequence.  Per step it stages h_{k-1} (fp32, from a
+// double-buffered global exchange buffer) for a tile of batch rows, computes its slice of
+// z = x_k + h_{k-1} W^T, applies the cell, publishes its slice of h_k, and writes its partial
+// sum of squares of h_k per batch row.  A grid-wide barrier ends the step.  The norms of step
+// k-1 are reduced (in a fixed order, so deterministically) at the start of step k by the block
+// that owns the batch row (b % blocks); TAR/AR/NS sums stay in registers until the end.
+#include <cooperative_groups.h>
+
+#include "common.cuh"
+
+namespace rnnreg {
+namespace cg = cooperative_groups;
+
+// norms[k, b] for this block's batch rows (b = blk + i * blocks), plus the NS sum.
+__device__ __forceinline__ void reduce_norms(const FwdArgs& a, const float* part, int k,
+                                             float& acc_ns) {
+  const Scalars& s = a.s;
+  const int B = s.B, nblk = gridDim.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* pk = part + (size_t)(k & 1) * B * nblk;
+  for (int idx = warp;; idx += kWarps) {
+    const long long bl = (long long)blockIdx.x + (long long)idx * nblk;
+    if (bl >= B) break;
+    const int b = (int)bl;
+    float sq = 0.f;
+    for (int i = lane; i < nblk; i += 32) sq += __ldcg(pk + (size_t)b * nblk + i);
+    sq = warp_sum(sq);
+    if (lane == 0) {
+      const bool valid = k <= row_length(a.lengths, b, s.T);
+      const float n = sqrtf(sq + s.heps);
+      a.norms[(size_t)k * B + b] = valid ? n : 0.f;
+      if (valid && s.w_ns != 0.f && (k >= 2 || (k == 1 && s.ns_include_initial))) {
+        const float d = n - a.norms[(size_t)(k - 1) * B + b];  // written by this thread
+        acc_ns += d * d;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
+  cg::grid_group grid = cg::this_grid();
+  const Scalars& s = a.s;
+  const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
+  const int G = cell == kLSTM ? 4 : 1, GH = G * H;
+  const int units = a.plan.units, bs = a.plan.bs_fwd;
+  const int Hp = round_up(H, kVec), R = G * units;
+  const int blk = blockIdx.x, nblk = gridDim.x;
+  const int j0 = blk * units, nu = min(units, H - j0);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  unsigned char* smem = dynamic_smem();
+  const Layout lay = fwd_layout(G, H, units, bs, (int)sizeof(T));
+  T* ws = reinterpret_cast<T*>(smem + lay.w);
+  float* hs = reinterpret_cast<float*>(smem + lay.a);
+  float* zs = reinterpret_cast<float*>(smem + lay.z);
+  float* hn = reinterpret_cast<float*>(smem + lay.hn);
+  float* red = reinterpret_cast<float*>(smem + lay.red);
+
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.w);
+  const T* h0 = static_cast<const T*>(a.h0);
+  const T* c0 = static_cast<const T*>(a.c0);
+  const T* mask = static_cast<const T*>(a.mask);
+  T* out = static_cast<T*>(a.out);
+  T* hn_out = static_cast<T*>(a.hn);
+  T* cn_out = static_cast<T*>(a.cn);
+  float* hbuf = a.scratch;                         // [2][B][H]
+  float* part = hbuf + 2 * (size_t)B * H;          // [2][B][blocks]
+  float* bpart = part + 2 * (size_t)B * nblk;      // [blocks][3]
+
+  // This block's rows of w_hh: local row r = g*units + jl is global row g*H + j0 + jl.
+  for (int idx = tid; idx < R * Hp; idx += kThreads) {
+    const int r = idx / Hp, kk = idx % Hp, g = r / units, jl = r % units;
+    T v = from_f<T>(0.f);
+    if (jl < nu && kk < H) v = w[(size_t)(g * H + j0 + jl) * H + kk];
+    ws[idx] = v;
+  }
+
+  // Step 0: publish h0 and its partial sums of squares.
+  for (int b = warp; b < B; b += kWarps) {
+    float sq = 0.f;
+    for (int jl = lane; jl < nu; jl += 32) {
+      const float h = to_f(h0[(size_t)b * H + j0 + jl]);
+      __stcg(hbuf + (size_t)b * H + j0 + jl, h);
+      sq += h * h;
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) __stcg(part + (size_t)b * nblk + blk, sq);
+  }
+  float acc_ns = 0.f, acc_tar = 0.f, acc_ar = 0.f;
+  grid.sync();
+
+  for (int k = 1; k <= T_; ++k) {
+    reduce_norms(a, part, k - 1, acc_ns);
+    const float* hprev = hbuf + (size_t)((k - 1) & 1) * B * H;
+    float* hcur = hbuf + (size_t)(k & 1) * B * H;
+    float* part_k = part + (size_t)(k & 1) * B * nblk;
+    for (int b0 = 0; b0 < B; b0 += bs) {
+      const int nb = min(bs, B - b0);
+      for (int idx = tid; idx < nb * Hp; idx += kThreads) {
+        const int bl = idx / Hp, kk = idx % Hp;
+        hs[idx] = kk < H ? __ldcg(hprev + (size_t)(b0 + bl) * H + kk) : 0.f;
+      }
+#ifdef RNNREG_PLANT_BUG
+      if (s.plant != 1)  // planted race for the compute-sanitizer test
+#endif
+        __syncthreads();
+      block_matvec<T>(ws, R, hs, nb, Hp, zs, R, red);
+      __syncthreads();
+
+      for (int q = tid; q < nb * nu; q += kThreads) {
+        const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
+        const int L = row_length(a.lengths, b, T_);
+        const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;  // step-indexed [T, B, H]
+        float h, c = 0.f;
+        if (k <= L) {
+          const int pos = position(k, L, s.reverse);
+          const T* xr = x + ((size_t)pos * B + b) * GH;
+          const float* zr = zs + (size_t)bl * R;
+          if (cell == kLSTM) {
+            const float ig = sigmoidf_(zr[jl] + to_f(xr[j]));
+            const float fg = sigmoidf_(zr[units + jl] + to_f(xr[H + j]));
+            const float gg = tanhf(zr[2 * units + jl] + to_f(xr[2 * H + j]));
+            const float og = sigmoidf_(zr[3 * units + jl] + to_f(xr[3 * H + j]));
+            const float cp = k == 1 ? to_f(c0[(size_t)b * H + j]) : a.cs[sidx - (size_t)B * H];
+            c = fg * cp + ig * gg;
+            h = og * tanhf(c);
+            float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
+            gs[j] = ig;
+            gs[H + j] = fg;
+            gs[2 * H + j] = gg;
+            gs[3 * H + j] = og;
+            a.cs[sidx] = c;
+          } else {
+            const float z = zr[jl] + to_f(xr[j]);
+            if (cell == kReLU) h = z < 0.f ? 0.f : z;
+            else if (cell == kTanh) h = tanhf(z);
+            else h = z > s.theta ? z : 0.f;
+          }
+          out[((size_t)pos * B + b) * H + j] = from_f<T>(h);
+          if (a.hsave) a.hsave[sidx] = h;
+        } else {  // past the row's length: state frozen, position k-1 is never reached
+          h = hs[(size_t)bl * Hp + j];
+          if (cell == kLSTM) {
+            c = a.cs[sidx - (size_t)B * H];
+            a.cs[sidx] = c;
+          }
+          out[((size_t)(k - 1) * B + b) * H + j] = from_f<T>(0.f);
+          if (a.hsave) a.hsave[sidx] = 0.f;
+        }
+        __stcg(hcur + (size_t)b * H + j, h);
+        hn[bl * units + jl] = h;
+        if (k == T_) {
+          hn_out[(size_t)b * H + j] = from_f<T>(h);
+          if (cell == kLSTM) cn_out[(size_t)b * H + j] = from_f<T>(c);
+        }
+      }
+      __syncthreads();
+
+      for (int bl = warp; bl < nb; bl += kWarps) {
+        const int b = b0 + bl;
+        const bool valid = k <= row_length(a.lengths, b, T_);
+        float sq = 0.f;
+        for (int jl = lane; jl < nu; jl += 32) {
+          const float h = hn[bl * units + jl];
+          sq += h * h;
+          if (valid && s.w_tar != 0.f && k >= 2) {
+            const float d = h - hs[(size_t)bl * Hp + j0 + jl];
+            acc_tar += d * d;
+          }
+          if (valid && s.w_ar != 0.f) {
+            const float m = mask ? to_f(mask[(size_t)b * H + j0 + jl]) : 1.f;
+            acc_ar += (m * h) * (m * h);
+          }
+        }
+        sq = warp_sum(sq);
+        if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
+      }
+      __syncthreads();
+    }
+    grid.sync();
+  }
+  reduce_norms(a, part, T_, acc_ns);
+
+  // Penalty sums: warps -> block (fixed order) -> grid (block 0, fixed order).
+  float v[3] = {acc_ns, acc_tar, acc_ar};
+#pragma unroll
+  for (int i = 0; i < 3; ++i) v[i] = warp_sum(v[i]);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) red[warp * 3 + i] = v[i];
+  }
+  __syncthreads();
+  if (tid < 3) {
+    float t = 0.f;
+    for (int i = 0; i < kWarps; ++i) t += red[i * 3 + tid];
+    __stcg(bpart + (size_t)blk * 3 + tid, t);
+  }
+#ifdef RNNREG_PLANT_BUG
+  if (s.plant == 2 && blk == 0 && tid == 0) a.norms[(size_t)(T_ + 1) * B] = 0.f;  // planted OOB
+#endif
+  grid.sync();
+  if (blk == 0 && tid < 3) {
+    float t = 0.f;
+    for (int i = 0; i < nblk; ++i) t += __ldcg(bpart + (size_t)i * 3 + tid);
+    const float weight = tid == 0 ? s.w_ns : (tid == 1 ? s.w_tar : s.w_ar);
+    a.terms[tid] = weight * t;
+  }
+}
+
+const void* forward_kernel_ptr(int dtype) {
+  if (dtype == kBFloat16) return reinterpret_cast<const void*>(&forward_kernel<__nv_bfloat16>);
+  if (dtype == kFloat16) return reinterpret_cast<const void*>(&forward_kernel<__half>);
+  return reinterpret_cast<const void*>(&forward_kernel<float>);
+}
+
+std::string launch_forward(int dtype, const FwdArgs& args, cudaStream_t stream) {
+  const void* fn = forward_kernel_ptr(dtype);
+  cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)args.plan.smem_fwd);
+  if (e != cudaSuccess)
+    return std::string("rnnreg forward: cudaFuncSetAttribute failed: ") + cudaGetErrorString(e);
+  FwdArgs copy = args;
+  void* params[] = {&copy};
+  e = cudaLaunchCooperativeKernel(fn, dim3(args.plan.blocks), dim3(kThreads), params,
+                                  args.plan.smem_fwd, stream);
+  if (e != cudaSuccess)
+    return std::string("rnnreg forward: cooperative launch of ") +
+           std::to_string(args.plan.blocks) + " blocks failed: " + cudaGetErrorString(e);
+  return "";
+}
+
+}  // namespace rnnreg
