@@ -1,0 +1,64 @@
+"""The ``triton`` backend: fused Triton kernels for the recurrence, penalties and gradients.
+
+Implements the backend contract of :mod:`rnnreg_kernels.contract`.  Importing this package
+neither imports triton nor touches a GPU; the kernels load on the first ``forward``.
+Runs on CUDA GPUs, and on the CPU only under ``TRITON_INTERPRET=1`` (set before triton is
+imported; the tests do this).  See docs/triton.md for the launch variants.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from ..contract import CELLS, Spec
+
+__all__ = ["unavailable_reason", "unsupported_reason", "forward", "backward"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device``, else why not and what to do."""
+    if importlib.util.find_spec("triton") is None:
+        return ("the triton package is not installed (pip install triton, Linux with a CUDA "
+                "GPU); use backend='reference'")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1, set before triton "
+            f"is imported, to run its kernels in the CPU interpreter for testing); got "
+            f"device {device}: use backend='reference' on the CPU")
+
+
+def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
+    """None when the kernels run this case, else why not and which backend would."""
+    if spec.cell not in CELLS:
+        return f"cell {spec.cell!r} is not one of {', '.join(CELLS)}"
+    if x_proj.dtype not in _DTYPES:
+        return (f"dtype {x_proj.dtype} is not supported (float16, bfloat16, float32, "
+                f"float64); use backend='reference'")
+    if x_proj.dtype == torch.float64 and x_proj.device.type == "cuda":
+        return ("float64 runs only in the Triton interpreter (for tests); on the GPU use "
+                "backend='reference' for float64, or float32/bfloat16/float16 with triton")
+    return None
+
+
+def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
+            c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
+            lengths: Optional[torch.Tensor]):
+    """Contract forward: ``(output, h_n, c_n, terms, norms, saved)`` (see launch.forward)."""
+    from .launch import forward as _forward
+    return _forward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
+
+
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
+             grad_output, grad_h_n, grad_c_n, grad_terms):
+    """Contract backward: ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0)``."""
+    from .launch import backward as _backward
+    return _backward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
+                     grad_output, grad_h_n, grad_c_n, grad_terms)

@@ -1,0 +1,318 @@
+"""Host side of the Triton backend: pick a launch variant, allocate, launch.  No autograd.
+
+Variants (docs/triton.md): ``tiled`` (one program per batch tile holds all of W_hh),
+``persistent`` (programs own hidden slices and keep their W_hh slice on chip, grid barrier
+per step), ``step`` (one launch per step, W_hh streamed).  :func:`plan` chooses by shape;
+``variant=`` or the environment variable ``RNNREG_TRITON_VARIANT`` forces one.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..contract import Spec, acc_dtype_of, gates_of
+from . import bwd as _bwd
+from . import fwd as _fwd
+
+VARIANTS = ("tiled", "persistent", "step")
+CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
+TILED_MAX_W = 32768        # bytes of W_hh one tiled program holds (bf16: LSTM H <= 64, RNN 128)
+PERSISTENT_MAX_W = 65536   # bytes of the W_hh slice a persistent program holds in registers
+PERSISTENT_MAX_A = 16384   # bytes of the [BB, H] dot operand of a persistent program
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _co_resident(device: torch.device) -> int:
+    """How many programs may wait at one grid barrier: one per SM (1 in the interpreter)."""
+    if device.type != "cuda" or interpreting():
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A launch configuration.
+
+    ``BB`` batch rows per tile, ``BH`` hidden units per program, ``BK`` K-chunk of the step
+    product (the padded H when W is held), ``NH`` hidden slices, ``NB`` batch tiles or (for
+    ``persistent``) barrier groups in the grid, ``NP`` = pow2(NH), ``hold``: W_hh stays in
+    registers across steps (tensor-core types) or is streamed in BK-chunks (FMA types:
+    fp32 without TF32, fp64).
+    """
+
+    variant: str
+    BB: int
+    BH: int
+    BK: int
+    NH: int
+    NB: int
+    NP: int
+    num_warps: int
+    hold: bool
+
+
+def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
+         tf32: bool = False, variant: Optional[str] = None, block_h: Optional[int] = None,
+         block_b: Optional[int] = None, groups: Optional[int] = None,
+         sm_count: Optional[int] = None) -> Plan:
+    """Choose the launch variant and its tiles (the rule is documented in docs/triton.md).
+
+    Tensor-core types (fp16, bf16, fp32 with TF32): ``tiled`` when W_hh fits one program
+    (G * pow2(H)^2 * size <= TILED_MAX_W); else ``persistent`` holding W slices when the
+    slices fit the co-resident grid (one program per SM) and a slice fits on chip; else
+    ``step``.  FMA types (fp32 without TF32, fp64): ``persistent`` streaming W (from L1/L2)
+    when the slices fit the co-resident grid; else ``step``.
+    ``variant`` (or env ``RNNREG_TRITON_VARIANT``), ``block_h``, ``block_b`` and ``groups``
+    (persistent barrier groups) override the choice; ``sm_count`` plans for a GPU with that
+    many SMs (compile checks without a GPU).
+    """
+    if variant is None:
+        variant = os.environ.get("RNNREG_TRITON_VARIANT") or None
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant (or RNNREG_TRITON_VARIANT): expected one of "
+                         f"{', '.join(VARIANTS)}, got {variant!r}")
+    G = gates_of(cell)
+    hfull = max(16, _pow2(H))
+    bb = _pow2(B)
+    size = torch.empty(0, dtype=dtype).element_size()
+    mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and tf32)
+    n_co = sm_count or _co_resident(device)
+    bh_co = _persistent_bh(G, H, n_co)
+    if variant is None:
+        variant = "step"
+        if mma and G * hfull * hfull * size <= TILED_MAX_W:
+            variant = "tiled"
+        elif mma and bh_co is not None and G * bh_co * hfull * size <= PERSISTENT_MAX_W:
+            variant = "persistent"
+        elif not mma and bh_co is not None:
+            variant = "persistent"
+    if variant == "tiled":
+        if block_h is not None and block_h < H:
+            raise ValueError(f"block_h: the tiled variant needs block_h >= H = {H}, got "
+                             f"{block_h}")
+        BB = block_b or min(bb, 16)
+        return Plan("tiled", BB, hfull, hfull, 1, triton.cdiv(B, BB), 1, 8, True)
+    if variant == "persistent":
+        BH = block_h or bh_co or max(1, 16 // G)
+        if mma:
+            BB = block_b or min(bb, 8, max(1, PERSISTENT_MAX_A // (hfull * size)))
+            BK, warps = hfull, (16 if hfull * size > 2048 else 8)
+        else:
+            BB = block_b or min(bb, 16)
+            BK, warps = min(16, hfull), 4
+        NH = triton.cdiv(H, BH)
+        if NH > n_co:
+            raise ValueError(
+                f"variant 'persistent': {NH} hidden slices of {BH} units exceed the {n_co} "
+                f"programs that can meet at a grid barrier here"
+                + (" (the interpreter runs programs one at a time: use block_h >= H)"
+                   if interpreting() else "") + "; use variant='step'")
+        tiles = triton.cdiv(B, BB)
+        NB = groups or (tiles if NH == 1 else max(1, min(tiles, n_co // NH)))
+        return Plan("persistent", BB, BH, BK, NH, NB, _pow2(NH), warps, mma)
+    BH = block_h or (32 if G == 1 else 8)
+    BB = block_b or min(bb, 16)
+    NH = triton.cdiv(H, BH)
+    BK = min(64 if mma else 32, hfull)
+    return Plan("step", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH), 4, False)
+
+
+def _persistent_bh(G: int, H: int, n_co: int) -> Optional[int]:
+    """Smallest power-of-two slice (>= 16 gate columns) whose grid fits ``n_co`` programs."""
+    bh = max(1, 16 // G)
+    while triton.cdiv(H, bh) > n_co:
+        bh *= 2
+        if bh > 4096:
+            return None
+    return bh
+
+
+def _split(v: float) -> tuple:
+    """``v`` as fp32 hi + lo (the kernels rebuild it in float64 exactly enough)."""
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
+def _tf32(spec: Spec, dtype: torch.dtype) -> bool:
+    return bool(spec.allow_tf32) and dtype == torch.float32
+
+
+def _coop(p: Plan) -> dict:
+    """Cooperative launch (co-residency guaranteed, or a launch error instead of a hang)."""
+    return {"launch_cooperative_grid": True} if p.NH > 1 and not interpreting() else {}
+
+
+def _on(device: torch.device):
+    """Make ``device`` current for the launches (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _acc_tl(acc: torch.dtype):
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
+def _alloc(poison: bool):
+    """torch.empty, or a NaN-filled empty when ``poison`` (tests: unwritten elements fail)."""
+    def make(*shape, dtype, device):
+        t = torch.empty(*shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if poison and t.is_floating_point() else t
+    return make
+
+
+def _common(spec: Spec, x_proj: torch.Tensor, lengths, ar_mask):
+    T, B, _ = x_proj.shape
+    lens = lengths if lengths is not None else torch.empty(1, dtype=torch.int64,
+                                                            device=x_proj.device)
+    mask = ar_mask if ar_mask is not None else x_proj
+    flags = (T, B, int(lengths is not None), int(ar_mask is not None), int(spec.reverse),
+             int(spec.ns_include_initial))
+    return lens, mask, flags
+
+
+def _weights(spec: Spec) -> tuple:
+    return (*_split(spec.w_ns), *_split(spec.w_tar), *_split(spec.w_ar))
+
+
+def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
+            c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
+            lengths: Optional[torch.Tensor], *, variant: Optional[str] = None,
+            block_h: Optional[int] = None, block_b: Optional[int] = None,
+            groups: Optional[int] = None, poison: bool = False):
+    """Forward of the contract (``rnnreg_kernels.contract``) with the Triton kernels.
+
+    Returns ``(output [T, B, H], h_n [B, H], c_n [B, H] or None, terms [3], norms [T+1, B],
+    saved)`` with ``saved = (act [T, B, 4H], cs [T, B, H])`` (activated gates and c, ACC
+    dtype) for LSTM and ``()`` otherwise.  ``variant`` / ``block_h`` / ``block_b`` / ``groups``
+    force the plan (see :func:`plan`; tests); ``poison`` NaN-fills every buffer before the
+    launch.
+    """
+    T, B, GH = x_proj.shape
+    H = w_hh.shape[1]
+    G = spec.gates
+    dtype, dev = x_proj.dtype, x_proj.device
+    acc = acc_dtype_of(dtype)
+    lstm = spec.cell == "lstm"
+    p = plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
+             block_b, groups)
+    new = _alloc(poison)
+    out = new(T, B, H, dtype=dtype, device=dev)
+    h_n = new(B, H, dtype=dtype, device=dev)
+    c_n = new(B, H, dtype=dtype, device=dev) if lstm else None
+    norms = new(T + 1, B, dtype=acc, device=dev)
+    act = new(T, B, GH, dtype=acc, device=dev) if lstm else norms
+    cs = new(T, B, H, dtype=acc, device=dev) if lstm else norms
+    lens, mask, flags = _common(spec, x_proj, lengths, ar_mask)
+    ptrs = (x_proj, w_hh, h0, c0 if lstm else h0, lens, mask, out, h_n,
+            c_n if lstm else h_n, act, cs, norms)
+    scal = (*flags[:2], H, *flags[2:], *_split(spec.theta), H * spec.ns_eps, *_weights(spec))
+    meta = dict(CELL=CELL_CODE[spec.cell], G=G, BB=p.BB, BH=p.BH, ACC=_acc_tl(acc),
+                ACC_F64=acc == torch.float64, TF32=_tf32(spec, dtype), num_warps=p.num_warps)
+    with _on(dev):
+        if p.variant == "tiled":
+            tpart = new(p.NB, 3, dtype=acc, device=dev)
+            _fwd.fwd_tiled[(p.NB,)](*ptrs, tpart, *scal, **meta)
+        elif p.variant == "persistent":
+            tpart = new(p.NB * p.NH, 3, dtype=acc, device=dev)
+            part = new(2, p.NH, B, dtype=acc, device=dev)
+            bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
+            _fwd.fwd_persistent[(p.NH, p.NB)](*ptrs, tpart, part, bar, *scal, BK=p.BK, NP=p.NP,
+                                              HOLD=p.hold, **meta, **_coop(p))
+        else:
+            tpart = torch.zeros(p.NB * p.NH, 3, dtype=acc, device=dev)
+            part = new(2, p.NH, B, dtype=acc, device=dev)
+            grid = (p.NH, p.NB)
+            for k in range(T + 2):
+                _fwd.fwd_step_launch[grid](*ptrs, tpart, part, k, *scal, BK=p.BK, NP=p.NP, **meta)
+    terms = tpart.sum(0)
+    saved = (act, cs) if lstm else ()
+    return out, h_n, c_n, terms, norms, saved
+
+
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
+             grad_output, grad_h_n, grad_c_n, grad_terms, *, variant: Optional[str] = None,
+             block_h: Optional[int] = None, block_b: Optional[int] = None,
+             groups: Optional[int] = None, poison: bool = False):
+    """Backward of the contract: ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0 or None)``.
+
+    The kernels produce grad_x_proj (dz), grad_h0 and grad_c0; grad_w_hh is one GEMM
+    ``dZ^T @ H_prev`` here.  Keywords as in :func:`forward` (use the same plan).
+    """
+    T, B, GH = output.shape[0], output.shape[1], w_hh.shape[0]
+    H = w_hh.shape[1]
+    G = spec.gates
+    dtype, dev = output.dtype, output.device
+    acc = acc_dtype_of(dtype)
+    lstm = spec.cell == "lstm"
+    p = plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
+             block_b, groups)
+    new = _alloc(poison)
+    gx = new(T, B, GH, dtype=dtype, device=dev)
+    gh0 = new(B, H, dtype=dtype, device=dev)
+    gc0 = new(B, H, dtype=dtype, device=dev) if lstm else None
+    act, cs = saved if lstm else (norms, norms)
+    lens, mask, flags = _common(spec, output, lengths, ar_mask)
+    gterms = grad_terms.to(acc).contiguous()
+    ptrs = (output, w_hh, h0, c0 if lstm else h0, lens, mask, act, cs, norms,
+            grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, gterms, gx, gh0,
+            gc0 if lstm else gh0)
+    scal = (*flags[:2], H, *flags[2:], *_weights(spec))
+    meta = dict(CELL=CELL_CODE[spec.cell], G=G, BB=p.BB, BH=p.BH, ACC=_acc_tl(acc),
+                ACC_F64=acc == torch.float64, TF32=_tf32(spec, dtype), num_warps=p.num_warps)
+    with _on(dev):
+        if p.variant == "tiled":
+            _bwd.bwd_tiled[(p.NB,)](*ptrs, *scal, **meta)
+        else:
+            dc = new(B, H, dtype=acc, device=dev) if lstm else norms
+            if p.variant == "persistent":
+                bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
+                _bwd.bwd_persistent[(p.NH, p.NB)](*ptrs, dc, bar, *scal, BK=p.BK, HOLD=p.hold,
+                                                  **meta, **_coop(p))
+            else:
+                grid = (p.NH, p.NB)
+                for k in range(T, -1, -1):
+                    _bwd.bwd_step_launch[grid](*ptrs, dc, k, *scal, BK=p.BK, **meta)
+    gw = grad_w_hh(gx, output, h0, lengths, spec.reverse)
+    return gx, gw, gh0, gc0
+
+
+def grad_w_hh(gx: torch.Tensor, output: torch.Tensor, h0: torch.Tensor,
+              lengths: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """``dZ^T @ H_prev`` ``[G*H, H]`` without materializing H_prev.
+
+    Position p of row b was step k; its previous state is ``output[p -/+ 1]`` or h0 for the
+    row's first step.  dZ is zero at invalid positions and ``output`` is zero there too, so
+    the shifted product is exact; the first steps add ``dZ_first^T @ h0``.
+    """
+    T, B, GH = gx.shape
+    H = output.shape[2]
+    if not reverse:
+        gw = gx[1:].reshape(-1, GH).t() @ output[:-1].reshape(-1, H)
+        first = gx[0]
+    else:
+        gw = gx[:-1].reshape(-1, GH).t() @ output[1:].reshape(-1, H)
+        if lengths is None:
+            first = gx[T - 1]
+        else:
+            first = gx[lengths - 1, torch.arange(B, device=gx.device)]
+    return gw.addmm_(first.t(), h0)

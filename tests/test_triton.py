@@ -1,0 +1,286 @@
+"""The Triton kernels against the reference backend (CPU: Triton interpreter).
+
+Every launch variant (tiled, persistent, one launch per step) runs every cell with every
+penalty, ``ns_include_initial``, ``ar_mask``, ragged lengths (a row of length 1), reverse and
+T = 1, at awkward sizes (B = 3, H = 5 and 50), and several programs per launch (batch tiles
+of 2 rows; 4 hidden slices for the per-step variant).  The persistent variant runs with one
+program per barrier group (the interpreter runs programs one at a time, so a multi-program
+barrier would spin forever); the per-step variant covers multi-program exchange.  Every
+output and every gradient (with random upstream gradients on output, h_n, c_n and each
+penalty term) is compared: float64 tightly, float32 against the float32 reference's own
+error.  Every buffer is NaN-poisoned before the launch, so an unwritten element fails.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+import rnnreg_kernels  # noqa: E402
+from rnnreg_kernels import reference  # noqa: E402
+from rnnreg_kernels.contract import Spec  # noqa: E402
+from rnnreg_kernels.penalties import Penalties, penalty_weights  # noqa: E402
+from rnnreg_kernels.triton import launch  # noqa: E402
+import rnnreg_kernels.triton as tri  # noqa: E402
+
+INTERPRET = launch.interpreting()
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("the triton backend needs TRITON_INTERPRET=1 or a CUDA GPU",
+                allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# launch keywords per variant: several programs per launch where the variant allows it
+VARIANTS = {
+    "tiled": dict(variant="tiled", block_b=2),
+    "persistent": dict(variant="persistent", block_b=2),
+    "persistent-loop": dict(variant="persistent", block_b=2, groups=1),
+    "step": dict(variant="step", block_h=16, block_b=2),
+}
+PEN_ON = (0.3, 0.7, 0.5)
+PEN_OFF = (0.0, 0.0, 0.0)
+# name: (T, B, H, lengths, reverse, ns_include_initial, ar_mask, penalties)
+CONFIGS = {
+    "ragged-fwd-H50": (5, 3, 50, [5, 1, 3], False, True, True, PEN_ON),
+    "ragged-rev-H5": (5, 3, 5, [2, 5, 1], True, False, False, PEN_ON),
+    "T1-rev-H5": (1, 3, 5, None, True, True, True, PEN_ON),
+    "full-rev-H50-off": (4, 3, 50, None, True, False, False, PEN_OFF),
+    "full-fwd-H5": (4, 3, 5, None, False, False, True, PEN_ON),
+}
+PER_CELL = {
+    "lstm": ("ragged-fwd-H50", "ragged-rev-H5", "T1-rev-H5", "full-rev-H50-off"),
+    "relu": ("ragged-fwd-H50", "ragged-rev-H5", "full-rev-H50-off"),
+    "tanh": ("ragged-fwd-H50", "ragged-rev-H5", "T1-rev-H5"),
+    "trec": ("ragged-fwd-H50", "ragged-rev-H5", "full-fwd-H5"),
+}
+F64_CASES = [(v, c, cfg) for v in ("tiled", "persistent", "step")
+             for c, cfgs in PER_CELL.items() for cfg in cfgs]
+F64_CASES += [("persistent-loop", "lstm", "ragged-rev-H5"),
+              ("persistent-loop", "relu", "ragged-fwd-H50")]
+
+
+def make_case(cell, config, dtype, seed=0, tf32=False):
+    """Inputs, penalties, spec and random upstream gradients for one configuration."""
+    T, B, H, lengths, reverse, ns_init, use_mask, pen = CONFIGS[config]
+    g = torch.Generator().manual_seed(seed)
+    G = 4 if cell == "lstm" else 1
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
+
+    case = dict(cell=cell, T=T, B=B, H=H)
+    case["x"] = rnd(T, B, G * H)
+    case["w"] = rnd(G * H, H, scale=1.2 / H ** 0.5)
+    case["h0"] = rnd(B, H, scale=0.5)
+    case["c0"] = rnd(B, H, scale=0.5) if cell == "lstm" else None
+    case["mask"] = ((torch.rand(B, H, generator=g) > 0.3).double() / 0.7) if use_mask else None
+    case["lengths"] = torch.tensor(lengths) if lengths is not None else None
+    case["go"] = rnd(T, B, H)
+    case["ghn"] = rnd(B, H)
+    case["gcn"] = rnd(B, H) if cell == "lstm" else None
+    case["gt"] = rnd(3)
+    pens = Penalties(*pen, ns_include_initial=ns_init, ar_mask=case["mask"])
+    w = penalty_weights(pens, T, B, H, case["lengths"])
+    case["pen"] = pens
+    case["spec"] = Spec(cell=cell, theta=0.4, w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
+                        ns_include_initial=ns_init, ns_eps=1e-9, reverse=reverse,
+                        allow_tf32=tf32)
+    return case
+
+
+def cast(case, dtype, device):
+    """The case's tensors in ``dtype`` on ``device`` (lengths stay int64, gt acc dtype)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = {}
+    for k, v in case.items():
+        if isinstance(v, torch.Tensor):
+            if k == "lengths":
+                out[k] = v.to(device)
+            elif k == "gt":
+                out[k] = v.to(device=device, dtype=acc)
+            else:
+                out[k] = v.to(device=device, dtype=dtype).contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def run_backend(mod_fwd, mod_bwd, c, **kw):
+    """Forward + backward of one backend: dict of every output and gradient."""
+    spec = c["spec"]
+    fw = mod_fwd(spec, c["x"], c["w"], c["h0"], c["c0"], c["mask"], c["lengths"], **kw)
+    output, h_n, c_n, terms, norms, saved = fw
+    gx, gw, gh0, gc0 = mod_bwd(spec, c["x"], c["w"], c["h0"], c["c0"], c["mask"],
+                               c["lengths"], output, norms, saved, c["go"], c["ghn"],
+                               c["gcn"], c["gt"], **kw)
+    res = dict(output=output, h_n=h_n, c_n=c_n, terms=terms, norms=norms,
+               grad_x_proj=gx, grad_w_hh=gw, grad_h0=gh0, grad_c0=gc0)
+    return {k: v for k, v in res.items() if v is not None}
+
+
+def run_triton(c, **kw):
+    return run_backend(launch.forward, launch.backward, c, poison=True, **kw)
+
+
+def run_reference(c):
+    return run_backend(reference.forward, reference.backward, c)
+
+
+def assert_all_close(got, want, rtol, atol, what=""):
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for k in want:
+        assert got[k].dtype == want[k].dtype, f"{what} {k}: dtype {got[k].dtype} vs " \
+                                             f"{want[k].dtype}"
+        torch.testing.assert_close(got[k].cpu(), want[k].cpu(), rtol=rtol, atol=atol,
+                                   msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+def assert_within_lowp_error(got, lowp, truth, eps, what=""):
+    """|got - truth| <= 4 |lowp - truth| + 16 eps max|truth| per tensor, elementwise max."""
+    for k in truth:
+        t = truth[k].double().cpu()
+        e_got = (got[k].double().cpu() - t).abs().max().item()
+        e_ref = (lowp[k].double().cpu() - t).abs().max().item()
+        bound = 4 * e_ref + 16 * eps * (t.abs().max().item() + 1.0)
+        assert e_got <= bound, f"{what} {k}: error {e_got:.3g} vs the same-dtype reference's " \
+                               f"{e_ref:.3g} (bound {bound:.3g})"
+
+
+@pytest.mark.parametrize("variant,cell,config", F64_CASES,
+                         ids=[f"{v}-{c}-{cfg}" for v, c, cfg in F64_CASES])
+def test_float64_matches_reference(variant, cell, config):
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    c = cast(make_case(cell, config, torch.float64), torch.float64, DEVICE)
+    got = run_triton(c, **VARIANTS[variant])
+    want = run_reference(c)
+    assert_all_close(got, want, rtol=1e-9, atol=1e-11, what=f"{variant}/{cell}/{config}")
+
+
+FP32_CASES = [(v, c, cfg, tf32) for v in ("tiled", "persistent", "step")
+              for c, cfg, tf32 in (("lstm", "ragged-fwd-H50", False),
+                                   ("relu", "ragged-rev-H5", True),
+                                   ("tanh", "T1-rev-H5", False),
+                                   ("trec", "full-fwd-H5", True))]
+
+
+@pytest.mark.parametrize("variant,cell,config,tf32", FP32_CASES,
+                         ids=[f"{v}-{c}-{cfg}-{'tf32' if t else 'ieee'}"
+                              for v, c, cfg, t in FP32_CASES])
+def test_float32_within_reference_error(variant, cell, config, tf32):
+    """float32 (TF32 on/off: held vs streamed W in the persistent variant) vs float64 truth."""
+    base = make_case(cell, config, torch.float64, tf32=tf32)
+    truth = run_reference(cast(base, torch.float64, DEVICE))
+    c32 = cast(base, torch.float32, DEVICE)
+    got = run_triton(c32, **VARIANTS[variant])
+    lowp = run_reference(c32)
+    for k in lowp:
+        assert got[k].dtype == lowp[k].dtype, k
+    eps = 2.0 ** -10 if (tf32 and DEVICE.type == "cuda") else 2.0 ** -23
+    assert_within_lowp_error(got, lowp, truth, eps, what=f"{variant}/{cell}/{config}")
+
+
+@pytest.mark.parametrize("variant", ["tiled", "persistent", "step"])
+def test_float16_within_same_dtype_error(variant):
+    """float16 vs float64 truth, bounded by a float16 PyTorch recurrence's own error (the
+    interpreter's bfloat16 dot is broken in triton 3.6, so bfloat16 runs on the GPU only)."""
+    if DEVICE.type == "cuda":
+        pytest.skip("test_triton_gpu.py covers float16 on the GPU")
+    from test_triton_gpu import compare, make as make_gpu_case
+    kw = dict(variant=variant, block_b=2)
+    if variant == "step":
+        kw["block_h"] = 8
+    cell, lengths = ("lstm", [6, 1, 4]) if variant != "persistent" else ("tanh", [2, 6, 3])
+    compare(make_gpu_case(cell, 6, 3, 20, lengths, reverse=variant != "tiled"),
+            torch.float16, **kw)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "relu"])
+def test_recurrence_end_to_end(cell):
+    """rnnreg_kernels.recurrence(..., backend="triton") through autograd vs the reference."""
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    base = cast(make_case(cell, "ragged-rev-H5" if cell == "lstm" else "ragged-fwd-H50",
+                          torch.float64), torch.float64, DEVICE)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [base[k].clone().requires_grad_(True) for k in ("x", "w", "h0")]
+        if cell == "lstm":
+            leaves.append(base["c0"].clone().requires_grad_(True))
+        out = rnnreg_kernels.recurrence(*leaves, cell=cell, penalties=base["pen"],
+                                        lengths=base["lengths"], reverse=base["spec"].reverse,
+                                        backend=backend, theta=base["spec"].theta)
+        loss = (out.output * base["go"]).sum() + (out.h_n * base["ghn"]).sum()
+        if cell == "lstm":
+            loss = loss + (out.c_n * base["gcn"]).sum()
+        loss = loss + sum(t * g for t, g in zip(out.terms, base["gt"]))
+        grads = torch.autograd.grad(loss, leaves)
+        res = dict(output=out.output, h_n=out.h_n, penalty=out.penalty, norms=out.norms,
+                   terms=torch.stack(list(out.terms)))
+        if cell == "lstm":
+            res["c_n"] = out.c_n
+        res.update({f"grad{i}": g for i, g in enumerate(grads)})
+        results[backend] = {k: v.detach() for k, v in res.items()}
+    assert_all_close(results["triton"], results["reference"], rtol=1e-9, atol=1e-11,
+                     what=f"recurrence/{cell}")
+
+
+def test_auto_plan_under_the_interpreter():
+    if not INTERPRET:
+        pytest.skip("interpreter planning")
+    cpu = torch.device("cpu")
+    p = launch.plan("lstm", 3, 50, torch.float64, cpu)
+    assert (p.variant, p.NH, p.hold) == ("persistent", 1, False)
+    assert launch.plan("lstm", 3, 50, torch.bfloat16, cpu).variant == "tiled"
+    assert launch.plan("relu", 3, 50, torch.float32, cpu, tf32=True).variant == "tiled"
+    with pytest.raises(ValueError, match="use variant='step'"):
+        launch.plan("relu", 3, 50, torch.float64, cpu, variant="persistent", block_h=16)
+    with pytest.raises(ValueError, match="block_h"):
+        launch.plan("relu", 3, 50, torch.float64, cpu, variant="tiled", block_h=16)
+
+
+def test_variant_from_environment(monkeypatch):
+    monkeypatch.setenv("RNNREG_TRITON_VARIANT", "step")
+    assert launch.plan("relu", 3, 5, torch.float64, DEVICE).variant == "step"
+    monkeypatch.setenv("RNNREG_TRITON_VARIANT", "fastest")
+    with pytest.raises(ValueError, match="RNNREG_TRITON_VARIANT"):
+        launch.plan("relu", 3, 5, torch.float64, DEVICE)
+
+
+def test_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tri.unavailable_reason(torch.device("cpu")) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    why = tri.unavailable_reason(torch.device("cpu"))
+    assert "CUDA GPU" in why and "TRITON_INTERPRET=1" in why and "reference" in why
+    spec = make_case("relu", "full-fwd-H5", torch.float64)["spec"]
+    x = torch.zeros(2, 3, 5, dtype=torch.int32)
+    assert "int32" in tri.unsupported_reason(spec, x, x[0])
+    assert tri.unsupported_reason(spec, x.double(), x[0].double()) is None
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    assert "not installed" in tri.unavailable_reason(torch.device("cuda"))
+
+
+def test_import_does_not_load_triton():
+    """Importing the backend package neither imports triton nor touches a GPU."""
+    code = ("import sys, rnnreg_kernels; before = 'triton' in sys.modules; "
+            "import rnnreg_kernels.triton as t; "
+            "print(before, 'triton' in sys.modules, t.unavailable_reason('cpu') is not None)")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    before, after, has_reason = out.stdout.split()
+    if before == "True":
+        pytest.skip("rnnreg_kernels itself imports triton; nothing to check here")
+    assert (after, has_reason) == ("False", "True")

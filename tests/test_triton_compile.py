@@ -1,0 +1,195 @@
+"""Hopper compile check of the Triton kernels (no GPU needed).
+
+Every kernel (forward and backward of the tiled, persistent and per-step variants, the
+persistent one both holding W_hh in registers and streaming it) is compiled for sm_90 by
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` with the tile sizes
+that ``launch.plan`` picks for an H100 (132 SMs), so a kernel that only runs in the
+interpreter cannot land.  This is a covering set, not the full product (4 cells x 4 dtypes
+x 8 kernels, about six minutes of compiling): every cell with the tiled and persistent
+kernels in bfloat16 (the per-step kernels with lstm and relu: the gate split/join and the
+plain path), each other dtype (float16, float32 with and without TF32) on the kernels it
+can reach, and the benchmark's largest persistent shapes (LSTM H=1024 and relu H=2048,
+bfloat16).  Register spills are read with cuobjdump: none at all at the largest shapes, at
+most a few bytes of stack elsewhere (ptxas sometimes spills 4-8 bytes at 128 registers).
+
+The compiles run in a subprocess without ``TRITON_INTERPRET`` (conftest sets it for the
+interpreter tests, and interpreted kernels cannot be compiled).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SM_COUNT = 132  # H100 SXM
+KERNELS = {"tiled": ("fwd_tiled", "bwd_tiled"),
+           "persistent": ("fwd_persistent", "bwd_persistent"),
+           "step": ("fwd_step_launch", "bwd_step_launch")}
+CELLS = ("lstm", "relu", "tanh", "trec")
+
+
+def _case(kernel, cell, dtype, tf32, B, H, variant, spill_bytes=64):
+    name = f"{kernel}-{cell}-{dtype}{'-tf32' if tf32 else ''}-B{B}-H{H}"
+    return dict(id=name, kernel=kernel, cell=cell, dtype=dtype, tf32=tf32, B=B, H=H,
+                variant=variant, spill_bytes=spill_bytes)
+
+
+def _cases():
+    out = []
+    # every cell x tiled and persistent kernels, bfloat16; step: lstm and relu
+    for cell in CELLS:
+        small = 64 if cell == "lstm" else 128
+        runs = [("tiled", small), ("persistent", 256)]
+        if cell in ("lstm", "relu"):
+            runs.append(("step", 256))
+        for variant, H in runs:
+            for k in KERNELS[variant]:
+                out.append(_case(k, cell, "bf16", False, 32, H, variant))
+    # the other dtypes on the kernels each can reach (fp32 without TF32 streams W_hh:
+    # persistent with hold=False, and step)
+    for k in KERNELS["persistent"]:
+        out.append(_case(k, "lstm", "fp16", False, 32, 256, "persistent"))
+        out.append(_case(k, "lstm", "fp32", True, 32, 256, "persistent"))
+        out.append(_case(k, "lstm", "fp32", False, 32, 256, "persistent"))
+        out.append(_case(k, "relu", "fp32", False, 32, 512, "persistent"))
+    for k in KERNELS["tiled"]:
+        out.append(_case(k, "lstm", "fp32", True, 32, 32, "tiled"))
+    for k in KERNELS["step"]:
+        out.append(_case(k, "lstm", "fp32", False, 32, 256, "step"))
+    # the benchmark's largest persistent shapes as the rule plans them: no spills at all
+    for cell, H, B in (("lstm", 1024, 64), ("relu", 2048, 32)):
+        for k in KERNELS["persistent"]:
+            out.append(_case(k, cell, "bf16", False, B, H, None, spill_bytes=0))
+    return out
+
+
+CASES = _cases()
+
+
+# ---------------------------------------------------------------- runs in the subprocess
+
+def _signature(kern, dtype, const):
+    acc_ptrs = {"act_ptr", "cs_ptr", "norms_ptr", "tpart_ptr", "part_ptr", "gterms_ptr",
+                "dc_ptr"}
+    ints = {"T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"}
+    sig = {}
+    for n in kern.arg_names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "len_ptr":
+            sig[n] = "*i64"
+        elif n == "bar_ptr":
+            sig[n] = "*i32"
+        elif n in acc_ptrs:
+            sig[n] = "*fp32"
+        elif n.endswith("_ptr"):
+            sig[n] = "*" + dtype
+        elif n in ints:
+            sig[n] = "i32"
+        else:
+            sig[n] = "fp32"
+    return sig
+
+
+def _resources(cubin: bytes) -> dict:
+    import tempfile
+
+    import triton
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    fields = dict(tok.split(":", 1) for tok in line.split())
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "local": int(fields["LOCAL"])}
+
+
+def _compile(case):
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rnnreg_kernels.triton import bwd, fwd, launch
+
+    t0 = time.time()
+    try:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            case["dtype"]]
+        p = launch.plan(case["cell"], case["B"], case["H"], dt, torch.device("cuda"),
+                        case["tf32"], case["variant"], sm_count=SM_COUNT)
+        name = case["kernel"]
+        kern = getattr(fwd if name.startswith("fwd") else bwd, name)
+        if not name.endswith(p.variant if p.variant != "step" else "step_launch"):
+            return dict(case, ok=False, error=f"the rule planned {p}, not {name}")
+        const = dict(CELL=launch.CELL_CODE[case["cell"]], G=4 if case["cell"] == "lstm" else 1,
+                     BB=p.BB, BH=p.BH, ACC=tl.float32, ACC_F64=False, TF32=case["tf32"])
+        for key, val in (("BK", p.BK), ("NP", p.NP), ("HOLD", p.hold)):
+            if key in kern.arg_names:
+                const[key] = val
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names)
+                 if n.endswith("_ptr")}
+        src = ASTSource(fn=kern, signature=_signature(kern, case["dtype"], const),
+                        constexprs=const, attrs=attrs)
+        opts = {"num_warps": p.num_warps}
+        if p.variant == "persistent" and p.NH > 1:
+            opts["launch_cooperative_grid"] = True
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        res = _resources(c.asm["cubin"])
+        return dict(case, ok=True, plan=repr(p), seconds=round(time.time() - t0, 1), **res)
+    except Exception as e:  # reported by the test that owns the case
+        return dict(case, ok=False, error=f"{type(e).__name__}: {e}"[-3000:])
+
+
+def _main(argv):
+    from concurrent.futures import ProcessPoolExecutor
+    ids = set(argv[1:])
+    todo = [c for c in CASES if not ids or c["id"] in ids]
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as ex:
+        results = list(ex.map(_compile, todo))
+    print(json.dumps(results))
+
+
+# ---------------------------------------------------------------- pytest side
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f"compile subprocess failed:\n{proc.stderr[-4000:]}")
+    return {r["id"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_compiles_for_hopper(compiled, case):
+    r = compiled[case["id"]]
+    assert r["ok"], r["error"]
+    assert r["stack"] <= case["spill_bytes"] and r["local"] == 0, \
+        f"register spills on sm_90: {r['plan']} uses {r['regs']} registers, " \
+        f"{r['stack']} bytes of stack, {r['local']} bytes of local memory (allowed: " \
+        f"{case['spill_bytes']} bytes of stack)"
+
+
+def test_persistent_rule_at_benchmark_sizes():
+    """The rule keeps LSTM H=1024 and relu H=2048 (bfloat16) on the persistent variant."""
+    torch = pytest.importorskip("torch")
+    from rnnreg_kernels.triton import launch
+    for cell, H in (("lstm", 1024), ("relu", 2048), ("tanh", 2048), ("lstm", 650)):
+        p = launch.plan(cell, 32, H, torch.bfloat16, torch.device("cuda"), sm_count=SM_COUNT)
+        assert p.variant == "persistent" and p.hold and p.NH <= SM_COUNT, p
+
+
+if __name__ == "__main__":
+    _main(sys.argv)
