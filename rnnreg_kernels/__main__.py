@@ -1,0 +1,85 @@
+"""``python -m rnnreg_kernels {check,demo,bench}``.
+
+* ``check``: float64 gradient checks of every backend that can run here, a PASS/FAIL table,
+  exit status 1 on any failure (``rnnreg_kernels.check``).
+* ``demo``: IRNN on the adding problem with and without the norm-stabilizer, run far past
+  the training length; table, PNG plot and JSON (``rnnreg_kernels.demo``).
+* ``bench``: kernel benchmarks (``rnnreg_kernels.bench``, imported only for this command).
+
+Exit status: 0 success, 1 a check failed (or the command failed), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ("check", "demo", "bench")
+
+
+def _command_of(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named in argv (the first token that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The argument parser; ``bench``'s options are added only when ``bench`` is asked for."""
+    from rnnreg_kernels import check, demo
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rnnreg_kernels",
+        description="Fused RNN kernels with activation regularizers: gradient checks, a demo, "
+                    "benchmarks.")
+    sub = parser.add_subparsers(dest="command", metavar="{check,demo,bench}", required=True)
+    p_check = sub.add_parser(
+        "check", help="float64 gradcheck of every available backend (exit 1 on any failure)",
+        description=(check.__doc__ or "").split("\n\n")[0])
+    check.add_arguments(p_check)
+    p_demo = sub.add_parser(
+        "demo", help="IRNN on the adding problem with/without the norm-stabilizer, "
+                     "evaluated far past the training length",
+        description=(demo.__doc__ or "").split("\n\n")[0])
+    demo.add_arguments(p_demo)
+    p_bench = sub.add_parser("bench", help="benchmark the kernels against cuDNN + post-hoc "
+                                           "penalties (options: bench --help)")
+    if _command_of(argv) == "bench":
+        from rnnreg_kernels import bench
+        bench.add_arguments(p_bench)
+    return parser
+
+
+def _triton_imported() -> bool:
+    return any(name == "triton" or name.startswith("triton.") for name in sys.modules)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+    except ImportError as exc:
+        print(f"python -m rnnreg_kernels: cannot load the {_command_of(argv)} command: {exc}",
+              file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+            if _triton_imported():
+                # triton reads TRITON_INTERPRET when kernels are defined: start afresh.
+                env = dict(os.environ, TRITON_INTERPRET="1")
+                return subprocess.call([sys.executable, "-m", "rnnreg_kernels", *argv],
+                                       env=env)
+            os.environ["TRITON_INTERPRET"] = "1"
+        from rnnreg_kernels import check
+        return check.main(args)
+    if args.command == "demo":
+        from rnnreg_kernels import demo
+        return demo.main(args)
+    from rnnreg_kernels import bench
+    return int(bench.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
