@@ -63,6 +63,7 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
     xk = to_processing_order(x_proj, lengths, spec.reverse).to(acc)
     w_t = w_hh.to(acc).t()
     valid = _valid_steps(T, B, lengths, x_proj.device)
+    full = lengths is None  # every row valid at every step: no masking needed
     h = h0.to(acc)
     c = c0.to(acc) if lstm else None
     hs = torch.empty(T, B, H, dtype=acc, device=x_proj.device)
@@ -79,12 +80,15 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
             c_new = f * c + i * g
             h_new = o * torch.tanh(c_new)
             gates[k] = ifo
-            c = torch.where(v, c_new, c)
+            c = c_new if full else torch.where(v, c_new, c)
             cs[k] = c
         else:
             h_new = _activate_rnn(spec.cell, z, spec.theta)
-        h = torch.where(v, h_new, h)
-        hs[k] = torch.where(v, h_new, 0.0)
+        if full:
+            h = hs[k] = h_new
+        else:
+            h = torch.where(v, h_new, h)
+            hs[k] = torch.where(v, h_new, 0.0)
     norms = torch.cat([hidden_norms(h0.to(acc).unsqueeze(0), spec.ns_eps),
                        hidden_norms(hs, spec.ns_eps)], 0)
     norms[1:] = torch.where(valid[..., 0], norms[1:], 0.0)
@@ -153,6 +157,7 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
     lstm = spec.cell == "lstm"
     dtype = output.dtype
     valid = _valid_steps(T, B, lengths, hs.device)
+    full = lengths is None
     h0a = h0.to(acc)
     w = w_hh.to(acc)
     g_terms = grad_terms.to(acc)
@@ -172,19 +177,24 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
             c_prev = cs[k - 1] if k > 0 else c0.to(acc)
             tc = torch.tanh(cs[k])
             dc_k = dc + dh_k * o * (1 - tc * tc)
-            dz = torch.cat([dc_k * g * i * (1 - i), dc_k * c_prev * f * (1 - f),
-                            dc_k * i * (1 - g * g), dh_k * tc * o * (1 - o)], 1)
-            dz = torch.where(v, dz, 0.0)
-            dc = torch.where(v, dc_k * f, dc)
+            dz = dZ[k]
+            torch.mul(dc_k * g, i * (1 - i), out=dz[:, :H])
+            torch.mul(dc_k * c_prev, f * (1 - f), out=dz[:, H:2 * H])
+            torch.mul(dc_k * i, 1 - g * g, out=dz[:, 2 * H:3 * H])
+            torch.mul(dh_k * tc, o * (1 - o), out=dz[:, 3 * H:])
+            dc = dc_k * f if full else torch.where(v, dc_k * f, dc)
         else:
             hk = hs[k]
+            dz = dZ[k]
             if spec.cell == "tanh":
-                dz = dh_k * (1 - hk * hk)
+                torch.mul(dh_k, 1 - hk * hk, out=dz)
             else:
-                dz = dh_k * (hk != 0).to(acc)
-            dz = torch.where(v, dz, 0.0)
-        dZ[k] = dz
-        dh = torch.where(v, dz @ w, dh)
+                torch.mul(dh_k, (hk != 0).to(acc), out=dz)
+        if full:
+            dh = dz @ w
+        else:
+            dz.masked_fill_(~v, 0.0)
+            dh = torch.where(v, dz @ w, dh)
     h_prev_all = torch.cat([h0a.unsqueeze(0), hs[:-1]], 0)
     grad_w = dZ.reshape(T * B, -1).t() @ h_prev_all.reshape(T * B, H)
     grad_x = to_processing_order(dZ, lengths, spec.reverse).to(dtype)
