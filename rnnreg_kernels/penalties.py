@@ -104,10 +104,11 @@ def penalty_weights(pen: Penalties, steps: int, batch: int, hidden: int,
 
 
 def step_mask(steps: int, lengths: Optional[torch.Tensor], batch: int,
-              device=None) -> Optional[torch.Tensor]:
-    """``[T, B]`` bool, True where processing step k (row index k-1) is valid; None = all."""
+              device=None) -> torch.Tensor:
+    """``[T, B]`` bool, True where processing step k (row index k-1) is valid for row b
+    (all True when ``lengths`` is None)."""
     if lengths is None:
-        return None
+        return torch.ones(steps, batch, dtype=torch.bool, device=device)
     k = torch.arange(1, steps + 1, device=device).unsqueeze(1)
     return k <= lengths.to(device).view(1, batch)
 
@@ -137,8 +138,6 @@ def posthoc_terms(h0: torch.Tensor, states: torch.Tensor, pen: Penalties,
     w = penalty_weights(pen, T, B, H, lengths)
     hs = torch.cat([h0.unsqueeze(0), states], 0).to(acc)  # [T+1, B, H]
     valid = step_mask(T, lengths, B, states.device)
-    if valid is None:
-        valid = torch.ones(T, B, dtype=torch.bool, device=states.device)
     zero = hs[:0].sum()  # 0, but in the graph like the active terms
     terms = []
     if w.ns:

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from .contract import Spec, acc_dtype_of
-from .penalties import Penalties, hidden_norms, posthoc_terms, to_processing_order
+from .penalties import (Penalties, hidden_norms, posthoc_terms, step_mask,
+                        to_processing_order)
 
 SAVE_X_PROJ = False
 
@@ -41,10 +42,7 @@ def _activate_rnn(cell: str, z: torch.Tensor, theta: float) -> torch.Tensor:
 
 def _valid_steps(T: int, B: int, lengths: Optional[torch.Tensor], device) -> torch.Tensor:
     """``[T, B, 1]`` bool: step k (index k-1) is valid for row b."""
-    if lengths is None:
-        return torch.ones(T, B, 1, dtype=torch.bool, device=device)
-    k = torch.arange(1, T + 1, device=device).view(T, 1, 1)
-    return k <= lengths.view(1, B, 1)
+    return step_mask(T, lengths, B, device).unsqueeze(-1)
 
 
 def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
