@@ -32,9 +32,9 @@ def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.conste
 
 
 @triton.jit
-def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh0_ptr, gc0_ptr,
-             B, H, ns_init, c_ns, CELL: tl.constexpr, ACC: tl.constexpr):
-    """Store grad_h0 (recurrent + NS-initial) and grad_c0 (``dc_ptr`` holds dc of step 1)."""
+def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
+                   ns_init, c_ns, ACC: tl.constexpr):
+    """Store grad_h0 = the recurrent grad of step 1 + the NS-initial term."""
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h0 = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
@@ -42,7 +42,17 @@ def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh
     n1 = tl.load(norms_ptr + B + rows, mask=row_ok, other=1.0)
     gh0 = ns_initial_grad(dh_rec, h0, n0, n1, c_ns, ns_init)
     tl.store(gh0_ptr + noff, gh0.to(gh0_ptr.dtype.element_ty), mask=um)
+
+
+@triton.jit
+def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh0_ptr, gc0_ptr,
+             B, H, ns_init, c_ns, CELL: tl.constexpr, ACC: tl.constexpr):
+    """Store grad_h0 and grad_c0 (``dc_ptr`` holds dc of step 1)."""
+    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
+                   ns_init, c_ns, ACC)
     if CELL == 0:
+        um = row_ok[:, None] & unit_ok[None, :]
+        noff = rows[:, None] * H + units[None, :]
         dc = tl.load(dc_ptr + noff, mask=um, other=0.0)
         tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
 
@@ -76,15 +86,12 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr
                           ghn_ptr, gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
                           CELL, G, BB, BH, ACC)
         dh_rec = dot_acc(dz.to(wb.dtype), wb, tl.zeros([BB, BH], ACC), ACC_F64, TF32)
-    um = row_ok[:, None] & unit_ok[None, :]
-    noff = rows[:, None] * H + units[None, :]
-    h0 = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
-    n0 = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)
-    n1 = tl.load(norms_ptr + B + rows, mask=row_ok, other=1.0)
-    gh0 = ns_initial_grad(dh_rec, h0, n0, n1, c_ns, ns_init)
-    tl.store(gh0_ptr + noff, gh0.to(gh0_ptr.dtype.element_ty), mask=um)
+    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
+                   ns_init, c_ns, ACC)
     if CELL == 0:
-        tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
+        noff = rows[:, None] * H + units[None, :]
+        tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & unit_ok[None, :])
 
 
 @triton.jit
