@@ -23,6 +23,17 @@ from . import bwd as _bwd
 from . import fwd as _fwd
 
 VARIANTS = ("tiled", "persistent", "step")
+# What the static profile and the compile tests need to build a kernel's signature without a
+# GPU: the kernels of each variant (forward, backward), the pointer arguments that hold the
+# accumulation dtype (fp32 / fp64) rather than the input dtype, and the int32 scalars.  Every
+# other argument named ``*_ptr`` points to the input dtype, except ``len_ptr`` (int64) and
+# ``bar_ptr`` (int32); every other scalar is fp32.
+KERNELS = {"tiled": ("fwd_tiled", "bwd_tiled"),
+           "persistent": ("fwd_persistent", "bwd_persistent"),
+           "step": ("fwd_step_launch", "bwd_step_launch")}
+ACC_PTRS = frozenset({"act_ptr", "cs_ptr", "norms_ptr", "tpart_ptr", "part_ptr", "gterms_ptr",
+                      "dc_ptr"})
+INT_ARGS = frozenset({"T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"})
 CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
 TILED_MAX_W = 32768        # bytes of W_hh one tiled program holds (bf16: LSTM H <= 64, RNN 128)
 PERSISTENT_MAX_W = 65536   # bytes of the W_hh slice a persistent program holds in registers
