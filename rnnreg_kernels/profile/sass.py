@@ -23,6 +23,7 @@ Counting rules (also written into the profile's JSON, see :data:`COUNTING`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -349,6 +350,7 @@ class Loop:
     parent: Optional["Loop"] = None
     children: List["Loop"] = dataclasses.field(default_factory=list)
     spin: bool = False
+    irreducible: bool = False
 
     def own_blocks(self) -> List[int]:
         inner = set()
@@ -411,12 +413,11 @@ class Function:
         for b in self.blocks:
             for s in b.succ:
                 self.blocks[s].pred.append(b.index)
-        self._dominators()
+        self._reachable()
         self._loops()
 
-    def _dominators(self) -> None:
-        n = len(self.blocks)
-        reach, stack = set(), [0] if n else []
+    def _reachable(self) -> None:
+        reach, stack = set(), [0] if self.blocks else []
         while stack:
             v = stack.pop()
             if v in reach:
@@ -424,49 +425,75 @@ class Function:
             reach.add(v)
             stack.extend(self.blocks[v].succ)
         self.reachable = reach
-        dom = {v: set(reach) for v in reach}
-        if n:
-            dom[0] = {0}
-        changed = True
-        order = sorted(reach)
-        while changed:
-            changed = False
-            for v in order:
-                if v == 0:
+
+    def _sccs(self, nodes: set) -> List[set]:
+        """Strongly connected components of the CFG restricted to ``nodes`` (iterative
+        Tarjan)."""
+        index, low, on, stack, out = {}, {}, set(), [], []
+        counter = [0]
+        for root in sorted(nodes):
+            if root in index:
+                continue
+            work = [(root, iter([s for s in self.blocks[root].succ if s in nodes]))]
+            index[root] = low[root] = counter[0]
+            counter[0] += 1
+            stack.append(root)
+            on.add(root)
+            while work:
+                v, it = work[-1]
+                advanced = False
+                for w in it:
+                    if w not in index:
+                        index[w] = low[w] = counter[0]
+                        counter[0] += 1
+                        stack.append(w)
+                        on.add(w)
+                        work.append((w, iter([s for s in self.blocks[w].succ if s in nodes])))
+                        advanced = True
+                        break
+                    if w in on:
+                        low[v] = min(low[v], index[w])
+                if advanced:
                     continue
-                preds = [p for p in self.blocks[v].pred if p in reach]
-                new = set.intersection(*(dom[p] for p in preds)) if preds else set()
-                new = new | {v}
-                if new != dom[v]:
-                    dom[v], changed = new, True
-        self.dom = dom
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = set()
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.add(w)
+                        if w == v:
+                            break
+                    out.append(comp)
+        return out
+
+    def _find(self, nodes: set, parent: Optional[Loop], out: List[Loop]) -> List[Loop]:
+        found = []
+        for comp in self._sccs(nodes):
+            if len(comp) == 1:
+                v = next(iter(comp))
+                if v not in self.blocks[v].succ:
+                    continue
+            entries = [v for v in comp if v == 0 or any(
+                p not in comp for p in self.blocks[v].pred if p in self.reachable)]
+            header = min(entries or comp, key=lambda v: self.blocks[v].start)
+            latches = tuple(sorted(v for v in comp if header in self.blocks[v].succ))
+            lp = Loop(header, frozenset(comp), latches, parent=parent,
+                      irreducible=len(entries) > 1)
+            out.append(lp)
+            lp.children = self._find(comp - set(entries or [header]), lp, out)
+            found.append(lp)
+        return sorted(found, key=lambda lp: min(lp.blocks))
 
     def _loops(self) -> None:
-        latches: Dict[int, List[int]] = {}
-        for u in self.reachable:
-            for h in self.blocks[u].succ:
-                if h in self.dom.get(u, ()):
-                    latches.setdefault(h, []).append(u)
-        loops = []
-        for h, us in latches.items():
-            body, stack = {h}, list(us)
-            while stack:
-                v = stack.pop()
-                if v in body:
-                    continue
-                body.add(v)
-                stack.extend(p for p in self.blocks[v].pred if p in self.reachable)
-            loops.append(Loop(h, frozenset(body), tuple(sorted(us))))
-        loops.sort(key=lambda lp: len(lp.blocks))
-        for i, lp in enumerate(loops):
-            for outer in loops[i + 1:]:
-                if lp.blocks < outer.blocks or (lp.blocks <= outer.blocks and
-                                                lp.header != outer.header):
-                    lp.parent = outer
-                    outer.children.append(lp)
-                    break
-        for lp in loops:
-            lp.children.sort(key=lambda c: min(c.blocks))
+        """The loop nesting forest: every strongly connected region is a loop; its header is
+        its entry (the lowest-addressed one when several: irreducible); the loops inside are
+        the regions left when the header is removed."""
+        loops: List[Loop] = []
+        self._find(set(self.reachable), None, loops)
+        for lp in sorted(loops, key=lambda lp: len(lp.blocks)):
             lp.spin = self._is_spin(lp)
         self.loops = loops
 
@@ -732,12 +759,63 @@ def analyze(fn: Function, trip_of: Optional[TripFn] = None, time_loop: str = "au
     }
 
 
+@functools.lru_cache(maxsize=None)
+def source_lines(path: str) -> Optional[Tuple[str, ...]]:
+    """The lines of a source file named by the line information (None if unreadable)."""
+    try:
+        with open(path) as f:
+            return tuple(f.read().splitlines())
+    except OSError:
+        return None
+
+
+def loop_statement(fn: Function, loop: Loop) -> Optional[Tuple[str, int, str]]:
+    """``(file, line, text)`` of the ``for``/``while`` statement behind a SASS loop: among
+    the source lines of the loop's own instructions (not those of the loops inside it), the
+    loop statements that no inner loop claims, preferring the line of the back-edge branch,
+    then the most frequent."""
+    cache = fn.__dict__.setdefault("_statements", {})
+    if id(loop) in cache:
+        return cache[id(loop)]
+    claimed = set()
+    for c in _descendants(loop):
+        st = loop_statement(fn, c)
+        if st is not None:
+            claimed.add(st[:2])
+    counts: Dict[Tuple[str, int], int] = {}
+    for b in loop.own_blocks():
+        for ins in fn.blocks[b].insns:
+            if ins.file and ins.line:
+                counts[(ins.file, ins.line)] = counts.get((ins.file, ins.line), 0) + 1
+    latch_lines = set()
+    for b in loop.latches:
+        last = fn.blocks[b].insns[-1]
+        if last.file and last.line:
+            latch_lines.add((last.file, last.line))
+    cands = []
+    for (path, line), n in counts.items():
+        src = source_lines(path)
+        if (path, line) in claimed or src is None or not 0 < line <= len(src):
+            continue
+        text = src[line - 1].strip()
+        if re.match(r"(for|while)\b", text):
+            cands.append(((path, line) in latch_lines, n, path, line, text))
+    best = None
+    if cands:
+        cands.sort(reverse=True)
+        _, _, path, line, text = cands[0]
+        best = (path, line, text)
+    cache[id(loop)] = best
+    return best
+
+
 def describe_loop(fn: Function, lp: Optional[Loop]) -> dict:
     if lp is None:
         return {}
     ins = fn.loop_insns(lp)
-    latch = fn.blocks[lp.latches[-1]].insns[-1]
+    st = loop_statement(fn, lp)
     return {"header": f"0x{fn.blocks[lp.header].start:04x}",
             "instructions": len(ins),
             "depth": lp.depth,
-            "source": f"{os.path.basename(latch.file)}:{latch.line}" if latch.file else None}
+            "source": f"{os.path.basename(st[0])}:{st[1]}" if st else None,
+            "statement": st[2] if st else None}

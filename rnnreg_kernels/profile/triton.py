@@ -31,7 +31,9 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
+
+from . import sass
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 _SIG = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
@@ -198,17 +200,8 @@ def _pool(jobs: List[dict], workers: int) -> List[dict]:
 # ----------------------------------------------------------------------------- trip counts
 
 @functools.lru_cache(maxsize=None)
-def _source(path: str) -> Optional[Tuple[str, ...]]:
-    try:
-        with open(path) as f:
-            return tuple(f.read().splitlines())
-    except OSError:
-        return None
-
-
-@functools.lru_cache(maxsize=None)
 def _tree(path: str):
-    lines = _source(path)
+    lines = sass.source_lines(path)
     return ast.parse("\n".join(lines)) if lines is not None else None
 
 
@@ -271,33 +264,6 @@ def _evaluator(fn_node, line: int, env: dict):
     return ev
 
 
-def loop_statement(fn, loop) -> Optional[Tuple[str, int, str]]:
-    """(file, line, text) of the ``for``/``while`` statement behind a SASS loop, if found."""
-    counts: Dict[Tuple[str, int], int] = {}
-    latch_lines = set()
-    for b in loop.own_blocks():
-        for ins in fn.blocks[b].insns:
-            if ins.file and ins.line:
-                counts[(ins.file, ins.line)] = counts.get((ins.file, ins.line), 0) + 1
-    for b in loop.latches:
-        last = fn.blocks[b].insns[-1]
-        if last.file and last.line:
-            latch_lines.add((last.file, last.line))
-    cands = []
-    for (path, line), n in counts.items():
-        src = _source(path)
-        if src is None or not 0 < line <= len(src):
-            continue
-        text = src[line - 1].strip()
-        if text.startswith(("for ", "while ")):
-            cands.append(((path, line) in latch_lines, n, path, line, text))
-    if not cands:
-        return None
-    cands.sort(reverse=True)
-    _, _, path, line, text = cands[0]
-    return path, line, text
-
-
 def trip_rule(plan: dict, grid: Tuple[int, ...], B: int, H: int):
     """The ``trip_of`` callback of :func:`..sass.analyze` for a Triton plan (as a dict)."""
     env = dict(plan)
@@ -305,7 +271,7 @@ def trip_rule(plan: dict, grid: Tuple[int, ...], B: int, H: int):
     env.update({"B": B, "H": H, "T": None, "k": None, "__grid__": tuple(grid)})
 
     def trip_of(fn, loop):
-        st = loop_statement(fn, loop)
+        st = sass.loop_statement(fn, loop)
         if st is None:
             return None, "no for/while statement found in the line information"
         path, line, text = st
