@@ -305,8 +305,13 @@ def kernels(cell: str, H: int, B: int, dtype: str, tf32: bool, sm_count: int,
     :func:`..kernel_record` (``record_args``) or ``{"direction", "error"}``."""
     jobs = [dict(cell=cell, B=B, H=H, dtype=dtype, tf32=tf32, sm_count=sm_count,
                  direction=d) for d in ("forward", "backward")]
+    return kernels_from_results(compile_jobs(jobs, workers), B, H)
+
+
+def kernels_from_results(results: List[dict], B: int, H: int) -> List[dict]:
+    """Items for :func:`..kernel_record` from :func:`compile_one` results."""
     out = []
-    for r in compile_jobs(jobs, workers):
+    for r in results:
         if not r.get("ok"):
             out.append({"direction": r["direction"], "error": r["error"]})
             continue
