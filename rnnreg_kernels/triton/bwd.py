@@ -160,24 +160,31 @@ def _w_gate(wb_ptr, g, u0, HF: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr,
 
 
 @triton.jit
-def _dz_gate(src, g, rows, row_ok, HF: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
-             KC: tl.constexpr):
-    """Gate g of one exchange slot, transposed and split over K: ``[KS, KC, BB]`` (``[KC, BB]``
-    for KS = 1)."""
+def _dz_offsets(rows, HF: tl.constexpr, G: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr):
+    """Offsets of gate 0 in one exchange slot, transposed and split over K: ``[KS, KC, BB]``
+    (``[KC, BB]`` for KS = 1); gate g is at ``+ g * HF``.  One offset tensor serves all
+    gates (fewer live registers than one per gate)."""
     c = tl.arange(0, KC)
     if KS == 1:
-        off = (rows * (G * HF))[None, :] + g * HF + c[:, None]
-        d = tl.load(src + off, mask=row_ok[None, :], other=0.0, cache_modifier=".cg")
+        off = (rows * (G * HF))[None, :] + c[:, None]
     else:
         s = tl.arange(0, KS)
-        off = (rows * (G * HF))[None, None, :] + g * HF + (s[:, None, None] * KC
-                                                          + c[None, :, None])
-        d = tl.load(src + off, mask=row_ok[None, None, :], other=0.0, cache_modifier=".cg")
-    return d
+        off = (rows * (G * HF))[None, None, :] + (s[:, None, None] * KC + c[None, :, None])
+    return off
 
 
 @triton.jit
-def _dh_rec(src, rows, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
+def _dz_gate(src, g, off, row_ok, HF: tl.constexpr, KS: tl.constexpr):
+    """Gate g of one exchange slot (see ``_dz_offsets``)."""
+    if KS == 1:
+        ok = row_ok[None, :]
+    else:
+        ok = row_ok[None, None, :]
+    return tl.load((src + g * HF) + off, mask=ok, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _dh_rec(src, off, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
             BB: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
             ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
     """``dz @ W_hh[:, units]`` ``[BB, BH]`` from the exchange slot ``src``: per gate a batched
@@ -187,11 +194,11 @@ def _dh_rec(src, rows, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr
         z = tl.zeros([BH, BB], ACC)
     else:
         z = tl.zeros([KS, BH, BB], ACC)
-    acc = dot_acc(w0, _dz_gate(src, 0, rows, row_ok, HF, G, KS, KC), z, ACC_F64, TF32)
+    acc = dot_acc(w0, _dz_gate(src, 0, off, row_ok, HF, KS), z, ACC_F64, TF32)
     if G == 4:
-        a1 = dot_acc(w1, _dz_gate(src, 1, rows, row_ok, HF, G, KS, KC), z, ACC_F64, TF32)
-        a2 = dot_acc(w2, _dz_gate(src, 2, rows, row_ok, HF, G, KS, KC), z, ACC_F64, TF32)
-        a3 = dot_acc(w3, _dz_gate(src, 3, rows, row_ok, HF, G, KS, KC), z, ACC_F64, TF32)
+        a1 = dot_acc(w1, _dz_gate(src, 1, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        a2 = dot_acc(w2, _dz_gate(src, 2, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        a3 = dot_acc(w3, _dz_gate(src, 3, off, row_ok, HF, KS), z, ACC_F64, TF32)
         acc = (acc + a1) + (a2 + a3)
     if KS == 1:
         dh = tl.trans(acc)
@@ -248,10 +255,11 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, 
     dslot = rows[:, None] * (G * HF) + dcols[None, :]
     dmask = row_ok[:, None] & col_ok[None, :]
     SLOT = B * G * HF
+    doff = _dz_offsets(rows, HF, G, KS, KC)
     dc = tl.zeros([BB, BH], ACC)
     for j in range(0, T):
         k = T - j
-        dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, rows, row_ok, w0, w1, w2, w3, HF, G,
+        dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G,
                          BB, BH, KS, KC, ACC, ACC_F64, TF32)
         dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
                           out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
@@ -260,7 +268,7 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, 
         tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
                  mask=dmask)
         grid_barrier(bar, (j + 1) * NH)
-    dh_rec = _dh_rec(dzbuf_ptr + (1 % 2) * SLOT, rows, row_ok, w0, w1, w2, w3, HF, G, BB, BH,
+    dh_rec = _dh_rec(dzbuf_ptr + (1 % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G, BB, BH,
                      KS, KC, ACC, ACC_F64, TF32)
     _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
                    ns_init, c_ns, ACC)
