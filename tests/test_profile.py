@@ -186,6 +186,11 @@ def test_model_is_monotone_and_documented():
     assert model.estimate(1000, 8, 10, 1, 0, 5)["estimated_us_per_step"] < base
     assert model.estimate(1000, 4, 10, 1, 1, 5)["estimated_us_per_step"] < base
     assert model.estimate(10, 8, 200, 1, 1, 5)["bound"] == "tensor-core chain"
+    # more programs than SMs can hold at once: waves serialize
+    one = model.estimate(1000, 4, 10, 1, 0, 5, programs=132, sm_count=132, registers=255)
+    more = model.estimate(1000, 4, 10, 1, 0, 5, programs=1024, sm_count=132, registers=255)
+    assert one["waves"] == 1 and more["waves"] > 1
+    assert more["estimated_us_per_step"] > one["estimated_us_per_step"]
     for name, c in model.describe()["constants"].items():
         assert c["source"] and "value" in c, name
 
@@ -203,6 +208,21 @@ def test_measure_without_gpu_exits_2_with_reason(capsys):
     assert rc == 2 and "--measure" in err and ("CPU build" in err or "no CUDA" in err)
 
 
+def test_measure_arithmetic_on_cpu():
+    """The --measure code path (inputs, op calls, T=200 minus T=100) on the reference
+    backend on CPU: one number per direction, finite, recorded with how it was taken."""
+    torch = pytest.importorskip("torch")
+    from rnnreg_kernels.profile.measure import measure
+    result = {"kernels": [{"direction": "forward"}, {"direction": "backward"}]}
+    measure(result, "reference", "relu", 8, 3, "fp32", False, reps=1, device="cpu")
+    for k in result["kernels"]:
+        assert isinstance(k["measured_us_per_step"], float)
+        assert abs(k["measured_us_per_step"]) < 1e6 and "T=100 and T=200" in k["measured_how"]
+    assert set(result["measured"]["median_ms"]) == {"fwd100", "fwd200", "train100",
+                                                    "train200"}
+    assert torch.get_default_dtype() == torch.float32
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--hidden", "0"], "--hidden: expected a positive integer, got 0"),
     (["--hidden", "x"], "--hidden: expected a positive integer, got 'x'"),
@@ -214,6 +234,13 @@ def test_bad_arguments_exit_2(capsys, args, needle):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cuda_backend_rejects_float64_with_exit_2(capsys):
+    from rnnreg_kernels.__main__ import main
+    rc = main(["profile", "--backend", "cuda", "--cell", "relu", "--hidden", "8", "--batch",
+               "2", "--dtype", "fp64"])
+    assert rc == 2 and "supports fp32, bf16 and fp16, got 'fp64'" in capsys.readouterr().err
 
 
 def test_profile_function_checks_its_arguments():
