@@ -53,10 +53,14 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
     c = r["counts"]
     rr = res.get(fname) or (next(iter(res.values())) if len(res) == 1 else {})
     shared = shared_dynamic + (rr.get("shared", 0) or 0)
+    traffic = (c.shared_load_bytes_per_warp + c.shared_store_bytes_per_warp
+               + c.tensor_core_shared_bytes_per_warp) * warps
     est = model.estimate(c.instructions, warps, r["dependent_tensor_core_chain"],
                          r["exchange_round_trips"], c.grid_barriers, c.bar_sync,
                          launches_per_step, programs=programs, sm_count=sm_count,
-                         registers=rr.get("registers"), shared_bytes=shared)
+                         registers=rr.get("registers"), shared_bytes=shared,
+                         global_load_bytes=c.global_load_bytes_per_warp * warps,
+                         shared_traffic_bytes=traffic)
     rec = {
         "name": name,
         "direction": direction,
@@ -81,6 +85,9 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
         "global_stores_per_step": round(c.global_stores, 2),
         "shared_loads_per_step": round(c.shared_loads, 2),
         "shared_load_bytes_per_step": round(c.shared_load_bytes_per_warp * warps, 1),
+        "shared_store_bytes_per_step": round(c.shared_store_bytes_per_warp * warps, 1),
+        "tensor_core_shared_bytes_per_step": round(c.tensor_core_shared_bytes_per_warp * warps,
+                                                   1),
         "bar_sync_per_step": round(c.bar_sync, 2),
         "atomics_per_step": round(c.atomics, 2),
         "grid_barriers_per_step": round(c.grid_barriers, 2),

@@ -578,12 +578,29 @@ class StepCounts:
     global_stores: float = 0.0
     shared_loads: float = 0.0
     shared_load_bytes_per_warp: float = 0.0
+    shared_store_bytes_per_warp: float = 0.0
+    # shared-memory operand bytes of warpgroup MMAs, per warp (a warpgroup's 4 warps each
+    # issue the instruction; the operands are read once per warpgroup: bytes / 4 per warp)
+    tensor_core_shared_bytes_per_warp: float = 0.0
     bar_sync: float = 0.0
     atomics: float = 0.0
     grid_barriers: float = 0.0
     spill_instructions: float = 0.0
     load_widths: Dict[str, float] = dataclasses.field(default_factory=dict)
     opcodes: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _gmma_shared_bytes(i: "Insn") -> int:
+    """Shared-memory bytes one warpgroup MMA reads: B always (``gdesc``), A too when it is a
+    descriptor rather than registers.  ``HGMMA.64xNxK`` with 16-bit operands (8-bit for
+    IGMMA/QGMMA)."""
+    shape = next((m for m in i.mods if re.match(r"64x\d+x\d+$", m)), None)
+    if shape is None:
+        return 0
+    m, n, k = (int(v) for v in shape.split("x"))
+    esize = 1 if i.base in ("IGMMA", "QGMMA") else 2
+    a_shared = len(i.operands) > 1 and "gdesc" in i.operands[1]
+    return (m * k * esize if a_shared else 0) + n * k * esize
 
 
 def _ldsm_bytes(i: Insn) -> int:
@@ -612,6 +629,11 @@ def _count(ins: Insn, w: float, c: StepCounts) -> None:
     elif ins.base == "LDSM":
         c.shared_loads += w
         c.shared_load_bytes_per_warp += w * _ldsm_bytes(ins)
+    elif ins.base in ("STS", "STSM"):
+        c.shared_store_bytes_per_warp += w * (ins.width() * 32 if ins.base == "STS"
+                                              else _ldsm_bytes(ins))
+    if ins.base in ("HGMMA", "IGMMA", "QGMMA", "BGMMA"):
+        c.tensor_core_shared_bytes_per_warp += w * _gmma_shared_bytes(ins) / 4
     if ins.base == "BAR" and "SYNC" in ins.mods:
         c.bar_sync += w
     if ins.base in ATOMICS:
