@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None,
                         help="a UTF-8 text file (default: the text of pydoc_data.topics)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny run for tests / CI: " +
+                        help="a tiny run for tests / CI (explicit options win): " +
                              ", ".join(f"{k}={v}" for k, v in SIZES["quick"].items()))
     for key, kind, text in (
             ("hidden", common.positive_int, "hidden units"),
@@ -337,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     size = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
     for key, value in SIZES[size].items():
-        if getattr(args, key) is None or args.quick:
+        if getattr(args, key) is None:  # options given explicitly win over the size
             setattr(args, key, value)
     cells = [c.strip() for c in args.models.split(",") if c.strip()]
     bad = [c for c in cells if c not in LABELS]
