@@ -36,7 +36,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         prog="python -m rnnreg_kernels",
         description="Fused RNN kernels with activation regularizers: gradient checks, a demo, "
                     "benchmarks.")
-    sub = parser.add_subparsers(dest="command", metavar="{check,demo,bench,experiment}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{check,demo,bench,experiment}",
+                                required=True)
     p_check = sub.add_parser(
         "check", help="float64 gradcheck of every available backend (exit 1 on any failure)",
         description=(check.__doc__ or "").split("\n\n")[0])

@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_json_has_every_seed_and_the_aggregate(tmp_path, capsys):
     out = tmp_path / "d"
-    rc = main(["demo", "--quick", "--seeds", "3", "--first-seed", "4", "--workers", "1",
+    rc = main(["demo", "--steps", "30", "--hidden", "16", "--train-len", "20", "--batch", "16",
+               "--eval-batch", "32", "--eval-factors", "1,2,5", "--seeds", "3",
+               "--first-seed", "4", "--workers", "1",
                "--out", str(out), "--no-progress", "--device", "cpu"])
     text = capsys.readouterr().out
     assert rc == 0, text
