@@ -24,9 +24,10 @@ barely learned in short runs, and TRec needs inputs above its threshold to fire 
 memory-cell row runs when ``rnnreg_kernels.LSTM`` accepts ``cell_norm_stabilizer`` and is
 reported as skipped before.
 
-Sizes: ``--quick`` (tests / CI: under a minute on 2 CPU cores), the CPU default (sized for
-about 20 minutes on 2 idle CPU cores, 2 worker processes), and on CUDA the default is the
-scale of the project's char-level benchmark shape (hidden 1000, 100 steps, batch 32).
+Sizes: ``--quick`` (tests / CI: about 30 CPU seconds), the CPU default (hidden 256, 6000
+steps of 32 x 50: an estimated 1900 CPU seconds from the per-step CPU time of these models,
+about 16 minutes on 2 idle cores with 2 worker processes; not a measured run), and on CUDA
+the scale of the project's char-level benchmark shape (hidden 1000, 100 steps, batch 32).
 Writes ``charlm.json`` (rows, curves, command, versions) and ``charlm.png`` (validation bpc
 against training step) into ``--out``.
 """
@@ -51,7 +52,7 @@ PAPER_PTB = {("tanh", 0.0): (1.71, 1.55), ("tanh", 500.0): (1.57, 1.57),
 SIZES = {
     "quick": dict(hidden=48, steps=300, seq_len=25, batch=16, eval_every=100, lr=0.005,
                   max_chars=60000, eval_chars=3000),
-    "cpu": dict(hidden=256, steps=5000, seq_len=50, batch=32, eval_every=500, lr=2e-3,
+    "cpu": dict(hidden=256, steps=6000, seq_len=50, batch=32, eval_every=500, lr=2e-3,
                 max_chars=0, eval_chars=0),
     "cuda": dict(hidden=1000, steps=20000, seq_len=100, batch=32, eval_every=1000, lr=2e-3,
                  max_chars=0, eval_chars=0),

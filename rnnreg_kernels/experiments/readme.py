@@ -145,8 +145,9 @@ def charlm_section(doc: dict, json_path: str, png_path: str) -> str:
            + ("This is the CPU default size. " if (c['hidden'], c['steps']) ==
               (default['hidden'], default['steps']) else
               f"It is smaller than the CPU default (hidden {default['hidden']}, "
-              f"{default['steps']} steps, sized for about 20 minutes on 2 idle cores), which "
-              f"did not fit beside the other jobs on this machine; one seed per row. ")
+              f"{default['steps']} steps, sized from per-step CPU time for about 16 minutes on 2 "
+              f"idle cores, an estimate, not a measured run), which did not fit beside the "
+              f"other jobs on this machine; one seed per row. ")
            + f"JSON: [{json_path}]({json_path}).", "",
            "| model | β | penalized | valid bpc | test bpc | paper, PTB test bpc (lr .002, "
            "gc 1 / best of its 4 settings) |",
