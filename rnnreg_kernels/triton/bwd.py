@@ -11,7 +11,7 @@ import triton.language as tl
 from .step import (bwd_step, dot_acc, gate_cols, grid_barrier, ns_initial_grad, tile_rows,
                    wide)
 
-_NO_SPEC = ["T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"]
+_NO_SPEC = ["T", "B", "has_len", "has_mask", "rev", "ns_init", "k"]
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC: tl.co
 @triton.jit
 def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.constexpr):
     m = tl.load(mask_ptr + rows[:, None] * H + units[None, :],
-                mask=(row_ok[:, None] & unit_ok[None, :]) & (has_mask != 0), other=1.0)
+                mask=tl.where(has_mask != 0, row_ok[:, None] & unit_ok[None, :], False), other=1.0)
     m = tl.where(has_mask != 0, m.to(ACC), 1.0)
     return m * m
 

@@ -62,7 +62,7 @@ def tile_rows(b0, B, T, len_ptr, has_len, BB: tl.constexpr):
     """Rows ``b0 .. b0+BB-1`` (int64), their mask, and their lengths."""
     rows = (b0 + tl.arange(0, BB)).to(tl.int64)
     row_ok = rows < B
-    L = tl.load(len_ptr + rows, mask=row_ok & (has_len != 0), other=T)
+    L = tl.load(len_ptr + rows, mask=tl.where(has_len != 0, row_ok, False), other=T)
     L = tl.where(has_len != 0, L, T).to(tl.int64)
     return rows, row_ok, L
 
@@ -166,22 +166,33 @@ def _cell_bwd(dh, dc, act, c, c_prev, h, CELL: tl.constexpr, BB: tl.constexpr,
 
 
 @triton.jit
-def fwd_step(k, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_ok,
-             x_ptr, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+def load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G: tl.constexpr):
+    """The input projection of step ``k`` for a tile's gate columns, ``[BB, G*BH]`` (0 where
+    the step is invalid).  Independent of the recurrence: persistent kernels prefetch it
+    before the barrier of step k - 1."""
+    valid = row_ok & (k <= L)
+    pos = _position(k, L, valid, rev)
+    xm = valid[:, None] & col_ok[None, :]
+    return tl.load(x_ptr + (pos * B + rows)[:, None] * (G * H) + xcols[None, :], mask=xm,
+                   other=0.0)
+
+
+@triton.jit
+def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+             out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
              CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
              ACC: tl.constexpr):
     """One forward step of a ``[BB rows, BH units]`` tile.
 
-    ``hw [BB, G*BH]`` is ``h_{k-1} @ W_hh^T`` for the tile's gate columns; ``h_prev``,
-    ``c_prev [BB, BH]`` the tile's state after k-1 steps (ACC).  Stores output, h_n / c_n at
-    the row's last step and, for LSTM, the activated gates and c.  Returns the state after k
-    steps (held where the step is invalid; h rounded to the output dtype).
+    ``x [BB, G*BH]`` is the step's input projection (``load_x``), ``hw [BB, G*BH]`` is
+    ``h_{k-1} @ W_hh^T`` for the tile's gate columns; ``h_prev``, ``c_prev [BB, BH]`` the
+    tile's state after k-1 steps (ACC).  Stores output, h_n / c_n at the row's last step and,
+    for LSTM, the activated gates and c.  Returns the state after k steps (held where the
+    step is invalid; h rounded to the output dtype).
     """
     valid = row_ok & (k <= L)
     pos = _position(k, L, valid, rev)
     rowoff = pos * B + rows
-    xm = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rowoff[:, None] * (G * H) + xcols[None, :], mask=xm, other=0.0)
     h, c, act = _cell_fwd(x.to(ACC) + hw, c_prev, theta, CELL, BB, BH)
     hd = h.to(out_ptr.dtype.element_ty)
     hoff = rowoff[:, None] * H + units[None, :]
