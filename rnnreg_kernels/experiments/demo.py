@@ -346,15 +346,29 @@ def norm_stats(ev: dict, lengths: list, horizon: int) -> dict:
                             and overall <= BOUND_FACTOR)}
 
 
+def learned(seed: dict, name: str, horizon: int) -> bool:
+    """Whether a seed's model learned the task: its MSE at the training length is below half
+    of predicting the constant 1 (a collapsed model, h = 0, is bounded but learned nothing)."""
+    mse = seed["models"][name]["mse"]
+    base = seed["baseline_mse"]
+    key = horizon if horizon in mse else str(horizon)
+    value = mse[key]
+    return value is not None and math.isfinite(value) and value < 0.5 * base[key]
+
+
 def aggregate(seeds: list, lengths: list) -> dict:
-    """Across seeds, per model: bounded count and the spread of the norm ratio, of the norm
-    ratio at each length, of the MSE at each length and of the final training MSE."""
+    """Across seeds, per model: bounded count (and how many of those learned the task) and
+    the spread of the norm ratio, of the norm ratio at each length, of the MSE at each length
+    and of the final training MSE."""
     agg = {"seeds": len(seeds), "bounded_count": sum(s["bounded"] for s in seeds),
            "models": {}}
     for name in NAMES:
         runs = [s["models"][name] for s in seeds]
+        fit = [learned(s, name, lengths[0]) for s in seeds]
         agg["models"][name] = {
             "bounded_count": sum(r["bounded"] for r in runs),
+            "learned_count": sum(fit),
+            "bounded_and_learned_count": sum(r["bounded"] and f for r, f in zip(runs, fit)),
             "norm_ratio": common.spread(r["norm_ratio"] for r in runs),
             "norm_ratio_at": {L: common.spread(r["norm_ratio_at"][L] for r in runs)
                               for L in lengths if L > lengths[0]},
@@ -377,8 +391,11 @@ def verdict(agg: dict, horizon: int) -> str:
     else:
         what = "no difference in the count"
     return (f"observed across {k} seed{'s' if k != 1 else ''}: the stabilized IRNN stayed "
-            f"bounded past t={horizon} in {nb}/{k}, the plain IRNN in {pb}/{k} ({what}); median "
-            f"norm ratio {_x(ns['norm_ratio']['median'])} stabilized vs "
+            f"bounded past t={horizon} in {nb}/{k}, the plain IRNN in {pb}/{k} ({what}); of "
+            f"those, {ns['bounded_and_learned_count']} stabilized and "
+            f"{plain['bounded_and_learned_count']} plain had learned the task (MSE at the "
+            f"training length below half of predicting 1); median norm ratio "
+            f"{_x(ns['norm_ratio']['median'])} stabilized vs "
             f"{_x(plain['norm_ratio']['median'])} plain")
 
 

@@ -102,9 +102,19 @@ def demo_section(doc: dict, json_path: str, png_path: str) -> str:
                    f"{cell(m['NS']['norm_ratio_at'].get(key), _ratio)} | "
                    f"{_g(agg['baseline_mse'][key]['median'])} |")
     fit_p, fit_n = m["plain"]["train_mse_last10pct"], m["NS"]["train_mse_last10pct"]
+    learned = {n: [s["seed"] for s in doc["seeds"] if _learned(s, n, doc["horizon"])]
+               for n in ("plain", "NS")}
+    both = {n: [s["seed"] for s in doc["seeds"] if s["models"][n]["bounded"]
+                and s["seed"] in learned[n]] for n in ("plain", "NS")}
     out += ["", f"Verdict of this run: {doc['verdict']}. Training MSE over the last 10 % of "
                 f"steps, median over seeds: {_g(fit_p['median'])} plain, "
                 f"{_g(fit_n['median'])} stabilized.", "",
+            f"Learned the task (MSE at the training length below half of predicting 1's): "
+            f"{len(learned['NS'])}/{k} stabilized, {len(learned['plain'])}/{k} plain; bounded "
+            f"*and* learned: {_seed_list(both['NS'])} stabilized, {_seed_list(both['plain'])} "
+            f"plain. A model whose hidden state collapsed to zero is bounded but predicts a "
+            f"constant, so the count of bounded models alone overstates what the stabilizer "
+            f"achieved.", "",
             f"These numbers are from that machine. Single seeds differ between machines: "
             f"{c['steps']} Adam steps on an unbounded relu recurrence are chaotic, so the "
             f"rounding differences between CPUs (or BLAS builds, thread counts, backends) "
@@ -114,6 +124,17 @@ def demo_section(doc: dict, json_path: str, png_path: str) -> str:
             f"`--quick` change its size.", "",
             f"![demo.png]({png_path})", ""]
     return "\n".join(out)
+
+
+def _learned(seed: dict, name: str, horizon: int) -> bool:
+    from rnnreg_kernels.experiments.demo import learned
+
+    return learned(seed, name, horizon)
+
+
+def _seed_list(seeds: list) -> str:
+    return f"{len(seeds)} (seed{'s' if len(seeds) != 1 else ''} " \
+           f"{', '.join(map(str, seeds))})" if seeds else "0"
 
 
 def charlm_section(doc: dict, json_path: str, png_path: str) -> str:
