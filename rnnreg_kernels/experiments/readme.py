@@ -212,6 +212,12 @@ def comparison(rows: list) -> str:
     if pairs:
         parts.append("β = 500 against β = 0 here: " + "; ".join(pairs) + ". In the paper's "
                      "lr .002, gc 1 column β = 500 is better for tanh, relu and TRec.")
+    falling = [r for r in ran if len(r.get("curve", [])) >= 2
+               and r["curve"][-1]["valid_bpc"] is not None
+               and r["curve"][-2]["valid_bpc"] is not None
+               and r["curve"][-1]["valid_bpc"] < r["curve"][-2]["valid_bpc"]]
+    parts.append(f"At the last evaluation the validation bpc was still falling for "
+                 f"{len(falling)} of {len(ran)} rows: the run stops short of convergence.")
     parts.append("The absolute numbers are not comparable with the paper's: another corpus "
                  "(Python's help text, with code and markup, not PTB), a much smaller model "
                  "and training budget, one seed per row.")
