@@ -133,7 +133,8 @@ def test_norm_stats_follow_the_criterion():
 
 def _agg(nb, pb, k=5):
     def model(count, ratio):
-        return {"bounded_count": count, "norm_ratio": {"median": ratio}}
+        return {"bounded_count": count, "bounded_and_learned_count": count // 2,
+                "norm_ratio": {"median": ratio}}
     return {"seeds": k, "models": {"NS": model(nb, 1.5), "plain": model(pb, math.inf)}}
 
 
@@ -147,6 +148,15 @@ def test_verdict_says_what_the_counts_say(nb, pb, needle):
     assert line.startswith("observed across 5 seeds:")
     assert f"in {nb}/5, the plain IRNN in {pb}/5" in line and needle in line
     assert "x1.5 stabilized vs overflow plain" in line
+    assert f"of those, {nb // 2} stabilized and {pb // 2} plain had learned the task" in line
+
+
+def test_learned_needs_half_the_constant_predictions_error():
+    seed = {"baseline_mse": {"50": 0.16},
+            "models": {"a": {"mse": {"50": 0.079}}, "b": {"mse": {"50": 0.081}},
+                       "c": {"mse": {"50": None}}}}
+    assert demo.learned(seed, "a", 50) and not demo.learned(seed, "b", 50)
+    assert not demo.learned(seed, "c", 50)  # overflowed
 
 
 def test_spread_handles_overflow_and_even_counts():
