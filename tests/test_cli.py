@@ -205,7 +205,7 @@ def test_adding_batch_is_the_adding_problem():
 # ----------------------------------------------------------------------------- arguments
 
 @pytest.mark.parametrize("argv, needle", [
-    ([], "the following arguments are required: {check,demo,bench,experiment"),
+    ([], "the following arguments are required: {check,demo,bench,profile,experiment}"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["check", "--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
     (["check", "--cell", "gru"], "argument --cell: invalid choice: 'gru'"),
@@ -244,7 +244,7 @@ def test_demo_rejects_unusable_settings(capsys, tmp_path, argv, needle):
 def test_help_lists_the_commands():
     r = _run("--help")
     assert r.returncode == 0
-    for name in ("check", "demo", "bench", "experiment"):
+    for name in ("check", "demo", "bench", "profile", "experiment"):
         assert name in r.stdout
 
 

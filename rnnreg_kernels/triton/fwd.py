@@ -9,7 +9,7 @@ per-program penalty sums; the launcher adds them up).  ``heps = H * ns_eps``.
 import triton
 import triton.language as tl
 
-from .step import (dot_acc, fwd_penalty, fwd_step, gate_cols, grid_barrier, load_h_op,
+from .step import (act_cols, dot_acc, fwd_penalty, fwd_step, gate_cols, grid_barrier, load_h_op,
                    load_state, load_x, ns_step, tile_rows, wide)
 
 _NO_SPEC = ["T", "B", "has_len", "has_mask", "rev", "ns_init", "k"]
@@ -42,6 +42,7 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     units = tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(0, H, G, BH)
+    acols = act_cols(0, G, BH)
     # W_hh^T tile [BH (k), G*BH (gate columns)]
     w = tl.load(w_ptr + xcols[None, :] * H + units[:, None],
                 mask=unit_ok[:, None] & col_ok[None, :], other=0.0)
@@ -61,7 +62,7 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     for k in range(1, T + 1):
         hw = dot_acc(h.to(w.dtype), w, tl.zeros([BB, G * BH], ACC), ACC_F64, TF32)
         x = load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
-        h_new, c = fwd_step(k, x, hw, h, c, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+        h_new, c = fwd_step(k, x, hw, h, c, rows, row_ok, L, units, unit_ok, acols, col_ok,
                             out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
                             CELL, G, BB, BH, ACC)
         sq, tar, ar = fwd_penalty(k, h_new, h, m, row_ok, L)
@@ -78,30 +79,23 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
 
 
 @triton.jit
-def _fwd_tile(k, w_sl, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
+def _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m,
               x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr, hn_ptr, cn_ptr,
               B, H, rev, theta, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
-              BH: tl.constexpr, BK: tl.constexpr, HOLD: tl.constexpr, ACC: tl.constexpr,
+              BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
               ACC_F64: tl.constexpr, TF32: tl.constexpr):
-    """Step k of one (batch tile, hidden slice) with the state read from global memory.
-
-    ``HOLD``: ``w_sl [BK, G*BH]`` is the slice's whole W_hh^T (persistent, BK >= H); else W is
-    streamed in BK-chunks.  Returns the per-row (sum h^2 over the slice, TAR, AR) sums.
+    """Step k of one (batch tile, hidden slice) with the state read from global memory and
+    W streamed in BK-chunks.  Returns the per-row (sum h^2 over the slice, TAR, AR) sums.
     """
     idx = tl.minimum(k - 1, L)
-    if HOLD:
-        kk = tl.arange(0, BK)
-        a = load_h_op(idx, L, rows, row_ok, kk, kk < H, h0_ptr, out_ptr, B, H, rev)
-        hw = dot_acc(a, w_sl, tl.zeros([BB, G * BH], ACC), ACC_F64, TF32)
-    else:
-        hw = tl.zeros([BB, G * BH], ACC)
-        for k0 in range(0, H, BK):
-            kk = k0 + tl.arange(0, BK)
-            kok = kk < H
-            a = load_h_op(idx, L, rows, row_ok, kk, kok, h0_ptr, out_ptr, B, H, rev)
-            wc = tl.load(w_ptr + xcols[None, :] * H + kk[:, None],
-                         mask=kok[:, None] & col_ok[None, :], other=0.0)
-            hw = dot_acc(a, wc, hw, ACC_F64, TF32)
+    hw = tl.zeros([BB, G * BH], ACC)
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        kok = kk < H
+        a = load_h_op(idx, L, rows, row_ok, kk, kok, h0_ptr, out_ptr, B, H, rev)
+        wc = tl.load(w_ptr + xcols[None, :] * H + kk[:, None],
+                     mask=kok[:, None] & col_ok[None, :], other=0.0)
+        hw = dot_acc(a, wc, hw, ACC_F64, TF32)
     h_prev = load_state(idx, L, rows, row_ok, units, unit_ok, h0_ptr, out_ptr, B, H, rev,
                          row_ok, ACC)
     if CELL == 0:
@@ -110,7 +104,7 @@ def _fwd_tile(k, w_sl, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
     else:
         c_prev = h_prev
     x = load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
-    h, c = fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+    h, c = fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, col_ok,
                     out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
                     CELL, G, BB, BH, ACC)
     return fwd_penalty(k, h, h_prev, m, row_ok, L)
@@ -186,6 +180,7 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     units = u0 + tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(u0, H, G, BH)
+    acols = act_cols(u0, G, BH)
     rows, row_ok, L = tile_rows(q * BB, B, T, len_ptr, has_len, BB)
     kk = tl.arange(0, BK)
     w_rows = wt_ptr + (pid * G * BH + tl.arange(0, G * BH))[:, None].to(tl.int64) * HF
@@ -228,7 +223,7 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
                               cache_modifier=".cg")
                 w_c = tl.load(w_rows + (k0 + kk)[None, :])
                 acc = dot_acc(w_c, h_t, acc, ACC_F64, TF32)
-        h_new, c = fwd_step(k, x, tl.trans(acc), h, c, rows, row_ok, L, units, unit_ok, xcols,
+        h_new, c = fwd_step(k, x, tl.trans(acc), h, c, rows, row_ok, L, units, unit_ok, acols,
                             col_ok, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
                             CELL, G, BB, BH, ACC)
         tl.store(hbuf_ptr + (k % 2) * SLOT + slot, h_new.to(hbuf_ptr.dtype.element_ty),
@@ -281,10 +276,11 @@ def fwd_step_launch(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     if k >= 1:
         if k <= T:
             m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-            sq, tar, ar = _fwd_tile(k, w_ptr, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
+            sq, tar, ar = _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols,
+                                    act_cols(u0, G, BH), col_ok, m,
                                     x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr,
                                     hn_ptr, cn_ptr, B, H, rev, theta, CELL, G, BB, BH, BK,
-                                    False, ACC, ACC_F64, TF32)
+                                    ACC, ACC_F64, TF32)
             tl.store(part_ptr + ((k % 2) * NH + pid_h) * B + rows, sq, mask=row_ok)
             tl.store(slot + 1, tl.load(slot + 1) + w_tar * tl.sum(tar, axis=0))
             tl.store(slot + 2, tl.load(slot + 2) + w_ar * tl.sum(ar, axis=0))

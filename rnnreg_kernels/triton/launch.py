@@ -74,7 +74,8 @@ class Plan:
     ``hold``: W_hh stays on chip across steps (tensor-core types) or is streamed in
     BK-chunks (FMA types: fp32 without TF32, fp64).  ``HF`` = pow2(H) (the row stride of the
     persistent exchange buffer), ``NR`` the most rows whose norms one persistent program
-    reduces per step.
+    reduces per step, ``KS`` the K-slices of the persistent backward's step product (one per
+    warp, at least 16 wide).
     """
 
     variant: str
@@ -88,6 +89,7 @@ class Plan:
     hold: bool
     HF: int = 16
     NR: int = 1
+    KS: int = 1
 
 
 def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
@@ -98,8 +100,9 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
     Tensor-core types (fp16, bf16, fp32 with TF32): ``tiled`` when W_hh fits one program
     (G * pow2(H)^2 * size <= TILED_MAX_W); else ``persistent`` when a grid of hidden slices
     x batch tiles fits the co-resident programs (one per SM) with a W_hh slice and the h
-    tile in shared memory; else ``step``.  FMA types (fp32 without TF32, fp64):
-    ``persistent`` streaming W when the grid fits; else ``step``.
+    tile in shared memory; else ``step``.  FMA types (fp32 without TF32; fp64 in the
+    interpreter) take ``step`` on a GPU (an FMA product cannot use the tensor cores and its
+    held operands would not fit the registers) and ``persistent`` in the interpreter.
     ``variant`` (or env ``RNNREG_TRITON_VARIANT``), ``block_h`` and ``block_b`` override the
     choice; ``sm_count`` plans for a GPU with that many SMs (compile checks without a GPU).
     """
@@ -118,7 +121,8 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
         variant = "step"
         if mma and G * hfull * hfull * size <= TILED_MAX_W:
             variant = "tiled"
-        elif _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b) is not None:
+        elif ((mma or n_co == 1)
+              and _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b) is not None):
             variant = "persistent"
     if variant == "tiled":
         if block_h is not None and block_h < H:
@@ -138,13 +142,25 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
         NH = triton.cdiv(H, BH)
         BK = hfull if mma else min(32, hfull)
         NR = _pow2(triton.cdiv(BB, NH))
-        return Plan("persistent", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH), PERSISTENT_WARPS, mma,
-                    hfull, NR)
+        KS = _backward_k_slices(G, BH, hfull)
+        return Plan("persistent", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH),
+                    PERSISTENT_WARPS, mma, hfull, NR, KS)
     BH = block_h or (32 if G == 1 else 8)
     BB = block_b or min(bb, 16)
     NH = triton.cdiv(H, BH)
     BK = min(64 if mma else 32, hfull)
     return Plan("step", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH), 4, False, hfull)
+
+
+def _backward_k_slices(G: int, BH: int, hfull: int) -> int:
+    """K-slices of the persistent backward's product ``W[:, units]^T [BH, G*H] @ dz^T``.
+
+    With BH >= 64 units the product fills a warpgroup MMA as one 2-D dot (KS = 1); smaller
+    slices (LSTM: 16 units) would leave M at 16 and replicate the MMA over the warps, so K
+    is split into one slice per warp (a batched dot, then a sum), at least 16 wide."""
+    if BH >= PERSISTENT_MMA_M:
+        return 1
+    return max(1, min(PERSISTENT_WARPS, hfull // 16))
 
 
 def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
@@ -154,9 +170,9 @@ def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
     One program per (hidden slice, batch tile).  BH starts at PERSISTENT_MMA_M // G units
     (64 gate rows, the M of a warpgroup MMA) and BB at min(pow2(B), 16); then BB doubles (up
     to PERSISTENT_MAX_BB) and after it BH doubles until the grid fits the ``n_co``
-    co-resident programs.  Tensor-core types also need the slice W_sl^T ``[G*BH, pow2(H)]``
-    plus the h tile in PERSISTENT_MAX_SMEM bytes; BH first halves (down to 16 gate rows)
-    until it does.  Under the interpreter (``n_co`` = 1) programs run one at a time: a
+    co-resident programs.  The slice W_sl^T ``[G*BH, pow2(H)]`` (held by the backward in
+    every dtype, by the forward for tensor-core types) plus the h tile must fit
+    PERSISTENT_MAX_SMEM bytes; BH first halves (down to 16 gate rows) until it does.  Under the interpreter (``n_co`` = 1) programs run one at a time: a
     barrier group must be a single program (BH >= H), while groups are independent.
     """
     hfull = max(16, _pow2(H))
@@ -165,7 +181,7 @@ def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
     bb = block_b or min(_pow2(B), 16)
 
     def smem(bh_, bb_):
-        return (G * bh_ + bb_) * hfull * size if mma else 0
+        return (G * bh_ + bb_) * hfull * size
 
     if block_h is None:
         while smem(bh, bb) > PERSISTENT_MAX_SMEM and G * bh > 16:
@@ -190,6 +206,15 @@ def interleave_w(w_hh: torch.Tensor, G: int, units: int, width: int) -> torch.Te
     GH, H = w_hh.shape
     out = w_hh.new_zeros(units * G, width)
     out[:GH, :H] = w_hh.view(G, H, H).transpose(0, 1).reshape(GH, H)
+    return out
+
+
+def transpose_w(w_hh: torch.Tensor, G: int, units: int, width: int) -> torch.Tensor:
+    """W_hh ``[G*H, H]`` as ``[G, units, width]``: ``[g, u, k]`` = ``W[g*H + k, u]``,
+    zero-padded (units >= H, width >= H): the persistent backward's column slices."""
+    GH, H = w_hh.shape
+    out = w_hh.new_zeros(G, units, width)
+    out[:, :H, :H] = w_hh.view(G, H, H).transpose(1, 2)
     return out
 
 
@@ -336,8 +361,10 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
             dc = new(B, H, dtype=acc, device=dev) if lstm else norms
             if p.variant == "persistent":
                 bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
-                _bwd.bwd_persistent[(p.NH, p.NB)](*ptrs, dc, bar, *scal, BK=p.BK, HOLD=p.hold,
-                                                  **meta, **_persist(p))
+                dzbuf = torch.zeros(2, B, G * p.HF, dtype=dtype, device=dev)
+                wb = transpose_w(w_hh, G, p.NH * p.BH, p.HF)
+                _bwd.bwd_persistent[(p.NH, p.NB)](ptrs[0], wb, *ptrs[2:], dzbuf, bar, *scal,
+                                                  HF=p.HF, KS=p.KS, **meta, **_persist(p))
             else:
                 grid = (p.NH, p.NB)
                 for k in range(T, -1, -1):

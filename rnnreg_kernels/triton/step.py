@@ -77,6 +77,13 @@ def gate_cols(u0, H, G: tl.constexpr, BH: tl.constexpr):
 
 
 @triton.jit
+def act_cols(u0, G: tl.constexpr, BH: tl.constexpr):
+    """Columns of the saved activated gates: stored interleaved (column ``u*G + g``), so a
+    tile's gates are one contiguous run (full-width vector stores and loads)."""
+    return (u0 * G + tl.arange(0, G * BH)).to(tl.int64)
+
+
+@triton.jit
 def _position(k, L, valid, rev):
     """Time position of step ``k`` per row (``k - 1`` where the step is invalid)."""
     return tl.where(valid & (rev != 0), L - k, k - 1).to(tl.int64)
@@ -178,7 +185,7 @@ def load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G: tl.constexpr)
 
 
 @triton.jit
-def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, col_ok,
              out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
              CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
              ACC: tl.constexpr):
@@ -204,7 +211,7 @@ def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, c
     tl.store(hn_ptr + noff, hd, mask=last)
     h_new = tl.where(vm, hd.to(ACC), h_prev)
     if CELL == 0:
-        tl.store(act_ptr + rowoff[:, None] * (G * H) + xcols[None, :], act,
+        tl.store(act_ptr + rowoff[:, None] * (G * H) + acols[None, :], act,
                  mask=valid[:, None] & col_ok[None, :])
         tl.store(cs_ptr + hoff, c, mask=vm)
         tl.store(cn_ptr + noff, c.to(cn_ptr.dtype.element_ty), mask=last)
@@ -240,7 +247,7 @@ def ns_step(k, n_k, n_prev, row_ok, L, ns_init):
 
 
 @triton.jit
-def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
              out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr, gcn_ptr,
              gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
              CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
@@ -288,7 +295,7 @@ def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, col_ok,
     dh += c_ar * m2 * h
     dh = tl.where(vm, dh, 0.0)
     if CELL == 0:
-        act = tl.load(act_ptr + rowoff[:, None] * (G * H) + xcols[None, :],
+        act = tl.load(act_ptr + rowoff[:, None] * (G * H) + acols[None, :],
                       mask=valid[:, None] & col_ok[None, :], other=0.0)
         c = tl.load(cs_ptr + hoff, mask=vm, other=0.0)
         c_prev = load_state(k - 1 + 0 * L, L, rows, row_ok, units, unit_ok, c0_ptr, cs_ptr,
