@@ -20,9 +20,10 @@ Models (one row each): tanh (PyTorch's uniform init), relu = IRNN (identity ``we
 zero biases, Le et al. 2015) and TRec (thresholded rectifier, theta = 1, initialized as the
 IRNN), each with beta = 0 and ``--beta``.  The one-hot input makes ``weight_ih`` a character
 embedding: for relu and TRec it starts ``N(0, 1)`` (as ``nn.Embedding``; IRNN's N(0, 0.001)
-barely learned in short runs, and TRec needs inputs above its threshold to fire at all).  LSTM (PyTorch's init) with beta = 0 and ``--beta`` on the hidden state; the
-memory-cell row runs when ``rnnreg_kernels.LSTM`` accepts ``cell_norm_stabilizer`` and is
-reported as skipped before.
+barely learned in short runs, and TRec needs inputs above its threshold to fire at all).
+LSTM (PyTorch's init) with beta = 0 and ``--beta`` on the hidden state; the memory-cell row
+runs when ``rnnreg_kernels.LSTM`` accepts ``cell_norm_stabilizer`` and is reported as
+skipped before.
 
 Sizes: ``--quick`` (tests / CI: about 30 CPU seconds), the CPU default (hidden 256, 6000
 steps of 32 x 50: an estimated 1900 CPU seconds from the per-step CPU time of these models,

@@ -272,8 +272,9 @@ def main(argv=None) -> int:
         return 2
     if args.check:
         stale = new != content
-        print(f"readme: {args.readme} sections {', '.join(texts)} are "
-              f"{'OUT OF DATE: run python -m rnnreg_kernels.experiments.readme' if stale else 'up to date'}")
+        state = ("OUT OF DATE: run python -m rnnreg_kernels.experiments.readme" if stale
+                 else "up to date")
+        print(f"readme: {args.readme} sections {', '.join(texts)} are {state}")
         return 1 if stale else 0
     with open(args.readme, "w") as f:
         f.write(new)
