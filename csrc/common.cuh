@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "mma.cuh"
 #include "rnnreg_api.h"
 
 namespace rnnreg {
@@ -27,34 +28,52 @@ constexpr int kRedFloats = kWarps * kRG * kBG;  // block scratch for split-K and
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
-// Byte offsets into the dynamic shared memory of one block.
-//   forward:  w [G*units][Hp] (dtype), a = h tile [bs][Hp], z [bs][G*units], hn [bs][units]
-//   backward: w = W^T slice [units][Kp] (dtype), a = dz tile [bs][Kp], z = dh [bs][units]
+// Tensor-core product (bf16/fp16): 16-wide K steps dealt to the warps, up to kAccTiles
+// independent 16x8 fp32 accumulators per warp, partial tiles summed through `red`.
+constexpr int kAccTiles = 8;
+constexpr int kMmaRedFloats = kWarps * kAccTiles * 128;
+
+// Row length (elements) of the global exchange buffers for a K-long vector: a multiple of 16
+// elements, so rows are 16-byte aligned and copy in whole 16-byte chunks; the padding is zero.
+__host__ __device__ inline int xrow(int K) { return round_up(K, 16); }
+// Row stride (elements) of a staged operand in shared memory.  bf16/fp16 rows get 8 elements
+// (16 bytes) of padding: the stride is then an odd multiple of 16 bytes, so the 8 row
+// addresses of one ldmatrix phase hit 8 distinct 16-byte bank groups (no conflicts).
+__host__ __device__ inline int srow(int K, int esize) { return xrow(K) + (esize == 2 ? 8 : 0); }
+__host__ __device__ inline int red_floats(int esize) {
+  return esize == 2 ? kMmaRedFloats : kRedFloats;
+}
+
+// Byte offsets into the dynamic shared memory of one block (rows of srow(K) elements).
+//   forward:  w [G*units][srow(H)] (dtype), a = h tile [bs][srow(H)] (dtype),
+//             z [bs][G*units], hn [bs][units] (float)
+//   backward: w = W^T slice [units][srow(GH)] (dtype), a = dz tile [bs][srow(GH)] (dtype),
+//             z = dh [bs][units] (float)
 struct Layout {
   size_t w, a, z, hn, red, total;
 };
 
 __host__ __device__ inline Layout fwd_layout(int G, int H, int units, int bs, int esize) {
-  const size_t Hp = (size_t)round_up(H, kVec), R = (size_t)G * units;
+  const size_t ld = (size_t)srow(H, esize), R = (size_t)G * units;
   Layout l;
   l.w = 0;
-  l.a = align16(R * Hp * esize);
-  l.z = align16(l.a + (size_t)bs * Hp * 4);
+  l.a = align16(R * ld * esize);
+  l.z = align16(l.a + (size_t)bs * ld * esize);
   l.hn = align16(l.z + (size_t)bs * R * 4);
   l.red = align16(l.hn + (size_t)bs * units * 4);
-  l.total = align16(l.red + (size_t)kRedFloats * 4);
+  l.total = align16(l.red + (size_t)red_floats(esize) * 4);
   return l;
 }
 
 __host__ __device__ inline Layout bwd_layout(int G, int H, int units, int bs, int esize) {
-  const size_t Kp = (size_t)round_up(G * H, kVec);
+  const size_t ld = (size_t)srow(G * H, esize);
   Layout l;
   l.w = 0;
-  l.a = align16((size_t)units * Kp * esize);
-  l.z = align16(l.a + (size_t)bs * Kp * 4);
+  l.a = align16((size_t)units * ld * esize);
+  l.z = align16(l.a + (size_t)bs * ld * esize);
   l.hn = l.z + (size_t)bs * units * 4;
   l.red = align16(l.hn);
-  l.total = align16(l.red + (size_t)kRedFloats * 4);
+  l.total = align16(l.red + (size_t)red_floats(esize) * 4);
   return l;
 }
 
@@ -196,6 +215,129 @@ __device__ void block_matvec(const T* __restrict__ W, int R, const float* __rest
       if (r < R && b < NB) out[(size_t)b * ldo + r] = s;
     }
     __syncthreads();  // `red` is reused by the next call
+  }
+}
+
+// out[m * ldo + n] = sum_k A[m][k] * Bm[n][k] for m < M, n < N, on tensor cores
+// (mma.m16n8k16, fp32 accumulation).  A: [M][ld] and Bm: [N][ld] in shared memory (bf16/fp16),
+// K zero-padded to Kp (a multiple of 16), ld = srow(Kp).  A rows are the m16 side (ldmatrix.x4),
+// Bm rows the n8 side (ldmatrix.x2, "col" B operand = Bm^T); rows past M / N read row M-1 /
+// N-1 and their results are dropped.  The Kp/16 steps are dealt round-robin to the warps; each
+// warp keeps kAccTiles independent accumulators: one per output tile, and when there are fewer
+// tiles than that, several per tile on interleaved K steps (shorter dependent mma chains).
+// The partial tiles are added in a fixed order through `red` (kMmaRedFloats floats), so the
+// result is deterministic.  Called by all threads; ends with a __syncthreads.
+template <typename T>
+__device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ Bm, int N,
+                          int ld, int Kp, float* __restrict__ out, int ldo,
+                          float* __restrict__ red) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int MT = (M + 15) / 16, NT = (N + 7) / 8, tiles = MT * NT;
+  const int ksteps = Kp / 16;
+  const int nw = ksteps < kWarps ? ksteps : kWarps;
+  // ldmatrix row addresses of this lane.  A (x4): matrix j = lane / 8 covers rows 8*(j & 1)..,
+  // columns 8*(j >> 1)..: registers a0..a3 of the m16n8k16 A fragment.  B (x2): lanes 0-15,
+  // matrix j = lane / 8 covers k 8*j..: b0, b1 (lanes 16-31 repeat the addresses of 0-15).
+  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_k = 8 * (lane >> 4);
+#ifdef RNNREG_PLANT_FRAG
+  const int b_row = (lane & 7) + 1;  // planted off-by-one in the B fragment's n index (test)
+#else
+  const int b_row = lane & 7;
+#endif
+  const int b_k = 8 * ((lane >> 3) & 1);
+  for (int t0 = 0; t0 < tiles; t0 += kAccTiles) {
+    const int cnt = min(kAccTiles, tiles - t0);  // tiles in this group
+    const int reps = kAccTiles / cnt;            // accumulators per tile
+    if (warp < nw) {
+      // Per accumulator slot s (tile t0 + s % cnt, K steps ks + (s / cnt) * nw): the lane's
+      // ldmatrix element offsets at k = 0, the K-step lag, whether it is used and whether its
+      // A fragment differs from the previous slot's -- all loop-invariant.
+      int a_off[kAccTiles], b_off[kAccTiles], lag[kAccTiles];
+      unsigned used = 0, a_new = 0;
+#pragma unroll
+      for (int s = 0; s < kAccTiles; ++s) {
+        const int rep = s / cnt, tile = t0 + s % cnt, mt = tile / NT, nt = tile % NT;
+        a_off[s] = min(mt * 16 + a_row, M - 1) * ld + a_k;
+        b_off[s] = min(nt * 8 + b_row, N - 1) * ld + b_k;
+        lag[s] = rep * nw;
+        if (rep < reps) used |= 1u << s;
+        if (s == 0 || s % cnt == 0 || (tile / NT) != ((tile - 1) / NT)) a_new |= 1u << s;
+      }
+      float acc[kAccTiles][4];
+#pragma unroll
+      for (int s = 0; s < kAccTiles; ++s)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[s][i] = 0.f;
+      for (int ks = warp; ks < ksteps; ks += nw * reps) {
+        uint32_t af[4];
+#pragma unroll
+        for (int s = 0; s < kAccTiles; ++s) {
+          if (((used >> s) & 1u) && ks + lag[s] < ksteps) {
+            const int k0 = (ks + lag[s]) * 16;
+            if ((a_new >> s) & 1u) ldmatrix_x4(af, A + a_off[s] + k0);
+            uint32_t bf[2];
+            ldmatrix_x2(bf, Bm + b_off[s] + k0);
+            mma_16816<T>(acc[s], af, bf);
+          }
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kAccTiles; ++s) {
+        float4 v;
+        v.x = acc[s][0]; v.y = acc[s][1]; v.z = acc[s][2]; v.w = acc[s][3];
+        *reinterpret_cast<float4*>(red + ((size_t)(warp * kAccTiles + s) * 32 + lane) * 4) = v;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < cnt * 128; idx += kThreads) {
+      const int t = idx / 128, l = (idx / 4) % 32, i = idx % 4, tile = t0 + t;
+      float sum = 0.f;
+      for (int w = 0; w < nw; ++w)
+        for (int rep = 0; rep < reps; ++rep)
+          sum += red[((size_t)(w * kAccTiles + rep * cnt + t) * 32 + l) * 4 + i];
+      const int m = (tile / NT) * 16 + l / 4 + 8 * (i >> 1);
+      const int n = (tile % NT) * 8 + 2 * (l % 4) + (i & 1);
+      if (m < M && n < N) out[(size_t)m * ldo + n] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+// The step product of both kernels: out[m * ldo + n] = sum_k X[m][k] W[n][k] for the M staged
+// rows X ([M][ld], dtype T) and the block's N resident rows W ([N][ld]), K padded to
+// xrow(K) with zeros.  bf16/fp16: tensor cores (block_mma).  fp32: FP32 FMAs (block_matvec),
+// exact fp32 products and sums (no TF32).  Ends with the outputs written and a __syncthreads.
+template <typename T>
+__device__ __forceinline__ void step_product(const T* X, int M, const T* W, int N, int ld,
+                                             float* out, int ldo, float* red) {
+  if constexpr (std::is_same<T, float>::value) {
+    block_matvec<float>(W, N, X, M, ld, out, ldo, red);
+    __syncthreads();
+  } else {
+    block_mma<T>(X, M, W, N, ld, ld - 8, out, ldo, red);
+  }
+}
+
+// Issues the copies of rows [b0, b0 + nb) of an exchange buffer (rows of `ldg` elements, a
+// multiple of 16 bytes) into shared rows of `lds` elements: 16-byte cp.async chunks, every
+// chunk of the tile in flight at once.  Complete them with cp_async_wait_all + __syncthreads.
+template <typename T>
+__device__ __forceinline__ void stage_rows(T* dst, int lds, const T* src, int ldg, int b0,
+                                           int nb) {
+  const int cpr = ldg * (int)sizeof(T) / 16;  // chunks per row
+  const int dbl = kThreads / cpr, dc = kThreads - dbl * cpr;  // stride kThreads in (row, chunk)
+  int bl = threadIdx.x / cpr, c = threadIdx.x - bl * cpr;
+  const unsigned char* g = reinterpret_cast<const unsigned char*>(src + (size_t)b0 * ldg);
+  unsigned char* d = reinterpret_cast<unsigned char*>(dst);
+  while (bl < nb) {
+    cp_async16(d + ((size_t)bl * lds * sizeof(T) + (size_t)c * 16),
+               g + ((size_t)bl * ldg * sizeof(T) + (size_t)c * 16));
+    bl += dbl;
+    c += dc;
+    if (c >= cpr) {
+      c -= cpr;
+      ++bl;
+    }
   }
 }
 

@@ -1,12 +1,14 @@
 // Forward of the recurrence: one persistent cooperative launch for all T steps.
 //
 // Block `blk` owns hidden units [blk*units, blk*units + nu) and keeps the G*units rows of w_hh
-// for them in shared memory for the whole sequence.  Per step it stages h_{k-1} (fp32, from a
-// double-buffered global exchange buffer) for a tile of batch rows, computes its slice of
-// z = x_k + h_{k-1} W^T, applies the cell, publishes its slice of h_k, and writes its partial
-// sum of squares of h_k per batch row.  A grid-wide barrier ends the step.  The norms of step
-// k-1 are reduced (in a fixed order, so deterministically) at the start of step k by the block
-// that owns the batch row (b % blocks); TAR/AR/NS sums stay in registers until the end.
+// for them in shared memory for the whole sequence.  Per step it stages h_{k-1} (input dtype,
+// from a double-buffered global exchange buffer, 16-byte cp.async chunks all in flight) for a
+// tile of batch rows, computes its slice of z = x_k + h_{k-1} W^T (tensor cores for
+// bf16/fp16, FP32 FMAs for fp32: step_product in common.cuh), applies the cell, publishes its
+// slice of h_k, and writes its partial sum of squares of h_k per batch row.  A grid-wide
+// barrier ends the step.  The norms of step k-1 are reduced (in a fixed order, so
+// deterministically) by the block that owns the batch row (b % blocks) while the copies of the
+// first h tile of step k are in flight; TAR/AR/NS sums stay in registers until the end.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -46,7 +48,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
   const int G = cell == kLSTM ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_fwd;
-  const int Hp = round_up(H, kVec), R = G * units;
+  const int Hx = xrow(H), ld = srow(H, (int)sizeof(T)), R = G * units;
   const int blk = blockIdx.x, nblk = gridDim.x;
   const int j0 = blk * units, nu = min(units, H - j0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -54,7 +56,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   unsigned char* smem = dynamic_smem();
   const Layout lay = fwd_layout(G, H, units, bs, (int)sizeof(T));
   T* ws = reinterpret_cast<T*>(smem + lay.w);
-  float* hs = reinterpret_cast<float*>(smem + lay.a);
+  T* hs = reinterpret_cast<T*>(smem + lay.a);
   float* zs = reinterpret_cast<float*>(smem + lay.z);
   float* hn = reinterpret_cast<float*>(smem + lay.hn);
   float* red = reinterpret_cast<float*>(smem + lay.red);
@@ -67,24 +69,29 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   T* out = static_cast<T*>(a.out);
   T* hn_out = static_cast<T*>(a.hn);
   T* cn_out = static_cast<T*>(a.cn);
-  float* hbuf = a.scratch;                         // [2][B][H]
-  float* part = hbuf + 2 * (size_t)B * H;          // [2][B][blocks]
+  T* hbuf = reinterpret_cast<T*>(a.scratch);       // [2][B][Hx] h exchange, input dtype
+  float* part = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(a.scratch) +
+                                         align16(2 * (size_t)B * Hx * sizeof(T)));  // [2][B][blocks]
   float* bpart = part + 2 * (size_t)B * nblk;      // [blocks][3]
 
   // This block's rows of w_hh: local row r = g*units + jl is global row g*H + j0 + jl.
-  for (int idx = tid; idx < R * Hp; idx += kThreads) {
-    const int r = idx / Hp, kk = idx % Hp, g = r / units, jl = r % units;
+  for (int idx = tid; idx < R * ld; idx += kThreads) {
+    const int r = idx / ld, kk = idx % ld, g = r / units, jl = r % units;
     T v = from_f<T>(0.f);
     if (jl < nu && kk < H) v = w[(size_t)(g * H + j0 + jl) * H + kk];
     ws[idx] = v;
   }
+  // The exchange rows' padding columns [H, Hx) are zero in both buffers (never rewritten).
+  if (blk == 0)
+    for (int idx = tid; idx < 2 * B * (Hx - H); idx += kThreads)
+      hbuf[(size_t)(idx / (Hx - H)) * Hx + H + idx % (Hx - H)] = from_f<T>(0.f);
 
   // Step 0: publish h0 and its partial sums of squares.
   for (int b = warp; b < B; b += kWarps) {
     float sq = 0.f;
     for (int jl = lane; jl < nu; jl += 32) {
       const float h = to_f(h0[(size_t)b * H + j0 + jl]);
-      __stcg(hbuf + (size_t)b * H + j0 + jl, h);
+      __stcg(hbuf + (size_t)b * Hx + j0 + jl, h0[(size_t)b * H + j0 + jl]);
       sq += h * h;
     }
     sq = warp_sum(sq);
@@ -94,22 +101,19 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   grid.sync();
 
   for (int k = 1; k <= T_; ++k) {
-    reduce_norms(a, part, k - 1, acc_ns);
-    const float* hprev = hbuf + (size_t)((k - 1) & 1) * B * H;
-    float* hcur = hbuf + (size_t)(k & 1) * B * H;
+    const T* hprev = hbuf + (size_t)((k - 1) & 1) * B * Hx;
+    T* hcur = hbuf + (size_t)(k & 1) * B * Hx;
     float* part_k = part + (size_t)(k & 1) * B * nblk;
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
-      for (int idx = tid; idx < nb * Hp; idx += kThreads) {
-        const int bl = idx / Hp, kk = idx % Hp;
-        hs[idx] = kk < H ? __ldcg(hprev + (size_t)(b0 + bl) * H + kk) : 0.f;
-      }
+      stage_rows<T>(hs, ld, hprev, Hx, b0, nb);
+      if (b0 == 0) reduce_norms(a, part, k - 1, acc_ns);  // while the copies are in flight
+      cp_async_wait_all();
 #ifdef RNNREG_PLANT_BUG
       if (s.plant != 1)  // planted race for the compute-sanitizer test
 #endif
         __syncthreads();
-      block_matvec<T>(ws, R, hs, nb, Hp, zs, R, red);
-      __syncthreads();
+      step_product<T>(hs, nb, ws, R, ld, zs, R, red);
 
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
@@ -143,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
           out[((size_t)pos * B + b) * H + j] = from_f<T>(h);
           if (a.hsave) a.hsave[sidx] = h;
         } else {  // past the row's length: state frozen, position k-1 is never reached
-          h = hs[(size_t)bl * Hp + j];
+          h = to_f(hs[(size_t)bl * ld + j]);
           if (cell == kLSTM) {
             c = a.cs[sidx - (size_t)B * H];
             a.cs[sidx] = c;
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
           out[((size_t)(k - 1) * B + b) * H + j] = from_f<T>(0.f);
           if (a.hsave) a.hsave[sidx] = 0.f;
         }
-        __stcg(hcur + (size_t)b * H + j, h);
+        __stcg(hcur + (size_t)b * Hx + j, from_f<T>(h));
         hn[bl * units + jl] = h;
         if (k == T_) {
           hn_out[(size_t)b * H + j] = from_f<T>(h);
@@ -168,7 +172,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
           const float h = hn[bl * units + jl];
           sq += h * h;
           if (valid && s.w_tar != 0.f && k >= 2) {
-            const float d = h - hs[(size_t)bl * Hp + j0 + jl];
+            // h_{k-1} in fp32: the staged copy for fp32, the saved state for bf16/fp16 (the
+            // exchange holds it rounded to the input dtype)
+            const float hp = a.hsave ? a.hsave[((size_t)(k - 2) * B + b) * H + j0 + jl]
+                                     : to_f(hs[(size_t)bl * ld + j0 + jl]);
+            const float d = h - hp;
             acc_tar += d * d;
           }
           if (valid && s.w_ar != 0.f) {

@@ -86,11 +86,14 @@ struct BwdArgs {
   float* scratch = nullptr;         // bwd_scratch_floats(...) floats
 };
 
+// Scratch (float32 elements, 16-byte aligned): the double-buffered exchange of h (forward) or
+// dz (backward) in the input dtype, rows padded to a multiple of 16 elements, then floats.
+inline size_t round16_(int K) { return (size_t)(K + 15) / 16 * 16; }
 inline size_t fwd_scratch_floats(int B, int H, int blocks) {
-  return 2 * (size_t)B * H + 2 * (size_t)B * blocks + 3 * (size_t)blocks;
+  return 2 * (size_t)B * round16_(H) + 2 * (size_t)B * blocks + 3 * (size_t)blocks + 4;
 }
 inline size_t bwd_scratch_floats(int B, int H, int G) {
-  return 2 * (size_t)B * G * H + 2 * (size_t)B * H;
+  return 2 * (size_t)B * round16_(G * H) + 2 * (size_t)B * H + 4;
 }
 
 // Chooses the split for (cell, dtype, B, H) on `device` and checks that the grid of both

@@ -30,7 +30,7 @@ SAVE_X_PROJ = False
 _CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
-_HEADERS = ("common.cuh", "rnnreg_api.h")
+_HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
 _JIT_NAME = "rnnreg_kernels_cuda_jit"
 
 _ext = None

@@ -125,21 +125,25 @@ def test_build_ext_skips_with_one_line(capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- CPU emulation
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(out_dir, *defines):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found; the CPU emulation of the kernels needs it")
-    lib = tmp_path_factory.mktemp("emu") / "libemu.so"
+    lib = out_dir / "libemu.so"
     cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DRNNREG_EMULATE",
-           f"-DRNNREG_THREADS={EMU_THREADS}", f"-I{CSRC / 'emu'}", f"-I{CSRC}",
-           str(CSRC / "emu" / "emu_driver.cpp"), "-o", str(lib)]
+           f"-DRNNREG_THREADS={EMU_THREADS}", *[f"-D{d}" for d in defines], f"-I{CSRC / 'emu'}",
+           f"-I{CSRC}", str(CSRC / "emu" / "emu_driver.cpp"), "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"emulation build failed:\n{res.stderr[-4000:]}"
     dll = ctypes.CDLL(str(lib))
     for f in (dll.emu_forward, dll.emu_backward, dll.emu_plan):
         f.restype = ctypes.c_char_p
     return dll
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build_emu(tmp_path_factory.mktemp("emu"))
 
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -304,3 +308,105 @@ def test_emulated_plan_reports_what_fits(emu):
     assert emu.emu_max_hidden(0, 1, 132, 227 * 1024) > hmax  # bf16 weights take half the room
     msg = emu.emu_plan(0, 0, 32, 4096, 0, 132, 227 * 1024, out).decode()
     assert "H=4096" in msg and f"fit H <= {hmax}" in msg and "backend='triton'" in msg
+
+
+def test_emulated_kernels_half_multi_tile(emu, monkeypatch):
+    """bf16 with more output tiles than accumulators (two tile groups), split K over both warps
+    and several accumulators per tile in the backward."""
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "5")
+    dtype = torch.bfloat16
+    spec, inp, mask, L, grads = make_case("lstm", 3, 40, 40, PEN_ALL, None, False, seed=5)
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
+    mask_r = mask.to(dtype).double()
+    ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)
+    got = rel_errors(run_backend(cuda, spec, rounded, mask_r, L, grads, dtype), ref)
+    naive = rel_errors(run_backend(reference, spec, rounded, mask_r, L, grads, dtype), ref)
+    print({k: f"{got[k]:.1e}/{naive[k]:.1e}" for k in got})
+    for k in got:
+        assert got[k] <= 4 * naive[k] + torch.finfo(dtype).eps / 4, (k, got[k], naive[k])
+
+
+# The fragment maps of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
+# type"), written out here independently of csrc/emu/emu_mma.h.  groupID = lane >> 2,
+# threadID_in_group = lane % 4; element pairs (e = 0 low half, 1 high half of a register).
+def _a_elem(lane, reg, e):  # A 16x16 row-major: a0..a7, two per register
+    g, t = lane >> 2, lane % 4
+    i = 2 * reg + e
+    return g + 8 * ((i // 2) % 2), 2 * t + (i % 2) + 8 * (i // 4)
+
+
+def _b_elem(lane, reg, e):  # B 16x8 (k, n): b0..b3
+    g, t = lane >> 2, lane % 4
+    i = 2 * reg + e
+    return 2 * t + (i % 2) + 8 * (i // 2), g
+
+
+def _c_elem(lane, i):  # C/D 16x8 fp32: c0..c3
+    g, t = lane >> 2, lane % 4
+    return g + 8 * (i // 2), 2 * t + (i % 2)
+
+
+def _bits(x, dtype):
+    return x.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_fragments_follow_the_ptx_tables(emu, dtype):
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(16, 16, generator=g).to(dtype)
+    Bk = torch.randn(16, 8, generator=g).to(dtype)   # B[k][n]
+    C = torch.randn(16, 8, generator=g)
+    Ab, Bb = _bits(A, dtype), _bits(Bk, dtype)
+    a = torch.zeros(32, 4, dtype=torch.int64)
+    b = torch.zeros(32, 2, dtype=torch.int64)
+    c = torch.zeros(32, 4)
+    for lane in range(32):
+        for r in range(4):
+            lo, hi = _a_elem(lane, r, 0), _a_elem(lane, r, 1)
+            a[lane, r] = Ab[lo] | (Ab[hi] << 16)
+        for r in range(2):
+            lo, hi = _b_elem(lane, r, 0), _b_elem(lane, r, 1)
+            b[lane, r] = Bb[lo] | (Bb[hi] << 16)
+        for i in range(4):
+            c[lane, i] = C[_c_elem(lane, i)]
+    mat = torch.randn(32, 8, generator=g).to(dtype)  # 4 matrices of 8 rows x 8 elements
+    matb = _bits(mat, dtype).to(torch.int32).to(torch.int16).contiguous()
+    ld = torch.zeros(32, 4, dtype=torch.int32)
+    a32, b32 = a.to(torch.int32).contiguous(), b.to(torch.int32).contiguous()
+    d = torch.full((32, 4), float("nan"))
+    emu.emu_fragments(int(dtype == torch.bfloat16), ctypes.c_void_p(matb.data_ptr()),
+                      ctypes.c_void_p(ld.data_ptr()), ctypes.c_void_p(a32.data_ptr()),
+                      ctypes.c_void_p(b32.data_ptr()), ctypes.c_void_p(c.data_ptr()),
+                      ctypes.c_void_p(d.data_ptr()))
+    want = C.double() + A.double() @ Bk.double()
+    got = torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i in range(4):
+            got[_c_elem(lane, i)] = d[lane, i].item()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+    # ldmatrix.x4: lane l, register j = row l // 4 of matrix j, elements 2 (l % 4) and +1.
+    mb = _bits(mat, dtype)
+    for lane in range(32):
+        for j in range(4):
+            row = 8 * j + lane // 4
+            word = mb[row, 2 * (lane % 4)] | (mb[row, 2 * (lane % 4) + 1] << 16)
+            assert ld[lane, j].item() & 0xFFFFFFFF == word.item(), (lane, j)
+
+
+def test_planted_fragment_off_by_one_fails_the_emulation(tmp_path, monkeypatch):
+    """-DRNNREG_PLANT_FRAG shifts the n index of the B fragment rows by one in block_mma: the
+    same bf16 check as test_emulated_kernels_half_within_naive_error must then fail."""
+    dll = _build_emu(tmp_path, "RNNREG_PLANT_FRAG")
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(dll))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "2")
+    dtype = torch.bfloat16
+    spec, inp, mask, L, grads = make_case("lstm", 6, 3, 9, PEN_ALL, [6, 2, 5], True, seed=3)
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
+    mask_r = mask.to(dtype).double()
+    ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)
+    got = rel_errors(run_backend(cuda, spec, rounded, mask_r, L, grads, dtype), ref)
+    naive = rel_errors(run_backend(reference, spec, rounded, mask_r, L, grads, dtype), ref)
+    bad = [k for k in got if got[k] > 4 * naive[k] + torch.finfo(dtype).eps / 4]
+    print({k: f"{got[k]:.1e}/{naive[k]:.1e}" for k in got})
+    assert {"output", "grad_x_proj"} <= set(bad), bad
