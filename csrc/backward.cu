@@ -56,12 +56,12 @@ __device__ __forceinline__ float penalty_grad(const BwdArgs& a, int k, int L, in
 // dh[bl][il] = sum_r W[r][j0+il] dz[b0+bl][r] for the block's units.
 template <typename T>
 __device__ __forceinline__ void recurrent_grad(const T* wt, int nu, int units, const T* dz,
-                                               int b0, int nb, int Kx, int ld, T* dzs,
-                                               float* dhs, float* red) {
+                                               int b0, int nb, int Kx, int ld, bool tf32,
+                                               T* dzs, float* dhs, float* red) {
   stage_rows<T>(dzs, ld, dz, Kx, b0, nb);
   cp_async_wait_all();
   __syncthreads();
-  step_product<T>(dzs, nb, wt, nu, ld, dhs, units, red);
+  step_product<T>(dzs, nb, wt, nu, ld, Kx, tf32, dhs, units, red);
 }
 
 template <typename T>
@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
       const bool rec = k < T_;
-      if (rec) recurrent_grad<T>(wt, nu, units, dz_next, b0, nb, Kx, ld, dzs, dhs, red);
+      if (rec)
+        recurrent_grad<T>(wt, nu, units, dz_next, b0, nb, Kx, ld, s.tf32 != 0, dzs, dhs, red);
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, il = q % nu, b = b0 + bl, i = j0 + il;
         const int L = row_length(a.lengths, b, T_);
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   const T* dz_first = dzbuf + (size_t)(1 & 1) * B * Kx;
   for (int b0 = 0; b0 < B; b0 += bs) {
     const int nb = min(bs, B - b0);
-    recurrent_grad<T>(wt, nu, units, dz_first, b0, nb, Kx, ld, dzs, dhs, red);
+    recurrent_grad<T>(wt, nu, units, dz_first, b0, nb, Kx, ld, s.tf32 != 0, dzs, dhs, red);
     for (int q = tid; q < nb * nu; q += kThreads) {
       const int bl = q / nu, il = q % nu, b = b0 + bl;
       const size_t o = (size_t)b * H + j0 + il;

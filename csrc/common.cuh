@@ -38,10 +38,13 @@ constexpr int kMmaRedFloats = kWarps * kAccTiles * 128;
 __host__ __device__ inline int xrow(int K) { return round_up(K, 16); }
 // Row stride (elements) of a staged operand in shared memory.  bf16/fp16 rows get 8 elements
 // (16 bytes) of padding: the stride is then an odd multiple of 16 bytes, so the 8 row
-// addresses of one ldmatrix phase hit 8 distinct 16-byte bank groups (no conflicts).
-__host__ __device__ inline int srow(int K, int esize) { return xrow(K) + (esize == 2 ? 8 : 0); }
-__host__ __device__ inline int red_floats(int esize) {
-  return esize == 2 ? kMmaRedFloats : kRedFloats;
+// addresses of one ldmatrix phase hit 8 distinct 16-byte bank groups (no conflicts).  The
+// padding is never read.
+// fp32 rows get 4 elements: the stride is 4 (mod 8) words, so the TF32 fragment loads (8
+// rows x 4 consecutive words per warp) hit 32 distinct banks, and rows stay 16-byte aligned.
+__host__ __device__ inline int srow(int K, int esize) { return xrow(K) + (esize == 2 ? 8 : 4); }
+__host__ __device__ inline int red_floats(int) {
+  return kMmaRedFloats > kRedFloats ? kMmaRedFloats : kRedFloats;
 }
 
 // Byte offsets into the dynamic shared memory of one block (rows of srow(K) elements).
@@ -218,46 +221,55 @@ __device__ void block_matvec(const T* __restrict__ W, int R, const float* __rest
   }
 }
 
-// out[m * ldo + n] = sum_k A[m][k] * Bm[n][k] for m < M, n < N, on tensor cores
-// (mma.m16n8k16, fp32 accumulation).  A: [M][ld] and Bm: [N][ld] in shared memory (bf16/fp16),
-// K zero-padded to Kp (a multiple of 16), ld = srow(Kp).  A rows are the m16 side (ldmatrix.x4),
-// Bm rows the n8 side (ldmatrix.x2, "col" B operand = Bm^T); rows past M / N read row M-1 /
-// N-1 and their results are dropped.  The Kp/16 steps are dealt round-robin to the warps; each
-// warp keeps kAccTiles independent accumulators: one per output tile, and when there are fewer
-// tiles than that, several per tile on interleaved K steps (shorter dependent mma chains).
-// The partial tiles are added in a fixed order through `red` (kMmaRedFloats floats), so the
-// result is deterministic.  Called by all threads; ends with a __syncthreads.
+// out[m * ldo + n] = sum_k A[m][k] * Bm[n][k] for m < M, n < N, on tensor cores with fp32
+// accumulation: T = bf16/fp16 -> mma.m16n8k16 (operands through ldmatrix), T = float -> TF32
+// mma.m16n8k8 (operands rounded with cvt.rna.tf32, loaded with conflict-free 32-bit LDS).
+// A: [M][ld] and Bm: [N][ld] in shared memory, K zero-padded to Kp (a multiple of 16),
+// ld = srow(Kp).  A rows are the m16 side, Bm rows the n8 side ("col" B operand = Bm^T); rows
+// past M / N read row M-1 / N-1 and their results are dropped.  The K steps are dealt
+// round-robin to the warps; each warp keeps kAccTiles independent accumulators: one per output
+// tile, and when there are fewer tiles than that, several per tile on interleaved K steps
+// (shorter dependent mma chains).  The partial tiles are added in a fixed order through `red`
+// (kMmaRedFloats floats), so the result is deterministic.  Called by all threads; ends with a
+// __syncthreads.
 template <typename T>
 __device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ Bm, int N,
                           int ld, int Kp, float* __restrict__ out, int ldo,
                           float* __restrict__ red) {
+  constexpr bool kTf32 = std::is_same<T, float>::value;
+  constexpr int KS = kTf32 ? 8 : 16;  // K per mma
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int MT = (M + 15) / 16, NT = (N + 7) / 8, tiles = MT * NT;
-  const int ksteps = Kp / 16;
+  const int ksteps = Kp / KS;
   const int nw = ksteps < kWarps ? ksteps : kWarps;
-  // ldmatrix row addresses of this lane.  A (x4): matrix j = lane / 8 covers rows 8*(j & 1)..,
-  // columns 8*(j >> 1)..: registers a0..a3 of the m16n8k16 A fragment.  B (x2): lanes 0-15,
-  // matrix j = lane / 8 covers k 8*j..: b0, b1 (lanes 16-31 repeat the addresses of 0-15).
-  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_k = 8 * (lane >> 4);
+  // Row/column of this lane's first operand element.  ldmatrix (16-bit types): A (x4) matrix
+  // j = lane / 8 covers rows 8*(j & 1).., columns 8*(j >> 1)..: registers a0..a3 of the
+  // m16n8k16 A fragment; B (x2) lanes 0-15, matrix j = lane / 8 covers k 8*j..: b0, b1
+  // (lanes 16-31 repeat the addresses of 0-15).  TF32: the lane's own elements (groupID rows,
+  // threadID_in_group columns; see csrc/emu/emu_mma.h for the maps).
+  const int gid = lane >> 2, tig = lane & 3;
+  const int a_row = kTf32 ? gid : (lane & 7) + 8 * ((lane >> 3) & 1);
+  const int a_k = kTf32 ? tig : 8 * (lane >> 4);
 #ifdef RNNREG_PLANT_FRAG
-  const int b_row = (lane & 7) + 1;  // planted off-by-one in the B fragment's n index (test)
+  const int b_row = (kTf32 ? gid : lane & 7) + 1;  // planted off-by-one in B's n index (test)
 #else
-  const int b_row = lane & 7;
+  const int b_row = kTf32 ? gid : lane & 7;
 #endif
-  const int b_k = 8 * ((lane >> 3) & 1);
+  const int b_k = kTf32 ? tig : 8 * ((lane >> 3) & 1);
   for (int t0 = 0; t0 < tiles; t0 += kAccTiles) {
     const int cnt = min(kAccTiles, tiles - t0);  // tiles in this group
     const int reps = kAccTiles / cnt;            // accumulators per tile
     if (warp < nw) {
       // Per accumulator slot s (tile t0 + s % cnt, K steps ks + (s / cnt) * nw): the lane's
-      // ldmatrix element offsets at k = 0, the K-step lag, whether it is used and whether its
-      // A fragment differs from the previous slot's -- all loop-invariant.
-      int a_off[kAccTiles], b_off[kAccTiles], lag[kAccTiles];
+      // element offsets at k = 0, the K-step lag, whether it is used and whether its A
+      // fragment differs from the previous slot's -- all loop-invariant.
+      int a_off[kAccTiles], a_off8[kAccTiles], b_off[kAccTiles], lag[kAccTiles];
       unsigned used = 0, a_new = 0;
 #pragma unroll
       for (int s = 0; s < kAccTiles; ++s) {
         const int rep = s / cnt, tile = t0 + s % cnt, mt = tile / NT, nt = tile % NT;
         a_off[s] = min(mt * 16 + a_row, M - 1) * ld + a_k;
+        a_off8[s] = min(mt * 16 + a_row + 8, M - 1) * ld + a_k;  // TF32 rows groupID + 8
         b_off[s] = min(nt * 8 + b_row, N - 1) * ld + b_k;
         lag[s] = rep * nw;
         if (rep < reps) used |= 1u << s;
@@ -273,11 +285,23 @@ __device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ 
 #pragma unroll
         for (int s = 0; s < kAccTiles; ++s) {
           if (((used >> s) & 1u) && ks + lag[s] < ksteps) {
-            const int k0 = (ks + lag[s]) * 16;
-            if ((a_new >> s) & 1u) ldmatrix_x4(af, A + a_off[s] + k0);
+            const int k0 = (ks + lag[s]) * KS;
             uint32_t bf[2];
-            ldmatrix_x2(bf, Bm + b_off[s] + k0);
-            mma_16816<T>(acc[s], af, bf);
+            if constexpr (kTf32) {
+              if ((a_new >> s) & 1u) {
+                af[0] = to_tf32(A[a_off[s] + k0]);
+                af[1] = to_tf32(A[a_off8[s] + k0]);
+                af[2] = to_tf32(A[a_off[s] + k0 + 4]);
+                af[3] = to_tf32(A[a_off8[s] + k0 + 4]);
+              }
+              bf[0] = to_tf32(Bm[b_off[s] + k0]);
+              bf[1] = to_tf32(Bm[b_off[s] + k0 + 4]);
+              mma_1688_tf32(acc[s], af, bf);
+            } else {
+              if ((a_new >> s) & 1u) ldmatrix_x4(af, A + a_off[s] + k0);
+              ldmatrix_x2(bf, Bm + b_off[s] + k0);
+              mma_16816<T>(acc[s], af, bf);
+            }
           }
         }
       }
@@ -304,17 +328,22 @@ __device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ 
 }
 
 // The step product of both kernels: out[m * ldo + n] = sum_k X[m][k] W[n][k] for the M staged
-// rows X ([M][ld], dtype T) and the block's N resident rows W ([N][ld]), K padded to
-// xrow(K) with zeros.  bf16/fp16: tensor cores (block_mma).  fp32: FP32 FMAs (block_matvec),
-// exact fp32 products and sums (no TF32).  Ends with the outputs written and a __syncthreads.
+// rows X ([M][ld], dtype T) and the block's N resident rows W ([N][ld]), K padded to Kp =
+// xrow(K) with zeros.  bf16/fp16: tensor cores (block_mma).  fp32: TF32 tensor cores when
+// `tf32` (Spec.allow_tf32), else FP32 FMAs (block_matvec: exact fp32 products and sums).
+// Ends with the outputs written and a __syncthreads.
 template <typename T>
-__device__ __forceinline__ void step_product(const T* X, int M, const T* W, int N, int ld,
-                                             float* out, int ldo, float* red) {
+__device__ __forceinline__ void step_product(const T* X, int M, const T* W, int N, int ld, int Kp,
+                                             bool tf32, float* out, int ldo, float* red) {
   if constexpr (std::is_same<T, float>::value) {
-    block_matvec<float>(W, N, X, M, ld, out, ldo, red);
-    __syncthreads();
+    if (tf32) {
+      block_mma<float>(X, M, W, N, ld, Kp, out, ldo, red);
+    } else {
+      block_matvec<float>(W, N, X, M, ld, out, ldo, red);
+      __syncthreads();
+    }
   } else {
-    block_mma<T>(X, M, W, N, ld, ld - 8, out, ldo, red);
+    block_mma<T>(X, M, W, N, ld, Kp, out, ldo, red);
   }
 }
 

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
       if (s.plant != 1)  // planted race for the compute-sanitizer test
 #endif
         __syncthreads();
-      step_product<T>(hs, nb, ws, R, ld, zs, R, red);
+      step_product<T>(hs, nb, ws, R, ld, Hx, s.tf32 != 0, zs, R, red);
 
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;

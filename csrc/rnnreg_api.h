@@ -39,6 +39,7 @@ struct Scalars {
   float theta = 1.f, w_ns = 0.f, w_tar = 0.f, w_ar = 0.f;
   float heps = 0.f;  // H * ns_eps (added to the sum of squares of a norm)
   int ns_include_initial = 0, reverse = 0;
+  int tf32 = 0;   // float32 only: step product on TF32 tensor cores (Spec.allow_tf32), else FFMA
   int plant = 0;  // test-only planted bug (1 race, 2 out-of-bounds); needs -DRNNREG_PLANT_BUG
 };
 

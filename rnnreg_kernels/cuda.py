@@ -194,7 +194,8 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
 
 def _scalars(spec: Spec):
     return (_CELL_CODE[spec.cell], spec.theta, spec.w_ns, spec.w_tar, spec.w_ar,
-            spec.ns_include_initial, spec.ns_eps, spec.reverse, _units(), _poison())
+            spec.ns_include_initial, spec.ns_eps, spec.reverse, bool(spec.allow_tf32), _units(),
+            _poison())
 
 
 def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, *, plant: int = 0):

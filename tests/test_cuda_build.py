@@ -138,6 +138,8 @@ def _build_emu(out_dir, *defines):
     dll = ctypes.CDLL(str(lib))
     for f in (dll.emu_forward, dll.emu_backward, dll.emu_plan):
         f.restype = ctypes.c_char_p
+    dll.emu_to_tf32.restype = ctypes.c_uint
+    dll.emu_to_tf32.argtypes = [ctypes.c_float]
     return dll
 
 
@@ -164,11 +166,12 @@ class EmulatedExtension:
     def __init__(self, dll, sms=4):
         self.dll, self.sms = dll, sms
 
-    def _ia(self, T, B, H, cell, incl, rev, units, dtype):
-        return (ctypes.c_int * 9)(T, B, H, cell, int(incl), int(rev), units, self.sms, _DT[dtype])
+    def _ia(self, T, B, H, cell, incl, rev, tf32, units, dtype):
+        return (ctypes.c_int * 10)(T, B, H, cell, int(incl), int(rev), units, self.sms,
+                                   _DT[dtype], int(tf32))
 
     def forward(self, x, w, h0, c0, mask, lengths, cell, theta, w_ns, w_tar, w_ar, incl, eps,
-                rev, units, poison, plant):
+                rev, tf32, units, poison, plant):
         T, B, _ = x.shape
         H = w.shape[1]
         lstm = cell == 0
@@ -178,21 +181,22 @@ class EmulatedExtension:
         hs = _nan(T, B, H) if x.dtype != torch.float32 else None
         gates, cs = (_nan(T, B, 4 * H), _nan(T, B, H)) if lstm else (None, None)
         fa = (ctypes.c_float * 5)(theta, w_ns, w_tar, w_ar, H * eps)
-        err = self.dll.emu_forward(self._ia(T, B, H, cell, incl, rev, units, x.dtype), fa,
+        err = self.dll.emu_forward(self._ia(T, B, H, cell, incl, rev, tf32, units, x.dtype), fa,
                                    _ptrs(x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms,
                                          hs, gates, cs))
         assert not err, err.decode()
         return [out, hn, cn, terms, norms, hs, gates, cs]
 
     def backward(self, w, h0, c0, mask, lengths, out, norms, hs, gates, cs, g_out, g_hn, g_cn,
-                 g_terms, cell, theta, w_ns, w_tar, w_ar, incl, eps, rev, units, poison, plant):
+                 g_terms, cell, theta, w_ns, w_tar, w_ar, incl, eps, rev, tf32, units, poison,
+                 plant):
         T, B, H = out.shape
         G = 4 if cell == 0 else 1
         gx, gh0 = _nan(T, B, G * H, dtype=out.dtype), _nan(B, H, dtype=out.dtype)
         gc0 = _nan(B, H, dtype=out.dtype) if cell == 0 else None
         dz = _nan(T, B, G * H) if out.dtype != torch.float32 else None
         fa = (ctypes.c_float * 5)(theta, w_ns, w_tar, w_ar, H * eps)
-        err = self.dll.emu_backward(self._ia(T, B, H, cell, incl, rev, units, out.dtype), fa,
+        err = self.dll.emu_backward(self._ia(T, B, H, cell, incl, rev, tf32, units, out.dtype), fa,
                                     _ptrs(w, h0, c0, mask, lengths, out, norms, hs, gates, cs,
                                           g_out, g_hn, g_cn, g_terms, gx, dz, gh0, gc0))
         assert not err, err.decode()
@@ -373,7 +377,7 @@ def test_emulated_fragments_follow_the_ptx_tables(emu, dtype):
     mat = torch.randn(32, 8, generator=g).to(dtype)  # 4 matrices of 8 rows x 8 elements
     matb = _bits(mat, dtype).to(torch.int32).to(torch.int16).contiguous()
     ld = torch.zeros(32, 4, dtype=torch.int32)
-    a32, b32 = a.to(torch.int32).contiguous(), b.to(torch.int32).contiguous()
+    a32, b32 = _i32(a).contiguous(), _i32(b).contiguous()
     d = torch.full((32, 4), float("nan"))
     emu.emu_fragments(int(dtype == torch.bfloat16), ctypes.c_void_p(matb.data_ptr()),
                       ctypes.c_void_p(ld.data_ptr()), ctypes.c_void_p(a32.data_ptr()),
@@ -392,6 +396,76 @@ def test_emulated_fragments_follow_the_ptx_tables(emu, dtype):
             row = 8 * j + lane // 4
             word = mb[row, 2 * (lane % 4)] | (mb[row, 2 * (lane % 4) + 1] << 16)
             assert ld[lane, j].item() & 0xFFFFFFFF == word.item(), (lane, j)
+
+
+def _i32(t):
+    """int64 bit patterns (0 .. 2^32 - 1) as int32 with the same bits."""
+    return torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)
+
+
+def _tf32(x):
+    """fp32 -> tf32 (round to nearest, ties away from zero), as float32 values."""
+    u = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    u = torch.where(finite, u + 0x1000, u) & 0xFFFFE000
+    return _i32(u).view(torch.float32)
+
+
+def test_emulated_tf32_fragments_follow_the_ptx_tables(emu):
+    # cvt.rna.tf32.f32: 1 + 2^-11 is a tie (rounds away: 1 + 2^-10); just below rounds down.
+    for x, want in [(1.0 + 2.0 ** -11, 1.0 + 2.0 ** -10), (1.0 + 2.0 ** -11 - 2.0 ** -23, 1.0),
+                    (-(1.0 + 2.0 ** -11), -(1.0 + 2.0 ** -10)), (3.0, 3.0)]:
+        bits = emu.emu_to_tf32(x)
+        got = _i32(torch.tensor([bits])).view(torch.float32).item()
+        assert got == want, (x, got, want)
+    g = torch.Generator().manual_seed(12)
+    A = _tf32(torch.randn(16, 8, generator=g))
+    Bk = _tf32(torch.randn(8, 8, generator=g))  # B[k][n]
+    C = torch.randn(16, 8, generator=g)
+    Ab = A.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    Bb = Bk.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    a = torch.zeros(32, 4, dtype=torch.int64)
+    b = torch.zeros(32, 2, dtype=torch.int64)
+    c = torch.zeros(32, 4)
+    for lane in range(32):
+        gid, t = lane >> 2, lane % 4
+        for r in range(4):  # a_r: row groupID + 8 (r & 1), col tig + 4 (r >> 1)
+            a[lane, r] = Ab[gid + 8 * (r & 1), t + 4 * (r >> 1)]
+        for r in range(2):  # b_r: k = tig + 4 r, n = groupID
+            b[lane, r] = Bb[t + 4 * r, gid]
+        for i in range(4):
+            c[lane, i] = C[_c_elem(lane, i)]
+    a32, b32 = _i32(a).contiguous(), _i32(b).contiguous()
+    d = torch.full((32, 4), float("nan"))
+    emu.emu_fragments(-1, None, None, ctypes.c_void_p(a32.data_ptr()),
+                      ctypes.c_void_p(b32.data_ptr()), ctypes.c_void_p(c.data_ptr()),
+                      ctypes.c_void_p(d.data_ptr()))
+    want = C.double() + A.double() @ Bk.double()
+    got = torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i in range(4):
+            got[_c_elem(lane, i)] = d[lane, i].item()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "relu"])
+def test_emulated_kernels_tf32(emu, cell, monkeypatch):
+    """float32 with Spec.allow_tf32: the step product runs on (emulated) TF32 tensor cores:
+    within TF32 accuracy of the reference, and measurably different from the strict FFMA path
+    (which test_emulated_kernels_match_reference_float32 holds to 2e-5)."""
+    import dataclasses
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "3")
+    spec, inp, mask, L, grads = make_case(cell, 4, 18, 20, PEN_ALL, [4, 1] + [3] * 16, False,
+                                          seed=9)
+    ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
+    tf = rel_errors(run_backend(cuda, dataclasses.replace(spec, allow_tf32=True), inp, mask, L,
+                                grads, torch.float32), ref)
+    strict = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, torch.float32), ref)
+    print(cell, {k: f"{tf[k]:.1e}/{strict[k]:.1e}" for k in tf})
+    assert all(e < 5e-3 for e in tf.values()), tf
+    assert all(e < 2e-5 for e in strict.values()), strict
+    assert max(tf["output"], tf["grad_x_proj"]) > 1e-5, tf  # the TF32 path really ran
 
 
 def test_planted_fragment_off_by_one_fails_the_emulation(tmp_path, monkeypatch):
