@@ -64,6 +64,60 @@ __device__ __forceinline__ void recurrent_grad(const T* wt, int nu, int units, c
   step_product<T>(dzs, nb, wt, nu, ld, Kx, tf32, dhs, units, red);
 }
 
+// Everything of one (b, i) cell update of step k that does not depend on dz_{k+1}: the
+// gradient reaching h_k from outside the recurrence and the cell's local derivatives.  Computed
+// for a thread's first item while the dz copies are in flight, so that its global-memory
+// latency stays off the step's critical path.
+struct CellGrad {
+  float dh;     // carried dL/dh (+ grad_output + penalty gradient on valid steps)
+  float kz[4];  // LSTM: dz[g] = kz[g] * dc (g < 3), dz[3] = kz[3] * dh; else dz[0] = kz[0] * dh
+  float kc;     // LSTM: dc = dc0 + kc * dh
+  float dc0;    // LSTM: carried dL/dc
+  float fg;     // LSTM: forget gate (carries dc to step k-1)
+  int pos;      // time position of step k, or -1 when the step is frozen (k > L)
+};
+
+template <typename T>
+__device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, int i,
+                                              const float* dhacc, const float* dcacc, float cns,
+                                              float ctar, float car) {
+  const Scalars& s = a.s;
+  const int B = s.B, H = s.H, GH = (s.cell == kLSTM ? 4 : 1) * H;
+  const int L = row_length(a.lengths, b, s.T);
+  const size_t o = (size_t)b * H + i;
+  CellGrad g;
+  g.dh = dhacc[o];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) g.kz[j] = 0.f;
+  g.kc = g.dc0 = g.fg = 0.f;
+  g.pos = -1;
+  if (k > L) return g;
+  g.pos = position(k, L, s.reverse);
+  const float hk = load_h<T>(a, k, L, b, i);
+  g.dh += to_f(static_cast<const T*>(a.g_out)[((size_t)g.pos * B + b) * H + i]);
+  g.dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
+  if (s.cell == kLSTM) {
+    const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
+    const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
+    const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
+    const float cp = k >= 2 ? a.cs[cidx - (size_t)B * H]
+                            : to_f(static_cast<const T*>(a.c0)[o]);
+    const float tc = tanhf(a.cs[cidx]);
+    g.kc = og * (1.f - tc * tc);
+    g.kz[0] = gg * ig * (1.f - ig);
+    g.kz[1] = cp * fg * (1.f - fg);
+    g.kz[2] = ig * (1.f - gg * gg);
+    g.kz[3] = tc * og * (1.f - og);
+    g.dc0 = dcacc[o];
+    g.fg = fg;
+  } else if (s.cell == kTanh) {
+    g.kz[0] = 1.f - hk * hk;
+  } else {
+    g.kz[0] = hk != 0.f ? 1.f : 0.f;
+  }
+  return g;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   cg::grid_group grid = cg::this_grid();
@@ -85,8 +139,6 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
 
   const T* w = static_cast<const T*>(a.w);
   const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  const T* g_out = static_cast<const T*>(a.g_out);
   const T* g_hn = static_cast<const T*>(a.g_hn);
   const T* g_cn = static_cast<const T*>(a.g_cn);
   T* gx = static_cast<T*>(a.gx);
@@ -127,15 +179,23 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
       const bool rec = k < T_;
-      if (rec)
-        recurrent_grad<T>(wt, nu, units, dz_next, b0, nb, Kx, ld, s.tf32 != 0, dzs, dhs, red);
+      if (rec) stage_rows<T>(dzs, ld, dz_next, Kx, b0, nb);
+      CellGrad first{};  // this thread's first item, while the copies are in flight
+      if (tid < nb * nu)
+        first = cell_grad<T>(a, k, b0 + tid / nu, j0 + tid % nu, dhacc, dcacc, cns, ctar, car);
+      if (rec) {
+        cp_async_wait_all();
+        __syncthreads();
+        step_product<T>(dzs, nb, wt, nu, ld, Kx, s.tf32 != 0, dhs, units, red);
+      }
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, il = q % nu, b = b0 + bl, i = j0 + il;
-        const int L = row_length(a.lengths, b, T_);
         const size_t o = (size_t)b * H + i;
-        float dh = dhacc[o] + (rec ? dhs[bl * units + il] : 0.f);
+        const CellGrad cgr =
+            q == tid ? first : cell_grad<T>(a, k, b, i, dhacc, dcacc, cns, ctar, car);
+        const float dh = cgr.dh + (rec ? dhs[bl * units + il] : 0.f);
         const size_t zstep = ((size_t)(k - 1) * B + b) * GH + i;  // step-indexed [T, B, GH]
-        if (k > L) {  // frozen step: the gradient passes through unchanged
+        if (cgr.pos < 0) {  // frozen step: the gradient passes through unchanged
           dhacc[o] = dh;
           for (int g = 0; g < G; ++g) {
             gx[zstep + (size_t)g * H] = from_f<T>(0.f);  // position k-1, never reached
@@ -144,28 +204,17 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
           }
           continue;
         }
-        const int pos = position(k, L, s.reverse);
-        const float hk = load_h<T>(a, k, L, b, i);
-        dh += to_f(g_out[((size_t)pos * B + b) * H + i]);
-        dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
+        const int pos = cgr.pos;
         float dz[4];
         if (cell == kLSTM) {
-          const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
-          const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
-          const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
-          const float ck = a.cs[cidx];
-          const float cp = k >= 2 ? a.cs[cidx - (size_t)B * H] : to_f(c0[o]);
-          const float tc = tanhf(ck);
-          const float dc = dcacc[o] + dh * og * (1.f - tc * tc);
-          dz[0] = dc * gg * ig * (1.f - ig);
-          dz[1] = dc * cp * fg * (1.f - fg);
-          dz[2] = dc * ig * (1.f - gg * gg);
-          dz[3] = dh * tc * og * (1.f - og);
-          dcacc[o] = dc * fg;
-        } else if (cell == kTanh) {
-          dz[0] = dh * (1.f - hk * hk);
+          const float dc = cgr.dc0 + cgr.kc * dh;
+          dz[0] = cgr.kz[0] * dc;
+          dz[1] = cgr.kz[1] * dc;
+          dz[2] = cgr.kz[2] * dc;
+          dz[3] = cgr.kz[3] * dh;
+          dcacc[o] = dc * cgr.fg;
         } else {
-          dz[0] = hk != 0.f ? dh : 0.f;
+          dz[0] = cgr.kz[0] * dh;
         }
         const size_t zpos = ((size_t)pos * B + b) * GH + i;
 #pragma unroll

@@ -41,6 +41,37 @@ __device__ __forceinline__ void reduce_norms(const FwdArgs& a, const float* part
   }
 }
 
+// The inputs of one (b, j) cell update that do not depend on h_{k-1}: x_k for the G gates and
+// c_{k-1} (LSTM).  Fetched for a thread's first item before the step product, so that their
+// global-memory latency overlaps the h copies and the product instead of following them.
+struct CellIn {
+  float x[4];
+  float cp;
+};
+
+template <typename T>
+__device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, int j) {
+  const Scalars& s = a.s;
+  const int B = s.B, H = s.H, G = s.cell == kLSTM ? 4 : 1;
+  const int L = row_length(a.lengths, b, s.T);
+  const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;
+  CellIn in;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) in.x[g] = 0.f;
+  in.cp = 0.f;
+  if (k <= L) {
+    const T* xr = static_cast<const T*>(a.x) +
+                  ((size_t)position(k, L, s.reverse) * B + b) * (size_t)(G * H);
+#pragma unroll
+    for (int g = 0; g < 4; ++g)
+      if (g < G) in.x[g] = to_f(xr[(size_t)g * H + j]);
+  }
+  if (s.cell == kLSTM)
+    in.cp = k == 1 ? to_f(static_cast<const T*>(a.c0)[(size_t)b * H + j])
+                   : a.cs[sidx - (size_t)B * H];
+  return in;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   cg::grid_group grid = cg::this_grid();
@@ -61,10 +92,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   float* hn = reinterpret_cast<float*>(smem + lay.hn);
   float* red = reinterpret_cast<float*>(smem + lay.red);
 
-  const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
   const T* mask = static_cast<const T*>(a.mask);
   T* out = static_cast<T*>(a.out);
   T* hn_out = static_cast<T*>(a.hn);
@@ -107,30 +136,28 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
       stage_rows<T>(hs, ld, hprev, Hx, b0, nb);
-      if (b0 == 0) reduce_norms(a, part, k - 1, acc_ns);  // while the copies are in flight
+      CellIn first{};  // inputs of this thread's first item, fetched while the copies fly
+      if (tid < nb * nu) first = cell_inputs<T>(a, k, b0 + tid / nu, j0 + tid % nu);
+      if (b0 == 0) reduce_norms(a, part, k - 1, acc_ns);  // also while the copies are in flight
       cp_async_wait_all();
-#ifdef RNNREG_PLANT_BUG
-      if (s.plant != 1)  // planted race for the compute-sanitizer test
-#endif
-        __syncthreads();
+      __syncthreads();
       step_product<T>(hs, nb, ws, R, ld, Hx, s.tf32 != 0, zs, R, red);
 
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
         const int L = row_length(a.lengths, b, T_);
         const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;  // step-indexed [T, B, H]
+        const CellIn in = q == tid ? first : cell_inputs<T>(a, k, b, j);
         float h, c = 0.f;
         if (k <= L) {
           const int pos = position(k, L, s.reverse);
-          const T* xr = x + ((size_t)pos * B + b) * GH;
           const float* zr = zs + (size_t)bl * R;
           if (cell == kLSTM) {
-            const float ig = sigmoidf_(zr[jl] + to_f(xr[j]));
-            const float fg = sigmoidf_(zr[units + jl] + to_f(xr[H + j]));
-            const float gg = tanhf(zr[2 * units + jl] + to_f(xr[2 * H + j]));
-            const float og = sigmoidf_(zr[3 * units + jl] + to_f(xr[3 * H + j]));
-            const float cp = k == 1 ? to_f(c0[(size_t)b * H + j]) : a.cs[sidx - (size_t)B * H];
-            c = fg * cp + ig * gg;
+            const float ig = sigmoidf_(zr[jl] + in.x[0]);
+            const float fg = sigmoidf_(zr[units + jl] + in.x[1]);
+            const float gg = tanhf(zr[2 * units + jl] + in.x[2]);
+            const float og = sigmoidf_(zr[3 * units + jl] + in.x[3]);
+            c = fg * in.cp + ig * gg;
             h = og * tanhf(c);
             float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
             gs[j] = ig;
@@ -139,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
             gs[3 * H + j] = og;
             a.cs[sidx] = c;
           } else {
-            const float z = zr[jl] + to_f(xr[j]);
+            const float z = zr[jl] + in.x[0];
             if (cell == kReLU) h = z < 0.f ? 0.f : z;
             else if (cell == kTanh) h = tanhf(z);
             else h = z > s.theta ? z : 0.f;
@@ -149,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         } else {  // past the row's length: state frozen, position k-1 is never reached
           h = to_f(hs[(size_t)bl * ld + j]);
           if (cell == kLSTM) {
-            c = a.cs[sidx - (size_t)B * H];
+            c = in.cp;
             a.cs[sidx] = c;
           }
           out[((size_t)(k - 1) * B + b) * H + j] = from_f<T>(0.f);
@@ -162,7 +189,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
           if (cell == kLSTM) cn_out[(size_t)b * H + j] = from_f<T>(c);
         }
       }
-      __syncthreads();
+#ifdef RNNREG_PLANT_BUG
+      if (s.plant != 1)  // planted race (hn written above, read below) for compute-sanitizer
+#endif
+        __syncthreads();
 
       for (int bl = warp; bl < nb; bl += kWarps) {
         const int b = b0 + bl;
