@@ -221,109 +221,168 @@ __device__ void block_matvec(const T* __restrict__ W, int R, const float* __rest
   }
 }
 
+// One mma K step of the operand fragments of this lane.  16-bit types: ldmatrix rows (A x4:
+// matrix j = lane / 8 covers rows 8*(j & 1).., columns 8*(j >> 1)..: registers a0..a3 of the
+// m16n8k16 A fragment; B x2: lanes 0-15, matrix j = lane / 8 covers k 8*j..: b0, b1, lanes
+// 16-31 repeat the addresses of 0-15).  TF32: the lane's own elements (rows groupID and
+// groupID + 8, columns threadID_in_group and + 4; csrc/emu/emu_mma.h has the maps).
+template <typename T>
+struct Frag {
+  static constexpr bool kTf32 = std::is_same<T, float>::value;
+  static constexpr int KS = kTf32 ? 8 : 16;  // K per mma
+  // Element offset of this lane's first A element in row block `row0` (rows clamped to M-1),
+  // and of its row + 8 (TF32 only).
+  __device__ __forceinline__ static int a_off(int row0, int M, int ld, int lane, int plus8) {
+    const int r = kTf32 ? (lane >> 2) + 8 * plus8 : (lane & 7) + 8 * ((lane >> 3) & 1);
+    return min(row0 + r, M - 1) * ld + (kTf32 ? (lane & 3) : 8 * (lane >> 4));
+  }
+  __device__ __forceinline__ static int b_off(int row0, int N, int ld, int lane) {
+#ifdef RNNREG_PLANT_FRAG
+    const int r = (kTf32 ? lane >> 2 : lane & 7) + 1;  // planted off-by-one in B's n (test)
+#else
+    const int r = kTf32 ? lane >> 2 : lane & 7;
+#endif
+    return min(row0 + r, N - 1) * ld + (kTf32 ? (lane & 3) : 8 * ((lane >> 3) & 1));
+  }
+  __device__ __forceinline__ static void load_a(uint32_t (&f)[4], const T* A, int off, int off8) {
+    if constexpr (kTf32) {
+      f[0] = to_tf32(A[off]);
+      f[1] = to_tf32(A[off8]);
+      f[2] = to_tf32(A[off + 4]);
+      f[3] = to_tf32(A[off8 + 4]);
+    } else {
+      (void)off8;
+      ldmatrix_x4(f, A + off);
+    }
+  }
+  __device__ __forceinline__ static void load_b(uint32_t (&f)[2], const T* Bm, int off) {
+    if constexpr (kTf32) {
+      f[0] = to_tf32(Bm[off]);
+      f[1] = to_tf32(Bm[off + 4]);
+    } else {
+      ldmatrix_x2(f, Bm + off);
+    }
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    if constexpr (kTf32) mma_1688_tf32(d, a, b);
+    else mma_16816<T>(d, a, b);
+  }
+};
+
+// One group of MTG x NTG output tiles (16 x 8 each) from row blocks mt0 / nt0, with KR
+// accumulators per tile on interleaved K steps: warp w does K steps w, w + nw, ...; the
+// fragments of one K step are all loaded before its MTG * NTG independent mmas.  Writes the
+// warp's partial tiles to red[warp][slot][lane][4], slot = r * MTG * NTG + mi * NTG + ni.
+template <typename T, int MTG, int NTG, int KR>
+__device__ __forceinline__ void mma_group(const T* __restrict__ A, int M, const T* __restrict__ Bm,
+                                          int N, int ld, int ksteps, int nw, int mt0, int nt0,
+                                          float* __restrict__ red) {
+  using F = Frag<T>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int ao[MTG], ao8[MTG], bo[NTG];
+#pragma unroll
+  for (int i = 0; i < MTG; ++i) {
+    ao[i] = F::a_off((mt0 + i) * 16, M, ld, lane, 0);
+    ao8[i] = F::a_off((mt0 + i) * 16, M, ld, lane, 1);
+  }
+#pragma unroll
+  for (int j = 0; j < NTG; ++j) bo[j] = F::b_off((nt0 + j) * 8, N, ld, lane);
+  float acc[KR][MTG][NTG][4];
+#pragma unroll
+  for (int r = 0; r < KR; ++r)
+#pragma unroll
+    for (int i = 0; i < MTG; ++i)
+#pragma unroll
+      for (int j = 0; j < NTG; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[r][i][j][e] = 0.f;
+  for (int ks = warp; ks < ksteps; ks += nw * KR) {
+#pragma unroll
+    for (int r = 0; r < KR; ++r) {
+      const int kk = ks + r * nw;
+      if (r == 0 || kk < ksteps) {
+        const int k0 = kk * F::KS;
+        uint32_t af[MTG][4], bf[NTG][2];
+#pragma unroll
+        for (int i = 0; i < MTG; ++i) F::load_a(af[i], A, ao[i] + k0, ao8[i] + k0);
+#pragma unroll
+        for (int j = 0; j < NTG; ++j) F::load_b(bf[j], Bm, bo[j] + k0);
+#pragma unroll
+        for (int i = 0; i < MTG; ++i)
+#pragma unroll
+          for (int j = 0; j < NTG; ++j) F::mma(acc[r][i][j], af[i], bf[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < KR; ++r)
+#pragma unroll
+    for (int i = 0; i < MTG; ++i)
+#pragma unroll
+      for (int j = 0; j < NTG; ++j) {
+        float4 v;
+        v.x = acc[r][i][j][0]; v.y = acc[r][i][j][1]; v.z = acc[r][i][j][2]; v.w = acc[r][i][j][3];
+        const int slot = (r * MTG + i) * NTG + j;
+        *reinterpret_cast<float4*>(red + ((size_t)(warp * kAccTiles + slot) * 32 + lane) * 4) = v;
+      }
+}
+
 // out[m * ldo + n] = sum_k A[m][k] * Bm[n][k] for m < M, n < N, on tensor cores with fp32
 // accumulation: T = bf16/fp16 -> mma.m16n8k16 (operands through ldmatrix), T = float -> TF32
 // mma.m16n8k8 (operands rounded with cvt.rna.tf32, loaded with conflict-free 32-bit LDS).
 // A: [M][ld] and Bm: [N][ld] in shared memory, K zero-padded to Kp (a multiple of 16),
 // ld = srow(Kp).  A rows are the m16 side, Bm rows the n8 side ("col" B operand = Bm^T); rows
-// past M / N read row M-1 / N-1 and their results are dropped.  The K steps are dealt
-// round-robin to the warps; each warp keeps kAccTiles independent accumulators: one per output
-// tile, and when there are fewer tiles than that, several per tile on interleaved K steps
-// (shorter dependent mma chains).  The partial tiles are added in a fixed order through `red`
+// past M / N read row M-1 / N-1 and their results are dropped.  The output tiles go in groups
+// of MTG x NTG <= 2 x 4 (kAccTiles accumulators per warp: the rest of them, KR per tile, run
+// interleaved K steps, which shortens the dependent mma chains); the K steps are dealt
+// round-robin to the warps, and the partial tiles are added in a fixed order through `red`
 // (kMmaRedFloats floats), so the result is deterministic.  Called by all threads; ends with a
 // __syncthreads.
 template <typename T>
 __device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ Bm, int N,
                           int ld, int Kp, float* __restrict__ out, int ldo,
                           float* __restrict__ red) {
-  constexpr bool kTf32 = std::is_same<T, float>::value;
-  constexpr int KS = kTf32 ? 8 : 16;  // K per mma
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int MT = (M + 15) / 16, NT = (N + 7) / 8, tiles = MT * NT;
-  const int ksteps = Kp / KS;
+  const int MT = (M + 15) / 16, NT = (N + 7) / 8;
+  const int ksteps = Kp / Frag<T>::KS;
   const int nw = ksteps < kWarps ? ksteps : kWarps;
-  // Row/column of this lane's first operand element.  ldmatrix (16-bit types): A (x4) matrix
-  // j = lane / 8 covers rows 8*(j & 1).., columns 8*(j >> 1)..: registers a0..a3 of the
-  // m16n8k16 A fragment; B (x2) lanes 0-15, matrix j = lane / 8 covers k 8*j..: b0, b1
-  // (lanes 16-31 repeat the addresses of 0-15).  TF32: the lane's own elements (groupID rows,
-  // threadID_in_group columns; see csrc/emu/emu_mma.h for the maps).
-  const int gid = lane >> 2, tig = lane & 3;
-  const int a_row = kTf32 ? gid : (lane & 7) + 8 * ((lane >> 3) & 1);
-  const int a_k = kTf32 ? tig : 8 * (lane >> 4);
-#ifdef RNNREG_PLANT_FRAG
-  const int b_row = (kTf32 ? gid : lane & 7) + 1;  // planted off-by-one in B's n index (test)
-#else
-  const int b_row = kTf32 ? gid : lane & 7;
-#endif
-  const int b_k = kTf32 ? tig : 8 * ((lane >> 3) & 1);
-  for (int t0 = 0; t0 < tiles; t0 += kAccTiles) {
-    const int cnt = min(kAccTiles, tiles - t0);  // tiles in this group
-    const int reps = kAccTiles / cnt;            // accumulators per tile
-    if (warp < nw) {
-      // Per accumulator slot s (tile t0 + s % cnt, K steps ks + (s / cnt) * nw): the lane's
-      // element offsets at k = 0, the K-step lag, whether it is used and whether its A
-      // fragment differs from the previous slot's -- all loop-invariant.
-      int a_off[kAccTiles], a_off8[kAccTiles], b_off[kAccTiles], lag[kAccTiles];
-      unsigned used = 0, a_new = 0;
-#pragma unroll
-      for (int s = 0; s < kAccTiles; ++s) {
-        const int rep = s / cnt, tile = t0 + s % cnt, mt = tile / NT, nt = tile % NT;
-        a_off[s] = min(mt * 16 + a_row, M - 1) * ld + a_k;
-        a_off8[s] = min(mt * 16 + a_row + 8, M - 1) * ld + a_k;  // TF32 rows groupID + 8
-        b_off[s] = min(nt * 8 + b_row, N - 1) * ld + b_k;
-        lag[s] = rep * nw;
-        if (rep < reps) used |= 1u << s;
-        if (s == 0 || s % cnt == 0 || (tile / NT) != ((tile - 1) / NT)) a_new |= 1u << s;
-      }
-      float acc[kAccTiles][4];
-#pragma unroll
-      for (int s = 0; s < kAccTiles; ++s)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[s][i] = 0.f;
-      for (int ks = warp; ks < ksteps; ks += nw * reps) {
-        uint32_t af[4];
-#pragma unroll
-        for (int s = 0; s < kAccTiles; ++s) {
-          if (((used >> s) & 1u) && ks + lag[s] < ksteps) {
-            const int k0 = (ks + lag[s]) * KS;
-            uint32_t bf[2];
-            if constexpr (kTf32) {
-              if ((a_new >> s) & 1u) {
-                af[0] = to_tf32(A[a_off[s] + k0]);
-                af[1] = to_tf32(A[a_off8[s] + k0]);
-                af[2] = to_tf32(A[a_off[s] + k0 + 4]);
-                af[3] = to_tf32(A[a_off8[s] + k0 + 4]);
-              }
-              bf[0] = to_tf32(Bm[b_off[s] + k0]);
-              bf[1] = to_tf32(Bm[b_off[s] + k0 + 4]);
-              mma_1688_tf32(acc[s], af, bf);
-            } else {
-              if ((a_new >> s) & 1u) ldmatrix_x4(af, A + a_off[s] + k0);
-              ldmatrix_x2(bf, Bm + b_off[s] + k0);
-              mma_16816<T>(acc[s], af, bf);
-            }
-          }
+  const int mtg = MT >= 2 ? 2 : 1, ntg = NT >= 4 ? 4 : (NT >= 2 ? 2 : 1);
+  const int kr = kAccTiles / (mtg * ntg);
+  for (int mt0 = 0; mt0 < MT; mt0 += mtg) {
+    for (int nt0 = 0; nt0 < NT; nt0 += ntg) {
+      if ((int)(threadIdx.x / 32) < nw) {
+        if (mtg == 2) {
+          if (ntg == 4) mma_group<T, 2, 4, 1>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
+          else if (ntg == 2) mma_group<T, 2, 2, 2>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
+          else mma_group<T, 2, 1, 4>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
+        } else {
+          if (ntg == 4) mma_group<T, 1, 4, 2>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
+          else if (ntg == 2) mma_group<T, 1, 2, 4>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
+          else mma_group<T, 1, 1, 8>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
         }
       }
+      __syncthreads();
+      // One (tile, lane) float4 per thread: the sum over warps and K interleaves, fixed order.
+      const int tiles = mtg * ntg;
+      for (int idx = threadIdx.x; idx < tiles * 32; idx += kThreads) {
+        const int t = idx / 32, l = idx % 32;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int w = 0; w < nw; ++w)
+          for (int r = 0; r < kr; ++r) {
+            const float4 v = *reinterpret_cast<const float4*>(
+                red + ((size_t)(w * kAccTiles + r * tiles + t) * 32 + l) * 4);
+            sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+          }
+        const int m = (mt0 + t / ntg) * 16 + l / 4, n = (nt0 + t % ntg) * 8 + 2 * (l % 4);
+        const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
-      for (int s = 0; s < kAccTiles; ++s) {
-        float4 v;
-        v.x = acc[s][0]; v.y = acc[s][1]; v.z = acc[s][2]; v.w = acc[s][3];
-        *reinterpret_cast<float4*>(red + ((size_t)(warp * kAccTiles + s) * 32 + lane) * 4) = v;
+        for (int i = 0; i < 4; ++i) {
+          const int mm = m + 8 * (i >> 1), nn = n + (i & 1);
+          if (mm < M && nn < N) out[(size_t)mm * ldo + nn] = vals[i];
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < cnt * 128; idx += kThreads) {
-      const int t = idx / 128, l = (idx / 4) % 32, i = idx % 4, tile = t0 + t;
-      float sum = 0.f;
-      for (int w = 0; w < nw; ++w)
-        for (int rep = 0; rep < reps; ++rep)
-          sum += red[((size_t)(w * kAccTiles + rep * cnt + t) * 32 + l) * 4 + i];
-      const int m = (tile / NT) * 16 + l / 4 + 8 * (i >> 1);
-      const int n = (tile % NT) * 8 + 2 * (l % 4) + (i & 1);
-      if (m < M && n < N) out[(size_t)m * ldo + n] = sum;
-    }
-    __syncthreads();
   }
 }
 

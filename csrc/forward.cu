@@ -41,12 +41,13 @@ __device__ __forceinline__ void reduce_norms(const FwdArgs& a, const float* part
   }
 }
 
-// The inputs of one (b, j) cell update that do not depend on h_{k-1}: x_k for the G gates and
-// c_{k-1} (LSTM).  Fetched for a thread's first item before the step product, so that their
-// global-memory latency overlaps the h copies and the product instead of following them.
+// The inputs of one (b, j) cell update that do not depend on the exchange: x_k for the G
+// gates, c_{k-1} (LSTM), the fp32 h_{k-1} for TAR (bf16/fp16: the saved state; fp32 reads the
+// staged copy) and the AR mask.  Fetched for a thread's first item before the step product,
+// so that their global-memory latency overlaps the h copies and the product.
 struct CellIn {
   float x[4];
-  float cp;
+  float cp, hp, m;
 };
 
 template <typename T>
@@ -58,8 +59,11 @@ __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, in
   CellIn in;
 #pragma unroll
   for (int g = 0; g < 4; ++g) in.x[g] = 0.f;
-  in.cp = 0.f;
+  in.cp = in.hp = 0.f;
+  in.m = 1.f;
   if (k <= L) {
+    if (a.hsave && s.w_tar != 0.f && k >= 2) in.hp = a.hsave[sidx - (size_t)B * H];
+    if (a.mask && s.w_ar != 0.f) in.m = to_f(static_cast<const T*>(a.mask)[(size_t)b * H + j]);
     const T* xr = static_cast<const T*>(a.x) +
                   ((size_t)position(k, L, s.reverse) * B + b) * (size_t)(G * H);
 #pragma unroll
@@ -94,7 +98,6 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
 
   const T* w = static_cast<const T*>(a.w);
   const T* h0 = static_cast<const T*>(a.h0);
-  const T* mask = static_cast<const T*>(a.mask);
   T* out = static_cast<T*>(a.out);
   T* hn_out = static_cast<T*>(a.hn);
   T* cn_out = static_cast<T*>(a.cn);
@@ -173,6 +176,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
           }
           out[((size_t)pos * B + b) * H + j] = from_f<T>(h);
           if (a.hsave) a.hsave[sidx] = h;
+          if (s.w_tar != 0.f && k >= 2) {
+            const float d = h - (a.hsave ? in.hp : to_f(hs[(size_t)bl * ld + j]));
+            acc_tar += d * d;
+          }
+          if (s.w_ar != 0.f) acc_ar += (in.m * h) * (in.m * h);
         } else {  // past the row's length: state frozen, position k-1 is never reached
           h = to_f(hs[(size_t)bl * ld + j]);
           if (cell == kLSTM) {
@@ -194,25 +202,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
 #endif
         __syncthreads();
 
-      for (int bl = warp; bl < nb; bl += kWarps) {
+      for (int bl = warp; bl < nb; bl += kWarps) {  // partial sums of squares per row
         const int b = b0 + bl;
-        const bool valid = k <= row_length(a.lengths, b, T_);
         float sq = 0.f;
         for (int jl = lane; jl < nu; jl += 32) {
           const float h = hn[bl * units + jl];
           sq += h * h;
-          if (valid && s.w_tar != 0.f && k >= 2) {
-            // h_{k-1} in fp32: the staged copy for fp32, the saved state for bf16/fp16 (the
-            // exchange holds it rounded to the input dtype)
-            const float hp = a.hsave ? a.hsave[((size_t)(k - 2) * B + b) * H + j0 + jl]
-                                     : to_f(hs[(size_t)bl * ld + j0 + jl]);
-            const float d = h - hp;
-            acc_tar += d * d;
-          }
-          if (valid && s.w_ar != 0.f) {
-            const float m = mask ? to_f(mask[(size_t)b * H + j0 + jl]) : 1.f;
-            acc_ar += (m * h) * (m * h);
-          }
         }
         sq = warp_sum(sq);
         if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
