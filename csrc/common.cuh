@@ -367,12 +367,14 @@ __device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ 
       for (int idx = threadIdx.x; idx < tiles * 32; idx += kThreads) {
         const int t = idx / 32, l = idx % 32;
         float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int w = 0; w < nw; ++w)
-          for (int r = 0; r < kr; ++r) {
-            const float4 v = *reinterpret_cast<const float4*>(
-                red + ((size_t)(w * kAccTiles + r * tiles + t) * 32 + l) * 4);
+        const float4* part = reinterpret_cast<const float4*>(red) + t * 32 + l;
+        for (int w = 0; w < nw; ++w, part += kAccTiles * 32) {
+          const float4* pr = part;
+          for (int r = 0; r < kr; ++r, pr += tiles * 32) {
+            const float4 v = *pr;
             sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
           }
+        }
         const int m = (mt0 + t / ntg) * 16 + l / 4, n = (nt0 + t % ntg) * 8 + 2 * (l % 4);
         const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
@@ -417,6 +419,13 @@ __device__ __forceinline__ void stage_rows(T* dst, int lds, const T* src, int ld
   int bl = threadIdx.x / cpr, c = threadIdx.x - bl * cpr;
   const unsigned char* g = reinterpret_cast<const unsigned char*>(src + (size_t)b0 * ldg);
   unsigned char* d = reinterpret_cast<unsigned char*>(dst);
+  if (dc == 0) {  // kThreads is a multiple of the row's chunks: a fixed chunk, every dbl-th row
+    const size_t sstep = (size_t)dbl * lds * sizeof(T), gstep = (size_t)dbl * ldg * sizeof(T);
+    unsigned char* dp = d + (size_t)bl * lds * sizeof(T) + (size_t)c * 16;
+    const unsigned char* gp = g + (size_t)bl * ldg * sizeof(T) + (size_t)c * 16;
+    for (; bl < nb; bl += dbl, dp += sstep, gp += gstep) cp_async16(dp, gp);
+    return;
+  }
   while (bl < nb) {
     cp_async16(d + ((size_t)bl * lds * sizeof(T) + (size_t)c * 16),
                g + ((size_t)bl * ldg * sizeof(T) + (size_t)c * 16));

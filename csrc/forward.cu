@@ -146,6 +146,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
       __syncthreads();
       step_product<T>(hs, nb, ws, R, ld, Hx, s.tf32 != 0, zs, R, red);
 
+      // One item per thread and nu a power of two <= 32: the row's nu items sit in aligned
+      // groups of nu lanes, so the partial sums of squares are a segmented butterfly.
+      const bool seg = nb * nu <= kThreads && nu <= 32 && (nu & (nu - 1)) == 0;
+      float my_sq = 0.f;
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
         const int L = row_length(a.lengths, b, T_);
@@ -192,25 +196,31 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         }
         __stcg(hcur + (size_t)b * Hx + j, from_f<T>(h));
         hn[bl * units + jl] = h;
+        my_sq = h * h;
         if (k == T_) {
           hn_out[(size_t)b * H + j] = from_f<T>(h);
           if (cell == kLSTM) cn_out[(size_t)b * H + j] = from_f<T>(c);
         }
       }
+      if (seg) {
+        for (int o = nu / 2; o > 0; o >>= 1) my_sq += __shfl_xor_sync(0xffffffffu, my_sq, o);
+        if (tid < nb * nu && tid % nu == 0)
+          __stcg(part_k + (size_t)(b0 + tid / nu) * nblk + blk, my_sq);
+      } else {
 #ifdef RNNREG_PLANT_BUG
-      if (s.plant != 1)  // planted race (hn written above, read below) for compute-sanitizer
+        if (s.plant != 1)  // planted race (hn written above, read below) for compute-sanitizer
 #endif
-        __syncthreads();
-
-      for (int bl = warp; bl < nb; bl += kWarps) {  // partial sums of squares per row
-        const int b = b0 + bl;
-        float sq = 0.f;
-        for (int jl = lane; jl < nu; jl += 32) {
-          const float h = hn[bl * units + jl];
-          sq += h * h;
+          __syncthreads();
+        for (int bl = warp; bl < nb; bl += kWarps) {  // partial sums of squares per row
+          const int b = b0 + bl;
+          float sq = 0.f;
+          for (int jl = lane; jl < nu; jl += 32) {
+            const float h = hn[bl * units + jl];
+            sq += h * h;
+          }
+          sq = warp_sum(sq);
+          if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
         }
-        sq = warp_sum(sq);
-        if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
       }
       __syncthreads();
     }
