@@ -426,6 +426,16 @@ __device__ __forceinline__ void stage_rows(T* dst, int lds, const T* src, int ld
     for (; bl < nb; bl += dbl, dp += sstep, gp += gstep) cp_async16(dp, gp);
     return;
   }
+  if (cpr % kThreads == 0) {  // rows of several kThreads chunks: a fixed set of columns
+    constexpr int kStep = kThreads * 16;
+    for (int r = 0; r < nb; ++r) {
+      unsigned char* dp = d + (size_t)r * lds * sizeof(T) + (size_t)threadIdx.x * 16;
+      const unsigned char* gp = g + (size_t)r * ldg * sizeof(T) + (size_t)threadIdx.x * 16;
+      for (int cc = threadIdx.x; cc < cpr; cc += kThreads, dp += kStep, gp += kStep)
+        cp_async16(dp, gp);
+    }
+    return;
+  }
   while (bl < nb) {
     cp_async16(d + ((size_t)bl * lds * sizeof(T) + (size_t)c * 16),
                g + ((size_t)bl * ldg * sizeof(T) + (size_t)c * 16));
