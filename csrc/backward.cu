@@ -197,7 +197,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
         const size_t zstep = ((size_t)(k - 1) * B + b) * GH + i;  // step-indexed [T, B, GH]
         if (cgr.pos < 0) {  // frozen step: the gradient passes through unchanged
           dhacc[o] = dh;
-          for (int g = 0; g < G; ++g) {
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+            if (g >= G) break;
             gx[zstep + (size_t)g * H] = from_f<T>(0.f);  // position k-1, never reached
             if (a.dz) a.dz[zstep + (size_t)g * H] = 0.f;
             __stcg(dz_cur + (size_t)b * Kx + g * H + i, from_f<T>(0.f));

@@ -270,62 +270,47 @@ struct Frag {
   }
 };
 
-// One group of MTG x NTG output tiles (16 x 8 each) from row blocks mt0 / nt0, with KR
-// accumulators per tile on interleaved K steps: warp w does K steps w, w + nw, ...; the
-// fragments of one K step are all loaded before its MTG * NTG independent mmas.  Writes the
-// warp's partial tiles to red[warp][slot][lane][4], slot = r * MTG * NTG + mi * NTG + ni.
-template <typename T, int MTG, int NTG, int KR>
-__device__ __forceinline__ void mma_group(const T* __restrict__ A, int M, const T* __restrict__ Bm,
-                                          int N, int ld, int ksteps, int nw, int mt0, int nt0,
-                                          float* __restrict__ red) {
-  using F = Frag<T>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int ao[MTG], ao8[MTG], bo[NTG];
+// Operand offsets of this lane for MTG row blocks of A from mt0 and NTG of Bm from nt0.
+template <typename T, int MTG, int NTG>
+__device__ __forceinline__ void frag_offsets(int (&ao)[MTG], int (&ao8)[MTG], int (&bo)[NTG],
+                                             int M, int N, int ld, int mt0, int nt0) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < MTG; ++i) {
-    ao[i] = F::a_off((mt0 + i) * 16, M, ld, lane, 0);
-    ao8[i] = F::a_off((mt0 + i) * 16, M, ld, lane, 1);
+    ao[i] = Frag<T>::a_off((mt0 + i) * 16, M, ld, lane, 0);
+    ao8[i] = Frag<T>::a_off((mt0 + i) * 16, M, ld, lane, 1);
   }
 #pragma unroll
-  for (int j = 0; j < NTG; ++j) bo[j] = F::b_off((nt0 + j) * 8, N, ld, lane);
-  float acc[KR][MTG][NTG][4];
+  for (int j = 0; j < NTG; ++j) bo[j] = Frag<T>::b_off((nt0 + j) * 8, N, ld, lane);
+}
+
+// One K step (at element k0) of MTG x NTG tiles: every fragment loaded, then the
+// MTG * NTG independent mmas.
+template <typename T, int MTG, int NTG>
+__device__ __forceinline__ void mma_kstep(float (&acc)[MTG][NTG][4], const T* A, const T* Bm,
+                                          const int (&ao)[MTG], const int (&ao8)[MTG],
+                                          const int (&bo)[NTG], int k0) {
+  uint32_t af[MTG][4], bf[NTG][2];
 #pragma unroll
-  for (int r = 0; r < KR; ++r)
+  for (int i = 0; i < MTG; ++i) Frag<T>::load_a(af[i], A, ao[i] + k0, ao8[i] + k0);
 #pragma unroll
-    for (int i = 0; i < MTG; ++i)
+  for (int j = 0; j < NTG; ++j) Frag<T>::load_b(bf[j], Bm, bo[j] + k0);
 #pragma unroll
-      for (int j = 0; j < NTG; ++j)
+  for (int i = 0; i < MTG; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[r][i][j][e] = 0.f;
-  for (int ks = warp; ks < ksteps; ks += nw * KR) {
+    for (int j = 0; j < NTG; ++j) Frag<T>::mma(acc[i][j], af[i], bf[j]);
+}
+
+// The warp's partial tiles -> red[warp][slot][lane][4] (slot = flat accumulator index).
+template <int S>
+__device__ __forceinline__ void store_partials(const float (&acc)[S][4], float* red) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int r = 0; r < KR; ++r) {
-      const int kk = ks + r * nw;
-      if (r == 0 || kk < ksteps) {
-        const int k0 = kk * F::KS;
-        uint32_t af[MTG][4], bf[NTG][2];
-#pragma unroll
-        for (int i = 0; i < MTG; ++i) F::load_a(af[i], A, ao[i] + k0, ao8[i] + k0);
-#pragma unroll
-        for (int j = 0; j < NTG; ++j) F::load_b(bf[j], Bm, bo[j] + k0);
-#pragma unroll
-        for (int i = 0; i < MTG; ++i)
-#pragma unroll
-          for (int j = 0; j < NTG; ++j) F::mma(acc[r][i][j], af[i], bf[j]);
-      }
-    }
+  for (int s = 0; s < S; ++s) {
+    float4 v;
+    v.x = acc[s][0]; v.y = acc[s][1]; v.z = acc[s][2]; v.w = acc[s][3];
+    *reinterpret_cast<float4*>(red + ((size_t)(warp * kAccTiles + s) * 32 + lane) * 4) = v;
   }
-#pragma unroll
-  for (int r = 0; r < KR; ++r)
-#pragma unroll
-    for (int i = 0; i < MTG; ++i)
-#pragma unroll
-      for (int j = 0; j < NTG; ++j) {
-        float4 v;
-        v.x = acc[r][i][j][0]; v.y = acc[r][i][j][1]; v.z = acc[r][i][j][2]; v.w = acc[r][i][j][3];
-        const int slot = (r * MTG + i) * NTG + j;
-        *reinterpret_cast<float4*>(red + ((size_t)(warp * kAccTiles + slot) * 32 + lane) * 4) = v;
-      }
 }
 
 // out[m * ldo + n] = sum_k A[m][k] * Bm[n][k] for m < M, n < N, on tensor cores with fp32
@@ -334,44 +319,75 @@ __device__ __forceinline__ void mma_group(const T* __restrict__ A, int M, const 
 // A: [M][ld] and Bm: [N][ld] in shared memory, K zero-padded to Kp (a multiple of 16),
 // ld = srow(Kp).  A rows are the m16 side, Bm rows the n8 side ("col" B operand = Bm^T); rows
 // past M / N read row M-1 / N-1 and their results are dropped.  The output tiles go in groups
-// of MTG x NTG <= 2 x 4 (kAccTiles accumulators per warp: the rest of them, KR per tile, run
-// interleaved K steps, which shortens the dependent mma chains); the K steps are dealt
-// round-robin to the warps, and the partial tiles are added in a fixed order through `red`
-// (kMmaRedFloats floats), so the result is deterministic.  Called by all threads; ends with a
-// __syncthreads.
+// of 2 x 4 tiles ("wide", N > 24) or 2 x 1 tiles with 4 accumulators each on interleaved K
+// steps ("tall", N <= 24: shorter dependent mma chains, summed in registers at the end),
+// kAccTiles accumulators per warp; the K steps are dealt round-robin to the warps, and the
+// warps' partial tiles are added in a fixed order through `red` (kMmaRedFloats floats), so
+// the result is deterministic.  Called by all
+// threads; ends with a __syncthreads.
 template <typename T>
 __device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ Bm, int N,
                           int ld, int Kp, float* __restrict__ out, int ldo,
                           float* __restrict__ red) {
+  const int warp = threadIdx.x / 32;
   const int MT = (M + 15) / 16, NT = (N + 7) / 8;
   const int ksteps = Kp / Frag<T>::KS;
   const int nw = ksteps < kWarps ? ksteps : kWarps;
-  const int mtg = MT >= 2 ? 2 : 1, ntg = NT >= 4 ? 4 : (NT >= 2 ? 2 : 1);
-  const int kr = kAccTiles / (mtg * ntg);
+  const int mtg = 2, ntg = NT >= 4 ? 4 : 1, tiles = mtg * ntg;
+  // K steps of this warp's loop in the chosen group shape (0 for the other one), so that each
+  // loop's bound says whether it runs (the static profile reads the loop headers).
+  const int ks_wide = warp < nw && ntg == 4 ? ksteps : 0;
+  const int ks_tall = warp < nw && ntg == 1 ? ksteps : 0;
   for (int mt0 = 0; mt0 < MT; mt0 += mtg) {
     for (int nt0 = 0; nt0 < NT; nt0 += ntg) {
-      if ((int)(threadIdx.x / 32) < nw) {
-        if (mtg == 2) {
-          if (ntg == 4) mma_group<T, 2, 4, 1>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
-          else if (ntg == 2) mma_group<T, 2, 2, 2>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
-          else mma_group<T, 2, 1, 4>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
-        } else {
-          if (ntg == 4) mma_group<T, 1, 4, 2>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
-          else if (ntg == 2) mma_group<T, 1, 2, 4>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
-          else mma_group<T, 1, 1, 8>(A, M, Bm, N, ld, ksteps, nw, mt0, nt0, red);
+      if (ks_wide > 0) {
+        int ao[2], ao8[2], bo[4];
+        frag_offsets<T, 2, 4>(ao, ao8, bo, M, N, ld, mt0, nt0);
+        float acc[2][4][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+        for (int ks = warp; ks < ks_wide; ks += nw)
+          mma_kstep<T, 2, 4>(acc, A, Bm, ao, ao8, bo, ks * Frag<T>::KS);
+        store_partials<8>(reinterpret_cast<const float(&)[8][4]>(acc), red);
+      }
+      if (ks_tall > 0) {
+        int ao[2], ao8[2], bo[1];
+        frag_offsets<T, 2, 1>(ao, ao8, bo, M, N, ld, mt0, nt0);
+        float acc[4][2][1][4];  // [K interleave][mt][nt][4]
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[r][i][0][e] = 0.f;
+        for (int ks = warp; ks < ks_tall; ks += 4 * nw) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+            if (r == 0 || ks + r * nw < ksteps)
+              mma_kstep<T, 2, 1>(acc[r], A, Bm, ao, ao8, bo, (ks + r * nw) * Frag<T>::KS);
         }
+#pragma unroll
+        for (int r = 1; r < 4; ++r)  // the K interleaves, in a fixed order
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[0][i][0][e] += acc[r][i][0][e];
+        store_partials<2>(reinterpret_cast<const float(&)[2][4]>(acc[0]), red);
       }
       __syncthreads();
-      // One (tile, lane) float4 per thread: the sum over warps and K interleaves, fixed order.
-      const int tiles = mtg * ntg;
+      // One (tile, lane) float4 per thread: the sum over the warps, in a fixed order.
       for (int idx = threadIdx.x; idx < tiles * 32; idx += kThreads) {
         const int t = idx / 32, l = idx % 32;
         float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
         const float4* part = reinterpret_cast<const float4*>(red) + t * 32 + l;
-        for (int w = 0; w < nw; ++w, part += kAccTiles * 32) {
-          const float4* pr = part;
-          for (int r = 0; r < kr; ++r, pr += tiles * 32) {
-            const float4 v = *pr;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          if (w < nw) {
+            const float4 v = part[w * kAccTiles * 32];
             sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
           }
         }
@@ -416,29 +432,31 @@ __device__ __forceinline__ void stage_rows(T* dst, int lds, const T* src, int ld
                                            int nb) {
   const int cpr = ldg * (int)sizeof(T) / 16;  // chunks per row
   const int dbl = kThreads / cpr, dc = kThreads - dbl * cpr;  // stride kThreads in (row, chunk)
-  int bl = threadIdx.x / cpr, c = threadIdx.x - bl * cpr;
+  const int tid = threadIdx.x;
   const unsigned char* g = reinterpret_cast<const unsigned char*>(src + (size_t)b0 * ldg);
   unsigned char* d = reinterpret_cast<unsigned char*>(dst);
-  if (dc == 0) {  // kThreads is a multiple of the row's chunks: a fixed chunk, every dbl-th row
-    const size_t sstep = (size_t)dbl * lds * sizeof(T), gstep = (size_t)dbl * ldg * sizeof(T);
-    unsigned char* dp = d + (size_t)bl * lds * sizeof(T) + (size_t)c * 16;
-    const unsigned char* gp = g + (size_t)bl * ldg * sizeof(T) + (size_t)c * 16;
-    for (; bl < nb; bl += dbl, dp += sstep, gp += gstep) cp_async16(dp, gp);
-    return;
+  const size_t srb = (size_t)lds * sizeof(T), grb = (size_t)ldg * sizeof(T);  // row bytes
+  // Three shapes of the same copy; the bounds of the two not taken are 0 (so that each loop's
+  // header says whether it runs: the static profile reads them).
+  // (1) kThreads a multiple of cpr: a fixed chunk per thread, every dbl-th row.
+  const int rows_fixed = dc == 0 ? nb : 0;
+  // (2) cpr a multiple of kThreads: every row, a fixed set of chunks per thread.
+  const int rows_wide = dc != 0 && cpr % kThreads == 0 ? nb : 0;
+  // (3) otherwise: chunk index i = tid + n * kThreads over the tile.
+  const int chunks_any = dc != 0 && cpr % kThreads != 0 ? nb * cpr : 0;
+  if (rows_fixed > 0) {
+    const int c = tid - (tid / cpr) * cpr;
+    for (int r = tid / cpr; r < rows_fixed; r += dbl)
+      cp_async16(d + r * srb + (size_t)c * 16, g + r * grb + (size_t)c * 16);
   }
-  if (cpr % kThreads == 0) {  // rows of several kThreads chunks: a fixed set of columns
-    constexpr int kStep = kThreads * 16;
-    for (int r = 0; r < nb; ++r) {
-      unsigned char* dp = d + (size_t)r * lds * sizeof(T) + (size_t)threadIdx.x * 16;
-      const unsigned char* gp = g + (size_t)r * ldg * sizeof(T) + (size_t)threadIdx.x * 16;
-      for (int cc = threadIdx.x; cc < cpr; cc += kThreads, dp += kStep, gp += kStep)
-        cp_async16(dp, gp);
-    }
-    return;
-  }
-  while (bl < nb) {
-    cp_async16(d + ((size_t)bl * lds * sizeof(T) + (size_t)c * 16),
-               g + ((size_t)bl * ldg * sizeof(T) + (size_t)c * 16));
+#pragma unroll 1
+  for (int r = 0; r < rows_wide; ++r)
+#pragma unroll 1
+    for (int cc = tid; cc < cpr; cc += kThreads)
+      cp_async16(d + r * srb + (size_t)cc * 16, g + r * grb + (size_t)cc * 16);
+  int bl = tid / cpr, c = tid - bl * cpr;
+  for (int i = tid; i < chunks_any; i += kThreads) {
+    cp_async16(d + bl * srb + (size_t)c * 16, g + bl * grb + (size_t)c * 16);
     bl += dbl;
     c += dc;
     if (c >= cpr) {
