@@ -249,7 +249,8 @@ def _namespace(direction: str, cell: str, B: int, H: int, p: dict,
     Kx, ld = xrow(K), srow(K, es)
     N = G * units if direction == "forward" else nu
     seg = nb * nu <= k["kThreads"] and nu <= 32 and (nu & (nu - 1)) == 0
-    base.update(Hx=Kx, Kx=Kx, ld=ld, R=G * units, nb_slow=0 if seg else nb)
+    base.update(Hx=Kx, Kx=Kx, ld=ld, R=G * units, nb_slow=0 if seg else nb,
+                Hp=_round_up(H, k["kVec"]))  # (the padded row of the earlier kernels)
     if es == 2:
         prod = _mma(nb, N, Kx, 16)
     else:  # strict fp32: block_matvec (the profile runs fp32 without TF32)
