@@ -37,7 +37,10 @@ in awd-lstm-lm (``F.dropout`` on the weight, one mask per forward and weight, sc
 1/(1-p)); weights are read by attribute name at every forward, so awd-lstm-lm's ``WeightDrop``
 (which replaces ``module.weight_hh_l0`` by a plain tensor before each forward) keeps working;
 ``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
-"cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``).
+"cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``;
+``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).  ``_flat_weights`` lists
+the weights in ``_flat_weights_names`` order, read by name at each access.  Before the first
+forward ``penalty`` is a 0-dim zero tensor and ``penalty_terms`` holds zeros.
 ``dropout`` is as in ``nn.LSTM``: ``F.dropout`` on every layer's output but the last, in
 training mode.  The classes derive from ``nn.Module``, not ``nn.RNNBase``: TorchDynamo graph-breaks
 on every ``nn.RNNBase``, and nothing here needs cuDNN's flat weight buffer.
@@ -69,7 +72,10 @@ from .penalties import TERM_NAMES, Penalties
 
 __all__ = ["LSTM", "RNN", "IRNN"]
 
-_OUTPUT_ATTRS = ("penalty", "penalty_terms", "hidden_norms")
+_NOT_GIVEN = object()  # RNN / IRNN: ``proj_size`` given at all (nn.RNN rejects any value)
+_PROJ_SIZE_RNN = "proj_size argument is only supported for LSTM, not RNN or GRU"
+
+_OUTPUT_ATTRS = ("_penalty", "_penalty_terms", "hidden_norms")
 
 
 def _check_coefficient(owner: str, name: str, value) -> float:
@@ -159,8 +165,8 @@ class _RecurrentBase(nn.Module):
         self.backend = backend
         self.theta = float(theta)
         self._cell = cell
-        self.penalty: Optional[torch.Tensor] = None
-        self.penalty_terms: Optional[dict] = None
+        self._penalty: Optional[torch.Tensor] = None
+        self._penalty_terms: Optional[dict] = None
         self.hidden_norms: Optional[list] = None
 
         gates = 4 if cell == "lstm" else 1
@@ -188,6 +194,37 @@ class _RecurrentBase(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _zero_penalty(self) -> torch.Tensor:
+        w = getattr(self, self._flat_weights_names[0])
+        return torch.zeros((), dtype=acc_dtype_of(w.dtype), device=w.device)
+
+    @property
+    def penalty(self) -> torch.Tensor:
+        """The last forward's weighted penalty sum (0-dim, in the graph); a zero tensor of
+        the weights' accumulation dtype before the first forward."""
+        return self._zero_penalty() if self._penalty is None else self._penalty
+
+    @penalty.setter
+    def penalty(self, value) -> None:
+        self._penalty = value
+
+    @property
+    def penalty_terms(self) -> dict:
+        """The last forward's weighted terms by name; zero tensors before the first forward."""
+        if self._penalty_terms is None:
+            return dict.fromkeys(TERM_NAMES, self._zero_penalty())
+        return self._penalty_terms
+
+    @penalty_terms.setter
+    def penalty_terms(self, value) -> None:
+        self._penalty_terms = value
+
+    @property
+    def _flat_weights(self) -> list:
+        """The weights in ``_flat_weights_names`` order, read by name at every access (so a
+        weight replaced by ``weight_norm``, pruning or awd-lstm-lm's ``WeightDrop`` shows)."""
+        return [getattr(self, n) for n in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list:
@@ -416,14 +453,31 @@ class _RecurrentBase(nn.Module):
         return out, torch.stack(h_n), torch.stack(c_n) if is_lstm else None
 
     def _empty_forward(self, x, h0, c0):
-        """Batch of 0 rows (``nn.LSTM`` accepts it): empty results, zero penalty."""
-        zero = torch.zeros((), dtype=acc_dtype_of(x.dtype), device=x.device)
+        """Batch of 0 rows (``nn.LSTM`` accepts it): empty results that stay in the graph
+        (every weight, ``x`` and ``hx`` get zero gradients, as in ``nn.LSTM``), zero penalty."""
+        is_lstm = self._cell == "lstm"
+        hidden, directions = self.hidden_size, self.num_directions
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(directions):
+                idx = layer * directions + direction
+                weights = [getattr(self, n) for n in self._all_weights[idx]]
+                bias = weights[2] + weights[3] if self.bias else None
+                x_proj = F.linear(layer_input, weights[0], bias)             # [T, 0, G*H]
+                rec = h0[idx].to(x_proj.dtype) @ weights[1].to(x_proj.dtype).t()  # [0, G*H]
+                outs.append((x_proj + rec)[..., :hidden])
+                h_n.append(h0[idx] + rec[:, :hidden])
+                if is_lstm:
+                    c_n.append(c0[idx] + rec[:, hidden:2 * hidden])
+            layer_input = outs[0] if directions == 1 else torch.cat(outs, -1)
+        zero = layer_input.sum().to(acc_dtype_of(x.dtype))  # exactly 0, in the graph
         self.penalty_terms = dict.fromkeys(TERM_NAMES, zero)
         self.penalty = zero
         self.hidden_norms = [x.new_zeros(x.shape[0] + 1, 0, dtype=zero.dtype)
-                             for _ in range(self.num_layers * self.num_directions)]
-        out = x.new_zeros(x.shape[0], 0, self.num_directions * self.hidden_size)
-        return out, h0, c0
+                             for _ in range(self.num_layers * directions)]
+        return layer_input, torch.stack(h_n), torch.stack(c_n) if is_lstm else None
 
 
 _EXTRAS_DOC = """
@@ -490,7 +544,9 @@ class RNN(_RecurrentBase):
                  theta: float = 1.0, norm_stabilizer: float = 0.0, tar: float = 0.0,
                  ar: float = 0.0, ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", proj_size=_NOT_GIVEN):
+        if proj_size is not _NOT_GIVEN:
+            raise ValueError(_PROJ_SIZE_RNN)
         if nonlinearity not in ("tanh", "relu", "trec"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh', "
                              "'relu' or 'trec'.")
@@ -523,7 +579,9 @@ class IRNN(RNN):
                  norm_stabilizer: float = 0.0, tar: float = 0.0, ar: float = 0.0,
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", proj_size=_NOT_GIVEN):
+        if proj_size is not _NOT_GIVEN:
+            raise ValueError(_PROJ_SIZE_RNN)
         for arg, value in (("identity_scale", identity_scale), ("init_std", init_std)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                     or not math.isfinite(value):
