@@ -4,11 +4,12 @@ Public names: :func:`recurrence` (the op), :class:`RecurrenceOutput`, :class:`Te
 :class:`Penalties`, and the drop-in modules :class:`LSTM`, :class:`RNN`, :class:`IRNN`.
 Importing never touches a GPU.
 """
-from .ops import BackendUnavailableError, RecurrenceOutput, Terms, recurrence
+from .ops import (BackendUnavailableError, RecurrenceOutput, Terms, higher_order_grads,
+                  recurrence)
 from .penalties import Penalties
 from .modules import IRNN, LSTM, RNN
 
 __version__ = "0.1.0"
 
 __all__ = ["recurrence", "RecurrenceOutput", "Terms", "Penalties", "LSTM", "RNN", "IRNN",
-           "BackendUnavailableError", "__version__"]
+           "BackendUnavailableError", "higher_order_grads", "__version__"]

@@ -96,35 +96,195 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
     return "reference"
 
 
+# ----------------------------------------------------------------------------- autograd
+#
+# Two autograd.Functions in the setup_context style (so torch.func transforms accept them),
+# each with a vmap rule that runs the backend once per vmapped slice:
+#
+# * _Recurrence: forward = a backend's forward; its outputs are (output, h_n, c_n, terms,
+#   norms, *saved) with the backend's saved tensors returned as non-differentiable outputs (a
+#   None encoded as a 1-D empty tensor), so that setup_context can keep them.
+# * _RecurrenceBackward: forward = the backend's backward; called by _Recurrence.backward, so
+#   that the first backward is itself a recorded op.  Its backward (the double backward) is
+#   the vector-Jacobian product of the first backward, computed by recomputing the recurrence
+#   through the differentiable naive loop (reference.naive_from_spec) with torch.func.vjp
+#   twice.  That needs x_proj: the reference backend always keeps it (by reference, no copy);
+#   a backend with SAVE_X_PROJ = False (triton, cuda) keeps it only inside
+#   `with higher_order_grads():`, as cuDNN needs cuDNN disabled for double backward.
+
+_HIGHER_ORDER = [0]
+
+
+class higher_order_grads:
+    """Context manager: forwards run inside keep ``x_proj`` on every backend, so that
+    ``create_graph=True`` / double backward / ``gradgradcheck`` work through them.
+
+    The reference backend always keeps it; the fused backends (``triton``, ``cuda``) do not
+    by default, since it is a ``[T, B, G*H]`` buffer beyond what their backward needs.
+    Re-entrant; only the forward needs to run inside.
+    """
+
+    def __enter__(self):
+        _HIGHER_ORDER[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _HIGHER_ORDER[0] -= 1
+        return False
+
+
+_ALWAYS_KEEP_X = ("rnnreg_kernels.reference",)
+
+
+def _keeps_x_proj(mod) -> bool:
+    return (getattr(mod, "SAVE_X_PROJ", False) or mod.__name__ in _ALWAYS_KEEP_X
+            or _HIGHER_ORDER[0] > 0)
+
+
+def _encode(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _decode(t: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if t.dim() == 1 and t.numel() == 0 else t
+
+
+def _slices(info, in_dims, args) -> list:
+    """The per-sample argument lists of a vmapped call (unbatched args repeated)."""
+    cols = []
+    for a, d in zip(args, in_dims):
+        if d is None or not isinstance(a, torch.Tensor):
+            cols.append([a] * info.batch_size)
+        else:
+            cols.append(list(a.movedim(d, 0).unbind(0)))
+    return [list(row) for row in zip(*cols)]
+
+
+def _stack(results) -> tuple:
+    """Per-sample output tuples -> (stacked outputs, out_dims of zeros)."""
+    outs = tuple(torch.stack(list(col)) for col in zip(*results))
+    return outs, (0,) * len(outs)
+
+
 class _Recurrence(torch.autograd.Function):
     """Autograd wrapper around one backend's forward/backward (no kernels here)."""
 
     @staticmethod
-    def forward(ctx, mod, spec, x_proj, w_hh, h0, c0, ar_mask, lengths):
+    def forward(mod, spec, x_proj, w_hh, h0, c0, ar_mask, lengths):
         output, h_n, c_n, terms, norms, saved = mod.forward(spec, x_proj, w_hh, h0, c0,
                                                             ar_mask, lengths)
-        ctx.mod, ctx.spec = mod, spec
-        ctx.n_saved = len(saved)
-        ctx.has_saved = tuple(t is not None for t in saved)
-        keep_x = x_proj if getattr(mod, "SAVE_X_PROJ", False) else None
-        ctx.save_for_backward(keep_x, w_hh, h0, c0, ar_mask, lengths, output, norms,
-                              *[t for t in saved if t is not None])
-        ctx.mark_non_differentiable(norms)
-        if c_n is None:
-            c_n = h_n.new_empty(0)
-        return output, h_n, c_n, terms, norms
+        # detach(): a saved tensor may be an output itself (the reference's hs is its output
+        # when no cast or reordering is needed); a distinct alias keeps that output
+        # differentiable while the alias is marked non-differentiable.
+        return (output, h_n, _encode(c_n, h_n), terms, norms,
+                *[_encode(None if t is None else t.detach(), h_n) for t in saved])
 
     @staticmethod
-    def backward(ctx, g_out, g_hn, g_cn, g_terms, _g_norms):
-        x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *rest = ctx.saved_tensors
-        it = iter(rest)
-        saved = tuple(next(it) if has else None for has in ctx.has_saved)
+    def setup_context(ctx, inputs, outputs):
+        mod, spec, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs
+        output, norms, saved = outputs[0], outputs[4], outputs[5:]
+        ctx.mod, ctx.spec = mod, spec
+        ctx.keep_x = _keeps_x_proj(mod)
+        keep = x_proj if ctx.keep_x else None
+        ctx.save_for_backward(keep, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved)
+        ctx.mark_non_differentiable(norms, *saved)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g_out, g_hn, g_cn, g_terms, *_unused):
+        x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved = ctx.saved_tensors
         lstm = ctx.spec.cell == "lstm"
-        gx, gw, gh0, gc0 = ctx.mod.backward(
-            ctx.spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-            g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if lstm else None,
-            g_terms.contiguous())
+        g_out = torch.zeros_like(output) if g_out is None else g_out.contiguous()
+        g_hn = torch.zeros_like(h0) if g_hn is None else g_hn.contiguous()
+        g_cn = (torch.zeros_like(h0) if g_cn is None else g_cn.contiguous()) if lstm \
+            else h0.new_empty(0)
+        acc = norms.dtype
+        g_terms = torch.zeros(3, dtype=acc, device=h0.device) if g_terms is None \
+            else g_terms.contiguous()
+        gx, gw, gh0, gc0 = _RecurrenceBackward.apply(
+            ctx.mod, ctx.spec, ctx.keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output,
+            norms, g_out, g_hn, g_cn, g_terms, *saved)
         return None, None, gx, gw, gh0, gc0 if lstm else None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _stack([_Recurrence.apply(*row) for row in _slices(info, in_dims, args)])
+
+
+class _RecurrenceBackward(torch.autograd.Function):
+    """A backend's backward as a recorded op; its own backward recomputes (see above)."""
+
+    @staticmethod
+    def forward(mod, spec, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms,
+                g_out, g_hn, g_cn, g_terms, *saved):
+        lstm = spec.cell == "lstm"
+        saved = tuple(_decode(t) for t in saved)
+        gx, gw, gh0, gc0 = mod.backward(
+            spec, x_proj if getattr(mod, "SAVE_X_PROJ", False) else None, w_hh, h0, c0,
+            ar_mask, lengths, output, norms, saved, g_out, g_hn, g_cn if lstm else None,
+            g_terms)
+        return gx, gw, gh0, _encode(gc0, gh0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        mod, spec, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs[:9]
+        g_out, g_hn, g_cn, g_terms = inputs[11:15]
+        ctx.mod, ctx.spec, ctx.keep_x = mod, spec, keep_x
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
+                              g_terms)
+
+    @staticmethod
+    def backward(ctx, v_x, v_w, v_h0, v_c0):
+        x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn, g_terms = ctx.saved_tensors
+        if x_proj is None:
+            name = ctx.mod.__name__.rsplit(".", 1)[-1]
+            raise RuntimeError(
+                f"double backward through recurrence(backend={name!r}) needs x_proj, which "
+                f"this backend does not keep by default (a [T, B, G*H] buffer): run the "
+                f"forward inside `with rnnreg_kernels.higher_order_grads():`, or use "
+                f"backend='reference'")
+        lstm = ctx.spec.cell == "lstm"
+        grads = _double_backward(ctx.spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths,
+                                 g_out, g_hn, g_cn, g_terms, v_x, v_w, v_h0, v_c0)
+        gx, gw, gh0, gc0, gg_out, gg_hn, gg_cn, gg_terms = grads
+        head = (None, None, None, gx, gw, gh0, gc0, None, None, None, None)
+        tail = (gg_out, gg_hn, gg_cn if lstm else None, gg_terms)
+        return head + tail + (None,) * (ctx.n_inputs - 15)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _stack([_RecurrenceBackward.apply(*row) for row in _slices(info, in_dims, args)])
+
+
+def _double_backward(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
+                     g_terms, v_x, v_w, v_h0, v_c0):
+    """VJP of (x, w, h0, c0, upstream grads) -> first-order grads, by recomputation through
+    the naive loop; returns grads for x, w, h0, c0 (None for RNN), g_out, g_hn, g_cn, g_terms."""
+    from torch.func import vjp
+
+    from .reference import naive_from_spec
+
+    def forward(x, w, h, c):
+        output, h_n, c_n, terms = naive_from_spec(spec, x, w, h, c if lstm else None,
+                                                  ar_mask, lengths)
+        return output, h_n, (c_n if lstm else c), terms
+
+    def first(x, w, h, c, go, ghn, gcn, gt):
+        _, pull = vjp(forward, x, w, h, c)
+        return pull((go, ghn, gcn if lstm else torch.zeros_like(c), gt))
+
+    c = c0 if lstm else h0.new_zeros(0)
+    gcn = g_cn if lstm else h0.new_zeros(0)
+    zeros = [torch.zeros_like(t) for t in (x_proj, w_hh, h0, c)]
+    vs = [z if v is None else v for v, z in zip((v_x, v_w, v_h0, v_c0), zeros)]
+    if not lstm:
+        vs[3] = zeros[3]
+    _, pull2 = vjp(first, x_proj, w_hh, h0, c, g_out, g_hn, gcn, g_terms)
+    out = list(pull2(tuple(vs)))
+    if not lstm:
+        out[3] = None
+    return out
 
 
 def _check_tensor(name: str, t, shape: Sequence[int], what: str) -> None:
@@ -252,7 +412,7 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
                                                 lengths)
     else:
         output, h_n, c_n, terms, norms = _Recurrence.apply(
-            backend_module(name), spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
+            backend_module(name), spec, x_proj, w_hh, h0, c0, ar_mask, lengths)[:5]
         if cell != "lstm":
             c_n = None
     t = Terms(*terms.unbind(0))
