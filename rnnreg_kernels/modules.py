@@ -67,6 +67,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .contract import acc_dtype_of
+from .nn.dropout import check_probability, locked_mask
 from .ops import recurrence
 from .penalties import TERM_NAMES, Penalties
 
@@ -109,7 +110,8 @@ class _RecurrentBase(nn.Module):
                  num_layers: int, bias: bool, batch_first: bool, dropout: float,
                  bidirectional: bool, device, dtype, *, norm_stabilizer: float, tar: float,
                  ar: float, ns_include_initial: bool, ns_eps: float, penalty_layers: str,
-                 weight_drop: float, backend: str, theta: float):
+                 weight_drop: float, backend: str, theta: float, output_dropout: float = 0.0,
+                 dropout_mode: str = "standard"):
         super().__init__()
         name = type(self).__name__
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) \
@@ -162,6 +164,12 @@ class _RecurrentBase(nn.Module):
         self.ns_eps = _check_coefficient(name, "ns_eps", ns_eps)
         self.penalty_layers = penalty_layers
         self.weight_drop = float(weight_drop)
+        self.output_dropout = check_probability(name, "output_dropout", output_dropout)
+        if dropout_mode not in ("standard", "locked"):
+            raise ValueError(f"{name}: dropout_mode expected 'standard' or 'locked', "
+                             f"got {dropout_mode!r}")
+        self.dropout_mode = dropout_mode
+        self.output_dropout_mask: Optional[torch.Tensor] = None
         self.backend = backend
         self.theta = float(theta)
         self._cell = cell
@@ -255,9 +263,11 @@ class _RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
-        for extra in ("norm_stabilizer", "tar", "ar", "weight_drop"):
+        for extra in ("norm_stabilizer", "tar", "ar", "weight_drop", "output_dropout"):
             if getattr(self, extra):
                 s += f", {extra}={getattr(self, extra)}"
+        if self.dropout_mode != "standard":
+            s += f", dropout_mode={self.dropout_mode!r}"
         if self.penalty_layers != "last":
             s += f", penalty_layers={self.penalty_layers!r}"
         if self.backend != "auto":
@@ -383,11 +393,25 @@ class _RecurrentBase(nn.Module):
         if steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         masks = self._ar_masks(ar_mask, batch, batched, sorted_indices)
+        out_mask = last_masks = None
+        if self.output_dropout and self.training and batch > 0:
+            if ar_mask is not None:
+                raise ValueError("ar_mask: not allowed with output_dropout in training mode (AR "
+                                 "is then taken on the output-dropped output, whose mask the "
+                                 "module draws); pass one or the other")
+            out_mask = locked_mask(batch, directions * hidden, self.output_dropout, x)
+            last_masks = [out_mask[:, d * hidden:(d + 1) * hidden] for d in range(directions)]
 
         if batch == 0:
             out, h_n, c_n = self._empty_forward(x, h0, c0)
         else:
-            out, h_n, c_n = self._layers(x, h0, c0, lengths, masks)
+            out, h_n, c_n = self._layers(x, h0, c0, lengths, masks, last_masks)
+        if out_mask is not None:
+            out = out * out_mask.to(out.dtype).unsqueeze(0)
+            if unsorted_indices is not None:
+                out_mask = out_mask.index_select(0, unsorted_indices)
+            out_mask = out_mask if batched else out_mask.squeeze(0)
+        self.output_dropout_mask = out_mask
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
             c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
@@ -411,15 +435,20 @@ class _RecurrentBase(nn.Module):
                          ar=self.ar / share, ns_include_initial=self.ns_include_initial,
                          ns_eps=self.ns_eps, ar_mask=mask if self.ar else None)
 
-    def _layers(self, x, h0, c0, lengths, masks):
-        """Time-major ``[T, B, F]`` -> (``[T, B, D*H]``, ``h_n``, ``c_n``); sets the extras."""
+    def _layers(self, x, h0, c0, lengths, masks, last_masks=None):
+        """Time-major ``[T, B, F]`` -> (``[T, B, D*H]``, ``h_n``, ``c_n``); sets the extras.
+
+        ``masks``: the per-direction AR masks of the penalized layers; ``last_masks``, when
+        given, replaces them in the last layer (the output-dropout mask)."""
         is_lstm = self._cell == "lstm"
         directions = self.num_directions
         terms = dict.fromkeys(TERM_NAMES)
         h_n, c_n, norms = [], [], []
         layer_input = x
         for layer in range(self.num_layers):
-            penalize = self.penalty_layers == "all" or layer == self.num_layers - 1
+            last = layer == self.num_layers - 1
+            penalize = self.penalty_layers == "all" or last
+            layer_masks = last_masks if last and last_masks is not None else masks
             outs = []
             for direction in range(directions):
                 idx = layer * directions + direction
@@ -432,7 +461,7 @@ class _RecurrentBase(nn.Module):
                 res = recurrence(
                     x_proj, w_hh.to(x_proj.dtype), h0[idx].to(x_proj.dtype),
                     c0[idx].to(x_proj.dtype) if is_lstm else None, cell=self._cell,
-                    penalties=self._penalties(penalize, masks[direction]), lengths=lengths,
+                    penalties=self._penalties(penalize, layer_masks[direction]), lengths=lengths,
                     reverse=direction == 1, backend=self.backend, theta=self.theta)
                 outs.append(res.output)
                 h_n.append(res.h_n)
@@ -444,8 +473,12 @@ class _RecurrentBase(nn.Module):
                         value = getattr(res.terms, name)
                         terms[name] = value if terms[name] is None else terms[name] + value
             out = outs[0] if directions == 1 else torch.cat(outs, -1)
-            if layer < self.num_layers - 1 and self.dropout and self.training:
-                out = F.dropout(out, self.dropout, True)
+            if not last and self.dropout and self.training:
+                if self.dropout_mode == "locked":
+                    mask = locked_mask(out.shape[1], out.shape[2], self.dropout, out)
+                    out = out * mask.unsqueeze(0)
+                else:
+                    out = F.dropout(out, self.dropout, True)
             layer_input = out
         self.penalty_terms = terms
         self.penalty = terms["norm_stabilizer"] + terms["tar"] + terms["ar"]
@@ -489,6 +522,11 @@ _EXTRAS_DOC = """
         ns_eps: epsilon inside the norm (1e-9).
         penalty_layers: "last" (default) or "all": whose hidden states are penalized.
         weight_drop: DropConnect probability on every ``weight_hh`` in training mode.
+        output_dropout: locked (awd-lstm-lm) dropout on the returned output in training mode:
+            one ``[B, D*H]`` mask per forward (``output_dropout_mask`` after it), AR taken on
+            the dropped output, TAR and the norm-stabilizer on the raw one.
+        dropout_mode: "standard" (``nn.LSTM``'s elementwise ``dropout`` between layers) or
+            "locked" (one mask per sequence and layer, awd-lstm-lm's ``dropouth``).
         backend: "auto", "reference", "naive", "triton" or "cuda"; may be changed later.
 """
 
@@ -513,7 +551,8 @@ class LSTM(_RecurrentBase):
                  norm_stabilizer: float = 0.0, tar: float = 0.0, ar: float = 0.0,
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", output_dropout: float = 0.0,
+                 dropout_mode: str = "standard"):
         if proj_size != 0:
             raise ValueError(f"LSTM: proj_size expected 0 (rnnreg_kernels has no projected "
                              f"LSTM), got {proj_size!r}; use torch.nn.LSTM for proj_size > 0")
@@ -522,7 +561,8 @@ class LSTM(_RecurrentBase):
                          norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=1.0)
+                         backend=backend, theta=1.0, output_dropout=output_dropout,
+                         dropout_mode=dropout_mode)
         self.reset_parameters()
 
 
@@ -544,7 +584,8 @@ class RNN(_RecurrentBase):
                  theta: float = 1.0, norm_stabilizer: float = 0.0, tar: float = 0.0,
                  ar: float = 0.0, ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto", proj_size=_NOT_GIVEN):
+                 backend: str = "auto", output_dropout: float = 0.0,
+                 dropout_mode: str = "standard", proj_size=_NOT_GIVEN):
         if proj_size is not _NOT_GIVEN:
             raise ValueError(_PROJ_SIZE_RNN)
         if nonlinearity not in ("tanh", "relu", "trec"):
@@ -555,7 +596,8 @@ class RNN(_RecurrentBase):
                          norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=theta)
+                         backend=backend, theta=theta, output_dropout=output_dropout,
+                         dropout_mode=dropout_mode)
         self.nonlinearity = nonlinearity
         self.reset_parameters()
 
@@ -579,7 +621,8 @@ class IRNN(RNN):
                  norm_stabilizer: float = 0.0, tar: float = 0.0, ar: float = 0.0,
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto", proj_size=_NOT_GIVEN):
+                 backend: str = "auto", output_dropout: float = 0.0,
+                 dropout_mode: str = "standard", proj_size=_NOT_GIVEN):
         if proj_size is not _NOT_GIVEN:
             raise ValueError(_PROJ_SIZE_RNN)
         for arg, value in (("identity_scale", identity_scale), ("init_std", init_std)):
@@ -593,7 +636,8 @@ class IRNN(RNN):
                          norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend)
+                         backend=backend, output_dropout=output_dropout,
+                         dropout_mode=dropout_mode)
         self.identity_scale = float(identity_scale)
         self.init_std = float(init_std)
         self.reset_parameters()
