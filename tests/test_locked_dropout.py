@@ -188,3 +188,22 @@ def _nn_lstm_standard_dropout(singles, x, p):
 def test_bad_dropout_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LSTM(3, 4, 2, **kwargs)
+
+
+def test_readme_awd_example_runs_and_is_awd():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- example:awd -->\n```python\n(.*?)```", text, re.S).group(1)
+    ns = {}
+    exec(code, ns)
+    torch.manual_seed(0)
+    model = ns["AwdRNN"](ntoken=11, ninp=6, nhid=8, nlayers=3)
+    tokens = torch.randint(0, 11, (5, 2))
+    logits, hidden, penalty = model(tokens, [None] * 3)
+    assert logits.shape == (5, 2, 11) and len(hidden) == 3
+    assert model.rnns[-1].output_dropout_mask.shape == (2, 6)
+    assert all(r.output_dropout_mask is not None for r in model.rnns)
+    assert penalty.item() > 0
+    penalty.backward()
+    assert model.rnns[0].weight_hh_l0.grad is not None
