@@ -12,7 +12,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import library  # noqa: F401  (registers the rnnreg:: custom ops)
 from .contract import CELLS, Spec, gates_of
+from .library import RawSpec
 from .penalties import Penalties, penalty_weights
 
 BACKENDS = ("auto", "reference", "naive", "triton", "cuda")
@@ -133,20 +135,28 @@ class higher_order_grads:
         return False
 
 
-_ALWAYS_KEEP_X = ("rnnreg_kernels.reference",)
+_ALWAYS_KEEP_X = ("reference",)
 
 
-def _keeps_x_proj(mod) -> bool:
-    return (getattr(mod, "SAVE_X_PROJ", False) or mod.__name__ in _ALWAYS_KEEP_X
-            or _HIGHER_ORDER[0] > 0)
+@torch.compiler.assume_constant_result
+def _saves_x_proj(name: str) -> bool:
+    return bool(getattr(backend_module(name), "SAVE_X_PROJ", False))
+
+
+def _keeps_x_proj(name: str) -> bool:
+    return name in _ALWAYS_KEEP_X or _HIGHER_ORDER[0] > 0 or _saves_x_proj(name)
+
+
+def _spec_of(raw, x_proj_shape, H, lengths) -> Spec:
+    from .library import make_spec
+    T, B = x_proj_shape[0], x_proj_shape[1]
+    return make_spec(raw.cell, raw.theta, raw.norm_stabilizer, raw.tar, raw.ar,
+                     raw.ns_include_initial, raw.ns_eps, raw.reverse, raw.allow_tf32, T, B, H,
+                     lengths)
 
 
 def _encode(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if t is None else t
-
-
-def _decode(t: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if t.dim() == 1 and t.numel() == 0 else t
 
 
 def _slices(info, in_dims, args) -> list:
@@ -170,21 +180,18 @@ class _Recurrence(torch.autograd.Function):
     """Autograd wrapper around one backend's forward/backward (no kernels here)."""
 
     @staticmethod
-    def forward(mod, spec, x_proj, w_hh, h0, c0, ar_mask, lengths):
-        output, h_n, c_n, terms, norms, saved = mod.forward(spec, x_proj, w_hh, h0, c0,
-                                                            ar_mask, lengths)
-        # detach(): a saved tensor may be an output itself (the reference's hs is its output
-        # when no cast or reordering is needed); a distinct alias keeps that output
-        # differentiable while the alias is marked non-differentiable.
-        return (output, h_n, _encode(c_n, h_n), terms, norms,
-                *[_encode(None if t is None else t.detach(), h_n) for t in saved])
+    def forward(raw, x_proj, w_hh, h0, c0, ar_mask, lengths):
+        # the custom op returns (output, h_n, c_n, terms, norms, *saved), encoded and with
+        # no aliasing (rnnreg_kernels.library)
+        return tuple(torch.ops.rnnreg.recurrence_fwd(x_proj, w_hh, h0, c0, ar_mask, lengths,
+                                                     *raw.args()))
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        mod, spec, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs
+        raw, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs
         output, norms, saved = outputs[0], outputs[4], outputs[5:]
-        ctx.mod, ctx.spec = mod, spec
-        ctx.keep_x = _keeps_x_proj(mod)
+        ctx.raw = raw
+        ctx.keep_x = _keeps_x_proj(raw.backend)
         keep = x_proj if ctx.keep_x else None
         ctx.save_for_backward(keep, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved)
         ctx.mark_non_differentiable(norms, *saved)
@@ -193,7 +200,8 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, g_hn, g_cn, g_terms, *_unused):
         x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved = ctx.saved_tensors
-        lstm = ctx.spec.cell == "lstm"
+        raw = ctx.raw
+        lstm = raw.cell == "lstm"
         g_out = torch.zeros_like(output) if g_out is None else g_out.contiguous()
         g_hn = torch.zeros_like(h0) if g_hn is None else g_hn.contiguous()
         g_cn = (torch.zeros_like(h0) if g_cn is None else g_cn.contiguous()) if lstm \
@@ -201,18 +209,23 @@ class _Recurrence(torch.autograd.Function):
         acc = norms.dtype
         g_terms = torch.zeros(3, dtype=acc, device=h0.device) if g_terms is None \
             else g_terms.contiguous()
-        if _legacy_batched(g_out, g_hn, g_cn, g_terms):
+        if torch.compiler.is_compiling():  # traced by AOTAutograd: the op, nothing else
+            gx, gw, gh0, gc0 = torch.ops.rnnreg.recurrence_bwd(
+                x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, list(saved), g_out,
+                g_hn, g_cn if lstm else None, g_terms, *raw.args())
+        elif _legacy_batched(g_out, g_hn, g_cn, g_terms):
             # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) batches
             # the grads without a torch.func transform, so no vmap rule runs: go through the
             # batchable naive recompute.
-            _need_x(x_proj, ctx.mod)
-            gx, gw, gh0, gc0 = _naive_vjp(ctx.spec, lstm, x_proj, w_hh, h0, c0, ar_mask,
+            _need_x(x_proj, raw.backend)
+            spec = _spec_of(raw, output.shape, h0.shape[1], lengths)
+            gx, gw, gh0, gc0 = _naive_vjp(spec, lstm, x_proj, w_hh, h0, c0, ar_mask,
                                           lengths, g_out, g_hn, g_cn, g_terms)
-            return None, None, gx, gw, gh0, gc0 if lstm else None, None, None
-        gx, gw, gh0, gc0 = _RecurrenceBackward.apply(
-            ctx.mod, ctx.spec, ctx.keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output,
-            norms, g_out, g_hn, g_cn, g_terms, *saved)
-        return None, None, gx, gw, gh0, gc0 if lstm else None, None, None
+        else:
+            gx, gw, gh0, gc0 = _RecurrenceBackward.apply(
+                raw, ctx.keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, g_out,
+                g_hn, g_cn, g_terms, *saved)
+        return None, gx, gw, gh0, gc0 if lstm else None, None, None
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -223,21 +236,18 @@ class _RecurrenceBackward(torch.autograd.Function):
     """A backend's backward as a recorded op; its own backward recomputes (see above)."""
 
     @staticmethod
-    def forward(mod, spec, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms,
+    def forward(raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms,
                 g_out, g_hn, g_cn, g_terms, *saved):
-        lstm = spec.cell == "lstm"
-        saved = tuple(_decode(t) for t in saved)
-        gx, gw, gh0, gc0 = mod.backward(
-            spec, x_proj if getattr(mod, "SAVE_X_PROJ", False) else None, w_hh, h0, c0,
-            ar_mask, lengths, output, norms, saved, g_out, g_hn, g_cn if lstm else None,
-            g_terms)
-        return gx, gw, gh0, _encode(gc0, gh0)
+        lstm = raw.cell == "lstm"
+        return tuple(torch.ops.rnnreg.recurrence_bwd(
+            x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, list(saved), g_out, g_hn,
+            g_cn if lstm else None, g_terms, *raw.args()))
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        mod, spec, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs[:9]
-        g_out, g_hn, g_cn, g_terms = inputs[11:15]
-        ctx.mod, ctx.spec, ctx.keep_x = mod, spec, keep_x
+        raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs[:8]
+        g_out, g_hn, g_cn, g_terms = inputs[10:14]
+        ctx.raw, ctx.keep_x = raw, keep_x
         ctx.n_inputs = len(inputs)
         ctx.save_for_backward(x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
                               g_terms)
@@ -245,14 +255,15 @@ class _RecurrenceBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_x, v_w, v_h0, v_c0):
         x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn, g_terms = ctx.saved_tensors
-        _need_x(x_proj, ctx.mod)
-        lstm = ctx.spec.cell == "lstm"
-        grads = _double_backward(ctx.spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths,
+        _need_x(x_proj, ctx.raw.backend)
+        lstm = ctx.raw.cell == "lstm"
+        spec = _spec_of(ctx.raw, g_out.shape, h0.shape[1], lengths)
+        grads = _double_backward(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths,
                                  g_out, g_hn, g_cn, g_terms, v_x, v_w, v_h0, v_c0)
         gx, gw, gh0, gc0, gg_out, gg_hn, gg_cn, gg_terms = grads
-        head = (None, None, None, gx, gw, gh0, gc0, None, None, None, None)
+        head = (None, None, gx, gw, gh0, gc0, None, None, None, None)
         tail = (gg_out, gg_hn, gg_cn if lstm else None, gg_terms)
-        return head + tail + (None,) * (ctx.n_inputs - 15)
+        return head + tail + (None,) * (ctx.n_inputs - 14)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -264,9 +275,8 @@ def _legacy_batched(*ts) -> bool:
     return is_legacy is not None and any(t is not None and is_legacy(t) for t in ts)
 
 
-def _need_x(x_proj, mod) -> None:
+def _need_x(x_proj, name: str) -> None:
     if x_proj is None:
-        name = mod.__name__.rsplit(".", 1)[-1]
         raise RuntimeError(
             f"a higher-order or batched gradient through recurrence(backend={name!r}) needs "
             f"x_proj, which this backend does not keep by default (a [T, B, G*H] buffer): "
@@ -435,27 +445,49 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     lengths = _check_lengths(lengths, T, B, x_proj.device)
     if lengths is not None and int(lengths.min()) == T:
         lengths = None  # every row is full: the plain path computes the same thing
-    w = penalty_weights(penalties, T, B, H, lengths)
-    spec = Spec(cell=cell, theta=float(theta), w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
-                ns_include_initial=penalties.ns_include_initial,
-                ns_eps=float(penalties.ns_eps), reverse=bool(reverse),
-                allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
-    name = resolve_backend(backend, spec, x_proj, w_hh)
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    if torch.compiler.is_compiling():
+        # no value that depends on T may become a constant of the graph: the custom op
+        # divides the coefficients itself, and the backend is chosen once per compile
+        name = _compile_time_backend(backend, x_proj.device.type, x_proj.dtype, cell, H,
+                                     bool(reverse), tf32)
+    else:
+        w = penalty_weights(penalties, T, B, H, lengths)
+        spec = Spec(cell=cell, theta=float(theta), w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
+                    ns_include_initial=penalties.ns_include_initial,
+                    ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32)
+        name = resolve_backend(backend, spec, x_proj, w_hh)
     x_proj, w_hh, h0 = x_proj.contiguous(), w_hh.contiguous(), h0.contiguous()
     c0 = c0.contiguous() if c0 is not None else None
     if name == "naive":
-        output, h_n, c_n, terms, norms = _naive(x_proj, w_hh, h0, c0, cell, spec, penalties,
-                                                lengths)
+        from .reference import naive
+        output, h_n, c_n, terms, norms = naive(
+            x_proj, w_hh, h0, c0, cell=cell, theta=float(theta), penalties=penalties,
+            lengths=lengths, reverse=bool(reverse))
     else:
+        raw = RawSpec(backend=name, cell=cell, theta=float(theta),
+                      norm_stabilizer=float(penalties.norm_stabilizer),
+                      tar=float(penalties.tar), ar=float(penalties.ar),
+                      ns_include_initial=penalties.ns_include_initial,
+                      ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32)
         output, h_n, c_n, terms, norms = _Recurrence.apply(
-            backend_module(name), spec, x_proj, w_hh, h0, c0, ar_mask, lengths)[:5]
+            raw, x_proj, w_hh, h0, c0, ar_mask, lengths)[:5]
         if cell != "lstm":
             c_n = None
     t = Terms(*terms.unbind(0))
     return RecurrenceOutput(output, h_n, c_n, terms.sum(), t, norms)
 
 
-def _naive(x_proj, w_hh, h0, c0, cell, spec, penalties, lengths):
-    from .reference import naive
-    return naive(x_proj, w_hh, h0, c0, cell=cell, theta=spec.theta, penalties=penalties,
-                 lengths=lengths, reverse=spec.reverse)
+@torch.compiler.assume_constant_result
+def _compile_time_backend(backend: str, device_type: str, dtype: torch.dtype, cell: str,
+                          H: int, reverse: bool, tf32: bool) -> str:
+    """:func:`resolve_backend` for a traced call, from what stays constant in the graph
+    (a two-step probe stands in for the sequence; the backends decide on cell, dtype,
+    device and H)."""
+    G = gates_of(cell)
+    dev = torch.device(device_type)
+    x = torch.zeros(2, 1, G * H, dtype=dtype, device=dev)
+    w = torch.zeros(G * H, H, dtype=dtype, device=dev)
+    spec = Spec(cell=cell, theta=1.0, w_ns=0.0, w_tar=0.0, w_ar=0.0,
+                ns_include_initial=False, ns_eps=1e-9, reverse=reverse, allow_tf32=tf32)
+    return resolve_backend(backend, spec, x, w)
