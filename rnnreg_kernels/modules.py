@@ -36,7 +36,10 @@ Other extras: ``weight_drop`` is DropConnect on ``weight_hh_l{k}{_reverse}`` in 
 in awd-lstm-lm (``F.dropout`` on the weight, one mask per forward and weight, scaled by
 1/(1-p)); weights are read by attribute name at every forward, so awd-lstm-lm's ``WeightDrop``
 (which replaces ``module.weight_hh_l0`` by a plain tensor before each forward) keeps working;
-``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
+``output_dropout`` is awd-lstm-lm's final locked dropout on the returned output (one ``[B, D*H]``
+mask per forward, ``output_dropout_mask``; AR on the dropped output, TAR and the norm-stabilizer
+on the raw one) and ``dropout_mode="locked"`` makes ``dropout`` between layers locked too
+(awd's ``dropouth``); ``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
 "cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``;
 ``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).  ``_flat_weights`` lists
 the weights in ``_flat_weights_names`` order, read by name at each access.  Before the first
