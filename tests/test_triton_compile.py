@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -71,80 +70,27 @@ CASES = _cases()
 
 # ---------------------------------------------------------------- runs in the subprocess
 
-def _signature(kern, dtype, const):
-    acc_ptrs = {"act_ptr", "cs_ptr", "norms_ptr", "tpart_ptr", "part_ptr", "gterms_ptr",
-                "dc_ptr"}
-    ints = {"T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"}
-    sig = {}
-    for n in kern.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n == "len_ptr":
-            sig[n] = "*i64"
-        elif n == "bar_ptr":
-            sig[n] = "*i32"
-        elif n in acc_ptrs:
-            sig[n] = "*fp32"
-        elif n.endswith("_ptr"):
-            sig[n] = "*" + dtype
-        elif n in ints:
-            sig[n] = "i32"
-        else:
-            sig[n] = "fp32"
-    return sig
-
-
-def _resources(cubin: bytes) -> dict:
-    import tempfile
-
-    import triton
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in text.splitlines() if "REG:" in ln)
-    fields = dict(tok.split(":", 1) for tok in line.split())
-    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "local": int(fields["LOCAL"])}
-
-
 def _compile(case):
-    import torch
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile one case with the static profile's compile helper (signature, constexprs from
+    the plan, pointer divisibility: ``rnnreg_kernels.profile.triton.compile_one``) and read
+    its registers and spills with cuobjdump."""
+    import base64
 
-    from rnnreg_kernels.triton import bwd, fwd, launch
+    from rnnreg_kernels.profile import sass
+    from rnnreg_kernels.profile import triton as prof
 
-    t0 = time.time()
-    try:
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            case["dtype"]]
-        p = launch.plan(case["cell"], case["B"], case["H"], dt, torch.device("cuda"),
-                        case["tf32"], case["variant"], sm_count=SM_COUNT)
-        name = case["kernel"]
-        kern = getattr(fwd if name.startswith("fwd") else bwd, name)
-        if not name.endswith(p.variant if p.variant != "step" else "step_launch"):
-            return dict(case, ok=False, error=f"the rule planned {p}, not {name}")
-        const = dict(CELL=launch.CELL_CODE[case["cell"]], G=4 if case["cell"] == "lstm" else 1,
-                     BB=p.BB, BH=p.BH, ACC=tl.float32, ACC_F64=False, TF32=case["tf32"])
-        for key, val in (("BK", p.BK), ("NP", p.NP), ("HOLD", p.hold)):
-            if key in kern.arg_names:
-                const[key] = val
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names)
-                 if n.endswith("_ptr")}
-        src = ASTSource(fn=kern, signature=_signature(kern, case["dtype"], const),
-                        constexprs=const, attrs=attrs)
-        opts = {"num_warps": p.num_warps}
-        if p.variant == "persistent" and p.NH > 1:
-            opts["launch_cooperative_grid"] = True
-        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        res = _resources(c.asm["cubin"])
-        return dict(case, ok=True, plan=repr(p), seconds=round(time.time() - t0, 1), **res)
-    except Exception as e:  # reported by the test that owns the case
-        return dict(case, ok=False, error=f"{type(e).__name__}: {e}"[-3000:])
+    name = case["kernel"]
+    job = dict(cell=case["cell"], B=case["B"], H=case["H"], dtype=case["dtype"],
+               tf32=case["tf32"], sm_count=SM_COUNT, variant=case["variant"],
+               direction="forward" if name.startswith("fwd") else "backward")
+    r = prof.compile_one(job)
+    if not r["ok"]:
+        return dict(case, ok=False, error=r["error"])
+    if r["name"] != name:
+        return dict(case, ok=False, error=f"the rule planned {r['plan']}, not {name}")
+    res = sass.resources(base64.b64decode(r["cubin"]))[r["name"]]
+    return dict(case, ok=True, plan=repr(r["plan"]), seconds=r["seconds"],
+                regs=res["registers"], stack=res["stack"], local=res["local"])
 
 
 def _main(argv):
