@@ -65,7 +65,15 @@ def _agree(a, b):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
 
 
+_CORNER = dict(T=1, B=1, H=1, pen=dict(norm_stabilizer=1.7, tar=1.7, ar=1.7,
+                                      ns_include_initial=True),
+               lengths=None, reverse=True, mask=True, seed=0)
+
+
 @given(cases())
+@example(dict(_CORNER, cell="lstm"))
+@example(dict(_CORNER, cell="trec", T=3, B=2, lengths=[1, 3]))
+@example(dict(_CORNER, cell="relu", T=2, B=3, H=5, lengths=[1, 1, 1], reverse=False))
 def test_reference_agrees_with_naive(c):
     _agree(_everything("reference", c), _everything("naive", c))
 
