@@ -344,14 +344,15 @@ def available_backends(only: Optional[list] = None) -> tuple:
     else:
         skipped.append(f"triton on cpu: {reason} (on CPU it runs only under "
                        "TRITON_INTERPRET=1: pass --interpret)")
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        for name in FUSED:
-            reason = _fused_reason(name, gpu)
-            if reason is None:
-                runs.append((name, "cuda"))
-            else:
-                skipped.append(f"{name} on cuda: {reason}")
+    gpu = torch.device("cuda")
+    for name in FUSED:  # each fused backend's GPU status, with its own reason when it cannot
+        reason = _fused_reason(name, gpu)
+        if reason is None and not torch.cuda.is_available():
+            reason = "no CUDA GPU is visible here (torch.cuda.is_available() is False)"
+        if reason is None:
+            runs.append((name, "cuda"))
+        else:
+            skipped.append(f"{name} on cuda: {reason}")
     if only:
         runs = [r for r in runs if r[0] in only]
         skipped = [s for s in skipped if s.split()[0] in only]

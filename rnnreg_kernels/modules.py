@@ -36,8 +36,14 @@ Other extras: ``weight_drop`` is DropConnect on ``weight_hh_l{k}{_reverse}`` in 
 in awd-lstm-lm (``F.dropout`` on the weight, one mask per forward and weight, scaled by
 1/(1-p)); weights are read by attribute name at every forward, so awd-lstm-lm's ``WeightDrop``
 (which replaces ``module.weight_hh_l0`` by a plain tensor before each forward) keeps working;
-``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
-"cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``).
+``output_dropout`` is awd-lstm-lm's final locked dropout on the returned output (one ``[B, D*H]``
+mask per forward, ``output_dropout_mask``; AR on the dropped output, TAR and the norm-stabilizer
+on the raw one) and ``dropout_mode="locked"`` makes ``dropout`` between layers locked too
+(awd's ``dropouth``); ``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
+"cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``;
+``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).  ``_flat_weights`` lists
+the weights in ``_flat_weights_names`` order, read by name at each access.  Before the first
+forward ``penalty`` is a 0-dim zero tensor and ``penalty_terms`` holds zeros.
 ``dropout`` is as in ``nn.LSTM``: ``F.dropout`` on every layer's output but the last, in
 training mode.  The classes derive from ``nn.Module``, not ``nn.RNNBase``: TorchDynamo graph-breaks
 on every ``nn.RNNBase``, and nothing here needs cuDNN's flat weight buffer.
@@ -64,12 +70,16 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .contract import acc_dtype_of
+from .nn.dropout import check_probability, locked_mask
 from .ops import recurrence
 from .penalties import TERM_NAMES, Penalties
 
 __all__ = ["LSTM", "RNN", "IRNN"]
 
-_OUTPUT_ATTRS = ("penalty", "penalty_terms", "hidden_norms")
+_NOT_GIVEN = object()  # RNN / IRNN: ``proj_size`` given at all (nn.RNN rejects any value)
+_PROJ_SIZE_RNN = "proj_size argument is only supported for LSTM, not RNN or GRU"
+
+_OUTPUT_ATTRS = ("_penalty", "_penalty_terms", "hidden_norms")
 
 
 def _check_coefficient(owner: str, name: str, value) -> float:
@@ -103,7 +113,8 @@ class _RecurrentBase(nn.Module):
                  num_layers: int, bias: bool, batch_first: bool, dropout: float,
                  bidirectional: bool, device, dtype, *, norm_stabilizer: float, tar: float,
                  ar: float, ns_include_initial: bool, ns_eps: float, penalty_layers: str,
-                 weight_drop: float, backend: str, theta: float):
+                 weight_drop: float, backend: str, theta: float, output_dropout: float = 0.0,
+                 dropout_mode: str = "standard"):
         super().__init__()
         name = type(self).__name__
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) \
@@ -156,11 +167,17 @@ class _RecurrentBase(nn.Module):
         self.ns_eps = _check_coefficient(name, "ns_eps", ns_eps)
         self.penalty_layers = penalty_layers
         self.weight_drop = float(weight_drop)
+        self.output_dropout = check_probability(name, "output_dropout", output_dropout)
+        if dropout_mode not in ("standard", "locked"):
+            raise ValueError(f"{name}: dropout_mode expected 'standard' or 'locked', "
+                             f"got {dropout_mode!r}")
+        self.dropout_mode = dropout_mode
+        self.output_dropout_mask: Optional[torch.Tensor] = None
         self.backend = backend
         self.theta = float(theta)
         self._cell = cell
-        self.penalty: Optional[torch.Tensor] = None
-        self.penalty_terms: Optional[dict] = None
+        self._penalty: Optional[torch.Tensor] = None
+        self._penalty_terms: Optional[dict] = None
         self.hidden_norms: Optional[list] = None
 
         gates = 4 if cell == "lstm" else 1
@@ -188,6 +205,37 @@ class _RecurrentBase(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _zero_penalty(self) -> torch.Tensor:
+        w = getattr(self, self._flat_weights_names[0])
+        return torch.zeros((), dtype=acc_dtype_of(w.dtype), device=w.device)
+
+    @property
+    def penalty(self) -> torch.Tensor:
+        """The last forward's weighted penalty sum (0-dim, in the graph); a zero tensor of
+        the weights' accumulation dtype before the first forward."""
+        return self._zero_penalty() if self._penalty is None else self._penalty
+
+    @penalty.setter
+    def penalty(self, value) -> None:
+        self._penalty = value
+
+    @property
+    def penalty_terms(self) -> dict:
+        """The last forward's weighted terms by name; zero tensors before the first forward."""
+        if self._penalty_terms is None:
+            return dict.fromkeys(TERM_NAMES, self._zero_penalty())
+        return self._penalty_terms
+
+    @penalty_terms.setter
+    def penalty_terms(self, value) -> None:
+        self._penalty_terms = value
+
+    @property
+    def _flat_weights(self) -> list:
+        """The weights in ``_flat_weights_names`` order, read by name at every access (so a
+        weight replaced by ``weight_norm``, pruning or awd-lstm-lm's ``WeightDrop`` shows)."""
+        return [getattr(self, n) for n in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list:
@@ -218,9 +266,11 @@ class _RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
-        for extra in ("norm_stabilizer", "tar", "ar", "weight_drop"):
+        for extra in ("norm_stabilizer", "tar", "ar", "weight_drop", "output_dropout"):
             if getattr(self, extra):
                 s += f", {extra}={getattr(self, extra)}"
+        if self.dropout_mode != "standard":
+            s += f", dropout_mode={self.dropout_mode!r}"
         if self.penalty_layers != "last":
             s += f", penalty_layers={self.penalty_layers!r}"
         if self.backend != "auto":
@@ -346,11 +396,25 @@ class _RecurrentBase(nn.Module):
         if steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         masks = self._ar_masks(ar_mask, batch, batched, sorted_indices)
+        out_mask = last_masks = None
+        if self.output_dropout and self.training and batch > 0:
+            if ar_mask is not None:
+                raise ValueError("ar_mask: not allowed with output_dropout in training mode (AR "
+                                 "is then taken on the output-dropped output, whose mask the "
+                                 "module draws); pass one or the other")
+            out_mask = locked_mask(batch, directions * hidden, self.output_dropout, x)
+            last_masks = [out_mask[:, d * hidden:(d + 1) * hidden] for d in range(directions)]
 
         if batch == 0:
             out, h_n, c_n = self._empty_forward(x, h0, c0)
         else:
-            out, h_n, c_n = self._layers(x, h0, c0, lengths, masks)
+            out, h_n, c_n = self._layers(x, h0, c0, lengths, masks, last_masks)
+        if out_mask is not None:
+            out = out * out_mask.to(out.dtype).unsqueeze(0)
+            if unsorted_indices is not None:
+                out_mask = out_mask.index_select(0, unsorted_indices)
+            out_mask = out_mask if batched else out_mask.squeeze(0)
+        self.output_dropout_mask = out_mask
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
             c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
@@ -374,15 +438,20 @@ class _RecurrentBase(nn.Module):
                          ar=self.ar / share, ns_include_initial=self.ns_include_initial,
                          ns_eps=self.ns_eps, ar_mask=mask if self.ar else None)
 
-    def _layers(self, x, h0, c0, lengths, masks):
-        """Time-major ``[T, B, F]`` -> (``[T, B, D*H]``, ``h_n``, ``c_n``); sets the extras."""
+    def _layers(self, x, h0, c0, lengths, masks, last_masks=None):
+        """Time-major ``[T, B, F]`` -> (``[T, B, D*H]``, ``h_n``, ``c_n``); sets the extras.
+
+        ``masks``: the per-direction AR masks of the penalized layers; ``last_masks``, when
+        given, replaces them in the last layer (the output-dropout mask)."""
         is_lstm = self._cell == "lstm"
         directions = self.num_directions
         terms = dict.fromkeys(TERM_NAMES)
         h_n, c_n, norms = [], [], []
         layer_input = x
         for layer in range(self.num_layers):
-            penalize = self.penalty_layers == "all" or layer == self.num_layers - 1
+            last = layer == self.num_layers - 1
+            penalize = self.penalty_layers == "all" or last
+            layer_masks = last_masks if last and last_masks is not None else masks
             outs = []
             for direction in range(directions):
                 idx = layer * directions + direction
@@ -395,7 +464,7 @@ class _RecurrentBase(nn.Module):
                 res = recurrence(
                     x_proj, w_hh.to(x_proj.dtype), h0[idx].to(x_proj.dtype),
                     c0[idx].to(x_proj.dtype) if is_lstm else None, cell=self._cell,
-                    penalties=self._penalties(penalize, masks[direction]), lengths=lengths,
+                    penalties=self._penalties(penalize, layer_masks[direction]), lengths=lengths,
                     reverse=direction == 1, backend=self.backend, theta=self.theta)
                 outs.append(res.output)
                 h_n.append(res.h_n)
@@ -407,8 +476,12 @@ class _RecurrentBase(nn.Module):
                         value = getattr(res.terms, name)
                         terms[name] = value if terms[name] is None else terms[name] + value
             out = outs[0] if directions == 1 else torch.cat(outs, -1)
-            if layer < self.num_layers - 1 and self.dropout and self.training:
-                out = F.dropout(out, self.dropout, True)
+            if not last and self.dropout and self.training:
+                if self.dropout_mode == "locked":
+                    mask = locked_mask(out.shape[1], out.shape[2], self.dropout, out)
+                    out = out * mask.unsqueeze(0)
+                else:
+                    out = F.dropout(out, self.dropout, True)
             layer_input = out
         self.penalty_terms = terms
         self.penalty = terms["norm_stabilizer"] + terms["tar"] + terms["ar"]
@@ -416,14 +489,31 @@ class _RecurrentBase(nn.Module):
         return out, torch.stack(h_n), torch.stack(c_n) if is_lstm else None
 
     def _empty_forward(self, x, h0, c0):
-        """Batch of 0 rows (``nn.LSTM`` accepts it): empty results, zero penalty."""
-        zero = torch.zeros((), dtype=acc_dtype_of(x.dtype), device=x.device)
+        """Batch of 0 rows (``nn.LSTM`` accepts it): empty results that stay in the graph
+        (every weight, ``x`` and ``hx`` get zero gradients, as in ``nn.LSTM``), zero penalty."""
+        is_lstm = self._cell == "lstm"
+        hidden, directions = self.hidden_size, self.num_directions
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(directions):
+                idx = layer * directions + direction
+                weights = [getattr(self, n) for n in self._all_weights[idx]]
+                bias = weights[2] + weights[3] if self.bias else None
+                x_proj = F.linear(layer_input, weights[0], bias)             # [T, 0, G*H]
+                rec = h0[idx].to(x_proj.dtype) @ weights[1].to(x_proj.dtype).t()  # [0, G*H]
+                outs.append((x_proj + rec)[..., :hidden])
+                h_n.append(h0[idx] + rec[:, :hidden])
+                if is_lstm:
+                    c_n.append(c0[idx] + rec[:, hidden:2 * hidden])
+            layer_input = outs[0] if directions == 1 else torch.cat(outs, -1)
+        zero = layer_input.sum().to(acc_dtype_of(x.dtype))  # exactly 0, in the graph
         self.penalty_terms = dict.fromkeys(TERM_NAMES, zero)
         self.penalty = zero
         self.hidden_norms = [x.new_zeros(x.shape[0] + 1, 0, dtype=zero.dtype)
-                             for _ in range(self.num_layers * self.num_directions)]
-        out = x.new_zeros(x.shape[0], 0, self.num_directions * self.hidden_size)
-        return out, h0, c0
+                             for _ in range(self.num_layers * directions)]
+        return layer_input, torch.stack(h_n), torch.stack(c_n) if is_lstm else None
 
 
 _EXTRAS_DOC = """
@@ -435,6 +525,11 @@ _EXTRAS_DOC = """
         ns_eps: epsilon inside the norm (1e-9).
         penalty_layers: "last" (default) or "all": whose hidden states are penalized.
         weight_drop: DropConnect probability on every ``weight_hh`` in training mode.
+        output_dropout: locked (awd-lstm-lm) dropout on the returned output in training mode:
+            one ``[B, D*H]`` mask per forward (``output_dropout_mask`` after it), AR taken on
+            the dropped output, TAR and the norm-stabilizer on the raw one.
+        dropout_mode: "standard" (``nn.LSTM``'s elementwise ``dropout`` between layers) or
+            "locked" (one mask per sequence and layer, awd-lstm-lm's ``dropouth``).
         backend: "auto", "reference", "naive", "triton" or "cuda"; may be changed later.
 """
 
@@ -459,7 +554,8 @@ class LSTM(_RecurrentBase):
                  norm_stabilizer: float = 0.0, tar: float = 0.0, ar: float = 0.0,
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", output_dropout: float = 0.0,
+                 dropout_mode: str = "standard"):
         if proj_size != 0:
             raise ValueError(f"LSTM: proj_size expected 0 (rnnreg_kernels has no projected "
                              f"LSTM), got {proj_size!r}; use torch.nn.LSTM for proj_size > 0")
@@ -468,7 +564,8 @@ class LSTM(_RecurrentBase):
                          norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=1.0)
+                         backend=backend, theta=1.0, output_dropout=output_dropout,
+                         dropout_mode=dropout_mode)
         self.reset_parameters()
 
 
@@ -490,7 +587,10 @@ class RNN(_RecurrentBase):
                  theta: float = 1.0, norm_stabilizer: float = 0.0, tar: float = 0.0,
                  ar: float = 0.0, ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", output_dropout: float = 0.0,
+                 dropout_mode: str = "standard", proj_size=_NOT_GIVEN):
+        if proj_size is not _NOT_GIVEN:
+            raise ValueError(_PROJ_SIZE_RNN)
         if nonlinearity not in ("tanh", "relu", "trec"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh', "
                              "'relu' or 'trec'.")
@@ -499,7 +599,8 @@ class RNN(_RecurrentBase):
                          norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=theta)
+                         backend=backend, theta=theta, output_dropout=output_dropout,
+                         dropout_mode=dropout_mode)
         self.nonlinearity = nonlinearity
         self.reset_parameters()
 
@@ -523,7 +624,10 @@ class IRNN(RNN):
                  norm_stabilizer: float = 0.0, tar: float = 0.0, ar: float = 0.0,
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", output_dropout: float = 0.0,
+                 dropout_mode: str = "standard", proj_size=_NOT_GIVEN):
+        if proj_size is not _NOT_GIVEN:
+            raise ValueError(_PROJ_SIZE_RNN)
         for arg, value in (("identity_scale", identity_scale), ("init_std", init_std)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                     or not math.isfinite(value):
@@ -535,7 +639,8 @@ class IRNN(RNN):
                          norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend)
+                         backend=backend, output_dropout=output_dropout,
+                         dropout_mode=dropout_mode)
         self.identity_scale = float(identity_scale)
         self.init_std = float(init_std)
         self.reset_parameters()

@@ -12,7 +12,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import library  # noqa: F401  (registers the rnnreg:: custom ops)
 from .contract import CELLS, Spec, gates_of
+from .library import RawSpec
 from .penalties import Penalties, penalty_weights
 
 BACKENDS = ("auto", "reference", "naive", "triton", "cuda")
@@ -96,35 +98,239 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
     return "reference"
 
 
+# ----------------------------------------------------------------------------- autograd
+#
+# Two autograd.Functions in the setup_context style (so torch.func transforms accept them),
+# each with a vmap rule that runs the backend once per vmapped slice:
+#
+# * _Recurrence: forward = a backend's forward; its outputs are (output, h_n, c_n, terms,
+#   norms, *saved) with the backend's saved tensors returned as non-differentiable outputs (a
+#   None encoded as a 1-D empty tensor), so that setup_context can keep them.
+# * _RecurrenceBackward: forward = the backend's backward; called by _Recurrence.backward, so
+#   that the first backward is itself a recorded op.  Its backward (the double backward) is
+#   the vector-Jacobian product of the first backward, computed by recomputing the recurrence
+#   through the differentiable naive loop (reference.naive_from_spec) with torch.func.vjp
+#   twice.  That needs x_proj: the reference backend always keeps it (by reference, no copy);
+#   a backend with SAVE_X_PROJ = False (triton, cuda) keeps it only inside
+#   `with higher_order_grads():`, as cuDNN needs cuDNN disabled for double backward.
+
+_HIGHER_ORDER = [0]
+
+
+class higher_order_grads:
+    """Context manager: forwards run inside keep ``x_proj`` on every backend, so that
+    ``create_graph=True`` / double backward / ``gradgradcheck`` work through them.
+
+    The reference backend always keeps it; the fused backends (``triton``, ``cuda``) do not
+    by default, since it is a ``[T, B, G*H]`` buffer beyond what their backward needs.
+    Re-entrant; only the forward needs to run inside.
+    """
+
+    def __enter__(self):
+        _HIGHER_ORDER[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _HIGHER_ORDER[0] -= 1
+        return False
+
+
+_ALWAYS_KEEP_X = ("reference",)
+
+
+@torch.compiler.assume_constant_result
+def _saves_x_proj(name: str) -> bool:
+    return bool(getattr(backend_module(name), "SAVE_X_PROJ", False))
+
+
+def _keeps_x_proj(name: str) -> bool:
+    return name in _ALWAYS_KEEP_X or _HIGHER_ORDER[0] > 0 or _saves_x_proj(name)
+
+
+def _spec_of(raw, x_proj_shape, H, lengths) -> Spec:
+    from .library import make_spec
+    T, B = x_proj_shape[0], x_proj_shape[1]
+    return make_spec(raw.cell, raw.theta, raw.norm_stabilizer, raw.tar, raw.ar,
+                     raw.ns_include_initial, raw.ns_eps, raw.reverse, raw.allow_tf32, T, B, H,
+                     lengths)
+
+
+def _encode(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _slices(info, in_dims, args) -> list:
+    """The per-sample argument lists of a vmapped call (unbatched args repeated)."""
+    cols = []
+    for a, d in zip(args, in_dims):
+        if d is None or not isinstance(a, torch.Tensor):
+            cols.append([a] * info.batch_size)
+        else:
+            cols.append(list(a.movedim(d, 0).unbind(0)))
+    return [list(row) for row in zip(*cols)]
+
+
+def _stack(results) -> tuple:
+    """Per-sample output tuples -> (stacked outputs, out_dims of zeros)."""
+    outs = tuple(torch.stack(list(col)) for col in zip(*results))
+    return outs, (0,) * len(outs)
+
+
 class _Recurrence(torch.autograd.Function):
     """Autograd wrapper around one backend's forward/backward (no kernels here)."""
 
     @staticmethod
-    def forward(ctx, mod, spec, x_proj, w_hh, h0, c0, ar_mask, lengths):
-        output, h_n, c_n, terms, norms, saved = mod.forward(spec, x_proj, w_hh, h0, c0,
-                                                            ar_mask, lengths)
-        ctx.mod, ctx.spec = mod, spec
-        ctx.n_saved = len(saved)
-        ctx.has_saved = tuple(t is not None for t in saved)
-        keep_x = x_proj if getattr(mod, "SAVE_X_PROJ", False) else None
-        ctx.save_for_backward(keep_x, w_hh, h0, c0, ar_mask, lengths, output, norms,
-                              *[t for t in saved if t is not None])
-        ctx.mark_non_differentiable(norms)
-        if c_n is None:
-            c_n = h_n.new_empty(0)
-        return output, h_n, c_n, terms, norms
+    def forward(raw, x_proj, w_hh, h0, c0, ar_mask, lengths):
+        # the custom op returns (output, h_n, c_n, terms, norms, *saved), encoded and with
+        # no aliasing (rnnreg_kernels.library)
+        return tuple(torch.ops.rnnreg.recurrence_fwd(x_proj, w_hh, h0, c0, ar_mask, lengths,
+                                                     *raw.args()))
 
     @staticmethod
-    def backward(ctx, g_out, g_hn, g_cn, g_terms, _g_norms):
-        x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *rest = ctx.saved_tensors
-        it = iter(rest)
-        saved = tuple(next(it) if has else None for has in ctx.has_saved)
-        lstm = ctx.spec.cell == "lstm"
-        gx, gw, gh0, gc0 = ctx.mod.backward(
-            ctx.spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-            g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if lstm else None,
-            g_terms.contiguous())
-        return None, None, gx, gw, gh0, gc0 if lstm else None, None, None
+    def setup_context(ctx, inputs, outputs):
+        raw, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs
+        output, norms, saved = outputs[0], outputs[4], outputs[5:]
+        ctx.raw = raw
+        ctx.keep_x = _keeps_x_proj(raw.backend)
+        keep = x_proj if ctx.keep_x else None
+        ctx.save_for_backward(keep, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved)
+        ctx.mark_non_differentiable(norms, *saved)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g_out, g_hn, g_cn, g_terms, *_unused):
+        x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved = ctx.saved_tensors
+        raw = ctx.raw
+        lstm = raw.cell == "lstm"
+        g_out = torch.zeros_like(output) if g_out is None else g_out.contiguous()
+        g_hn = torch.zeros_like(h0) if g_hn is None else g_hn.contiguous()
+        g_cn = (torch.zeros_like(h0) if g_cn is None else g_cn.contiguous()) if lstm \
+            else h0.new_empty(0)
+        acc = norms.dtype
+        g_terms = torch.zeros(3, dtype=acc, device=h0.device) if g_terms is None \
+            else g_terms.contiguous()
+        if torch.compiler.is_compiling():  # traced by AOTAutograd: the op, nothing else
+            gx, gw, gh0, gc0 = torch.ops.rnnreg.recurrence_bwd(
+                x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, list(saved), g_out,
+                g_hn, g_cn if lstm else None, g_terms, *raw.args())
+        elif _legacy_batched(g_out, g_hn, g_cn, g_terms):
+            # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) batches
+            # the grads without a torch.func transform, so no vmap rule runs: go through the
+            # batchable naive recompute.
+            _need_x(x_proj, raw.backend)
+            spec = _spec_of(raw, output.shape, h0.shape[1], lengths)
+            gx, gw, gh0, gc0 = _naive_vjp(spec, lstm, x_proj, w_hh, h0, c0, ar_mask,
+                                          lengths, g_out, g_hn, g_cn, g_terms)
+        else:
+            gx, gw, gh0, gc0 = _RecurrenceBackward.apply(
+                raw, ctx.keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, g_out,
+                g_hn, g_cn, g_terms, *saved)
+        return None, gx, gw, gh0, gc0 if lstm else None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _stack([_Recurrence.apply(*row) for row in _slices(info, in_dims, args)])
+
+
+class _RecurrenceBackward(torch.autograd.Function):
+    """A backend's backward as a recorded op; its own backward recomputes (see above)."""
+
+    @staticmethod
+    def forward(raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms,
+                g_out, g_hn, g_cn, g_terms, *saved):
+        lstm = raw.cell == "lstm"
+        return tuple(torch.ops.rnnreg.recurrence_bwd(
+            x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, list(saved), g_out, g_hn,
+            g_cn if lstm else None, g_terms, *raw.args()))
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs[:8]
+        g_out, g_hn, g_cn, g_terms = inputs[10:14]
+        ctx.raw, ctx.keep_x = raw, keep_x
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
+                              g_terms)
+
+    @staticmethod
+    def backward(ctx, v_x, v_w, v_h0, v_c0):
+        x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn, g_terms = ctx.saved_tensors
+        _need_x(x_proj, ctx.raw.backend)
+        lstm = ctx.raw.cell == "lstm"
+        spec = _spec_of(ctx.raw, g_out.shape, h0.shape[1], lengths)
+        grads = _double_backward(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths,
+                                 g_out, g_hn, g_cn, g_terms, v_x, v_w, v_h0, v_c0)
+        gx, gw, gh0, gc0, gg_out, gg_hn, gg_cn, gg_terms = grads
+        head = (None, None, gx, gw, gh0, gc0, None, None, None, None)
+        tail = (gg_out, gg_hn, gg_cn if lstm else None, gg_terms)
+        return head + tail + (None,) * (ctx.n_inputs - 14)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _stack([_RecurrenceBackward.apply(*row) for row in _slices(info, in_dims, args)])
+
+
+def _legacy_batched(*ts) -> bool:
+    is_legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return is_legacy is not None and any(t is not None and is_legacy(t) for t in ts)
+
+
+def _need_x(x_proj, name: str) -> None:
+    if x_proj is None:
+        raise RuntimeError(
+            f"a higher-order or batched gradient through recurrence(backend={name!r}) needs "
+            f"x_proj, which this backend does not keep by default (a [T, B, G*H] buffer): "
+            f"run the forward inside `with rnnreg_kernels.higher_order_grads():`, or use "
+            f"backend='reference'")
+
+
+def _naive_first(spec, lstm, ar_mask, lengths):
+    """(x, w, h0, c, g_out, g_hn, g_cn, g_terms) -> first-order grads (x, w, h0, c), by
+    torch.func.vjp of the naive loop (c and g_cn are empty tensors for plain RNN cells)."""
+    from torch.func import vjp
+
+    from .reference import naive_from_spec
+
+    def forward(x, w, h, c):
+        output, h_n, c_n, terms = naive_from_spec(spec, x, w, h, c if lstm else None,
+                                                  ar_mask, lengths)
+        return output, h_n, (c_n if lstm else c), terms
+
+    def first(x, w, h, c, go, ghn, gcn, gt):
+        _, pull = vjp(forward, x, w, h, c)
+        return pull((go, ghn, gcn if lstm else torch.zeros_like(c), gt))
+    return first
+
+
+def _naive_vjp(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
+               g_terms):
+    """First-order grads (x, w, h0, c0 or None) by the naive recompute."""
+    first = _naive_first(spec, lstm, ar_mask, lengths)
+    c = c0 if lstm else h0.new_zeros(0)
+    gcn = g_cn if lstm else h0.new_zeros(0)
+    gx, gw, gh0, gc0 = first(x_proj, w_hh, h0, c, g_out, g_hn, gcn, g_terms)
+    return gx, gw, gh0, gc0 if lstm else None
+
+
+def _double_backward(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
+                     g_terms, v_x, v_w, v_h0, v_c0):
+    """VJP of (x, w, h0, c0, upstream grads) -> first-order grads, by recomputation through
+    the naive loop; returns grads for x, w, h0, c0 (None for RNN), g_out, g_hn, g_cn, g_terms."""
+    from torch.func import vjp
+
+    first = _naive_first(spec, lstm, ar_mask, lengths)
+
+    c = c0 if lstm else h0.new_zeros(0)
+    gcn = g_cn if lstm else h0.new_zeros(0)
+    zeros = [torch.zeros_like(t) for t in (x_proj, w_hh, h0, c)]
+    vs = [z if v is None else v for v, z in zip((v_x, v_w, v_h0, v_c0), zeros)]
+    if not lstm:
+        vs[3] = zeros[3]
+    _, pull2 = vjp(first, x_proj, w_hh, h0, c, g_out, g_hn, gcn, g_terms)
+    out = list(pull2(tuple(vs)))
+    if not lstm:
+        out[3] = None
+    return out
 
 
 def _check_tensor(name: str, t, shape: Sequence[int], what: str) -> None:
@@ -239,27 +445,49 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     lengths = _check_lengths(lengths, T, B, x_proj.device)
     if lengths is not None and int(lengths.min()) == T:
         lengths = None  # every row is full: the plain path computes the same thing
-    w = penalty_weights(penalties, T, B, H, lengths)
-    spec = Spec(cell=cell, theta=float(theta), w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
-                ns_include_initial=penalties.ns_include_initial,
-                ns_eps=float(penalties.ns_eps), reverse=bool(reverse),
-                allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
-    name = resolve_backend(backend, spec, x_proj, w_hh)
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    if torch.compiler.is_compiling():
+        # no value that depends on T may become a constant of the graph: the custom op
+        # divides the coefficients itself, and the backend is chosen once per compile
+        name = _compile_time_backend(backend, x_proj.device.type, x_proj.dtype, cell, H,
+                                     bool(reverse), tf32)
+    else:
+        w = penalty_weights(penalties, T, B, H, lengths)
+        spec = Spec(cell=cell, theta=float(theta), w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
+                    ns_include_initial=penalties.ns_include_initial,
+                    ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32)
+        name = resolve_backend(backend, spec, x_proj, w_hh)
     x_proj, w_hh, h0 = x_proj.contiguous(), w_hh.contiguous(), h0.contiguous()
     c0 = c0.contiguous() if c0 is not None else None
     if name == "naive":
-        output, h_n, c_n, terms, norms = _naive(x_proj, w_hh, h0, c0, cell, spec, penalties,
-                                                lengths)
+        from .reference import naive
+        output, h_n, c_n, terms, norms = naive(
+            x_proj, w_hh, h0, c0, cell=cell, theta=float(theta), penalties=penalties,
+            lengths=lengths, reverse=bool(reverse))
     else:
+        raw = RawSpec(backend=name, cell=cell, theta=float(theta),
+                      norm_stabilizer=float(penalties.norm_stabilizer),
+                      tar=float(penalties.tar), ar=float(penalties.ar),
+                      ns_include_initial=penalties.ns_include_initial,
+                      ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32)
         output, h_n, c_n, terms, norms = _Recurrence.apply(
-            backend_module(name), spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
+            raw, x_proj, w_hh, h0, c0, ar_mask, lengths)[:5]
         if cell != "lstm":
             c_n = None
     t = Terms(*terms.unbind(0))
     return RecurrenceOutput(output, h_n, c_n, terms.sum(), t, norms)
 
 
-def _naive(x_proj, w_hh, h0, c0, cell, spec, penalties, lengths):
-    from .reference import naive
-    return naive(x_proj, w_hh, h0, c0, cell=cell, theta=spec.theta, penalties=penalties,
-                 lengths=lengths, reverse=spec.reverse)
+@torch.compiler.assume_constant_result
+def _compile_time_backend(backend: str, device_type: str, dtype: torch.dtype, cell: str,
+                          H: int, reverse: bool, tf32: bool) -> str:
+    """:func:`resolve_backend` for a traced call, from what stays constant in the graph
+    (a two-step probe stands in for the sequence; the backends decide on cell, dtype,
+    device and H)."""
+    G = gates_of(cell)
+    dev = torch.device(device_type)
+    x = torch.zeros(2, 1, G * H, dtype=dtype, device=dev)
+    w = torch.zeros(G * H, H, dtype=dtype, device=dev)
+    spec = Spec(cell=cell, theta=1.0, w_ns=0.0, w_tar=0.0, w_ar=0.0,
+                ns_include_initial=False, ns_eps=1e-9, reverse=reverse, allow_tf32=tf32)
+    return resolve_backend(backend, spec, x, w)

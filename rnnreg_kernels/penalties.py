@@ -120,7 +120,8 @@ def hidden_norms(states: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def posthoc_terms(h0: torch.Tensor, states: torch.Tensor, pen: Penalties,
-                  lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  lengths: Optional[torch.Tensor] = None,
+                  weights: Optional[Weights] = None) -> torch.Tensor:
     """The three weighted terms ``[3]`` from the states in *processing order*.
 
     Args:
@@ -129,13 +130,15 @@ def posthoc_terms(h0: torch.Tensor, states: torch.Tensor, pen: Penalties,
             each row first); entries past a row's length are ignored.
         pen: the penalty configuration.
         lengths: ``[B]`` valid steps per row, or None.
+        weights: the divided coefficients (:func:`penalty_weights`) when already known;
+            then ``pen``'s coefficients are not read (only its options and ``ar_mask``).
     Returns:
         ``[3]`` tensor (norm_stabilizer, tar, ar) in float32 (float64 for float64 states),
         differentiable with respect to ``h0`` and ``states``.
     """
     T, B, H = states.shape
     acc = torch.promote_types(states.dtype, torch.float32)
-    w = penalty_weights(pen, T, B, H, lengths)
+    w = penalty_weights(pen, T, B, H, lengths) if weights is None else weights
     hs = torch.cat([h0.unsqueeze(0), states], 0).to(acc)  # [T+1, B, H]
     valid = step_mask(T, lengths, B, states.device)
     zero = hs[:0].sum()  # 0, but in the graph like the active terms

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .contract import Spec, acc_dtype_of
-from .penalties import (Penalties, hidden_norms, posthoc_terms, step_mask,
+from .penalties import (Penalties, Weights, hidden_norms, posthoc_terms, step_mask,
                         to_processing_order)
 
 SAVE_X_PROJ = False
@@ -204,10 +204,12 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
 
 def naive(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
           c0: Optional[torch.Tensor], *, cell: str, theta: float, penalties: Penalties,
-          lengths: Optional[torch.Tensor], reverse: bool):
+          lengths: Optional[torch.Tensor], reverse: bool, weights: Optional[Weights] = None):
     """Plain-autograd recurrence with post-hoc penalties (the oracle of ``forward``/``backward``).
 
-    Returns ``(output, h_n, c_n, terms [3], norms [T+1, B])``, differentiable by autograd.
+    Returns ``(output, h_n, c_n, terms [3], norms [T+1, B])``, differentiable by autograd to
+    any order and composable with ``torch.func`` transforms.  ``weights`` (the divided
+    coefficients of a :class:`Spec`) replaces the coefficients of ``penalties`` when given.
     """
     T, B, _ = x_proj.shape
     H = w_hh.shape[1]
@@ -234,10 +236,26 @@ def naive(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         h = torch.where(valid[k], h_new, h)
         states.append(torch.where(valid[k], h_new, torch.zeros_like(h_new)))
     hs = torch.stack(states, 0)
-    terms = posthoc_terms(h0.to(acc), hs, penalties, lengths)
+    terms = posthoc_terms(h0.to(acc), hs, penalties, lengths, weights)
     with torch.no_grad():
         norms = hidden_norms(torch.cat([h0.to(acc).unsqueeze(0), hs], 0), penalties.ns_eps)
         norms[1:] = torch.where(valid[..., 0], norms[1:], 0.0)
     output = to_processing_order(hs, lengths, reverse).to(x_proj.dtype)
     c_n = c.to(x_proj.dtype) if cell == "lstm" else None
     return output, h.to(x_proj.dtype), c_n, terms, norms
+
+
+def naive_from_spec(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
+                    c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
+                    lengths: Optional[torch.Tensor]):
+    """:func:`naive` driven by a backend :class:`Spec` (the weights already divided).
+
+    The differentiable twin of any backend's ``forward`` on the same arguments, used by
+    ``ops`` to build higher-order graphs.  Returns ``(output, h_n, c_n, terms)``.
+    """
+    pen = Penalties(ns_include_initial=spec.ns_include_initial, ns_eps=spec.ns_eps,
+                    ar_mask=ar_mask)
+    output, h_n, c_n, terms, _ = naive(
+        x_proj, w_hh, h0, c0, cell=spec.cell, theta=spec.theta, penalties=pen,
+        lengths=lengths, reverse=spec.reverse, weights=Weights(spec.w_ns, spec.w_tar, spec.w_ar))
+    return output, h_n, c_n, terms

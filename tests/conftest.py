@@ -19,3 +19,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Hypothesis profiles: "ci" (default; a small fixed budget, derandomized so CI is
+# reproducible) and "long" for local runs: python -m pytest --hypothesis-profile=long
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test extra; the property tests skip without it
+    pass
+else:
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                   print_blob=True)
+    settings.register_profile("ci", max_examples=12, derandomize=True, **_common)
+    settings.register_profile("long", max_examples=400, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

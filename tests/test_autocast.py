@@ -1,0 +1,61 @@
+"""The modules under torch.autocast behave like torch.nn.LSTM / nn.RNN (issue 10, item 4):
+the recurrence runs in the autocast dtype, outputs and states come back in it, fp32 weights
+get fp32 gradients, penalties accumulate in fp32.  CPU autocast only (no GPU here)."""
+import pytest
+import torch
+from torch import nn
+
+import rnnreg_kernels.ops as ops
+from rnnreg_kernels import LSTM, RNN
+
+
+@pytest.mark.parametrize("kind", ["lstm", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("given_hx", [False, True])
+def test_cpu_autocast_like_torch_nn(kind, dtype, given_hx, monkeypatch):
+    torch.manual_seed(0)
+    if kind == "lstm":
+        ref, ours = nn.LSTM(3, 8, 2), LSTM(3, 8, 2, tar=1.0, ar=0.5, norm_stabilizer=1.0)
+    else:
+        ref = nn.RNN(3, 8, 2, nonlinearity="tanh")
+        ours = RNN(3, 8, 2, nonlinearity="tanh", tar=1.0, ar=0.5, norm_stabilizer=1.0)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 4, 3)
+    hx = None
+    if given_hx:
+        z = torch.zeros(2, 4, 8)
+        hx = (z, z) if kind == "lstm" else z
+    seen = []
+    real = ops.recurrence
+
+    def spy(x_proj, *a, **k):
+        seen.append(x_proj.dtype)
+        return real(x_proj, *a, **k)
+    monkeypatch.setattr("rnnreg_kernels.modules.recurrence", spy)
+    results = []
+    models = (ref, ours)
+    if kind == "lstm" and dtype == torch.float16:
+        models = (ours,)  # torch 2.13's nn.LSTM fails there (oneDNN has no fp16 CPU LSTM)
+    for m in models:
+        with torch.autocast("cpu", dtype):
+            out, h = m(x, hx)
+        flat = [out] + (list(h) if isinstance(h, tuple) else [h])
+        results.append(flat)
+        loss = sum(t.float().sum() for t in flat)
+        if m is ours:
+            assert ours.penalty.dtype == torch.float32
+            assert all(t.dtype == torch.float32 for t in ours.penalty_terms.values())
+            loss = loss + ours.penalty
+        loss.backward()
+    assert seen and all(s == dtype for s in seen)  # the recurrence ran in the autocast dtype
+    if len(models) == 1:
+        assert all(t.dtype == dtype for t in results[0])
+        assert all(q.grad.dtype == torch.float32 for q in ours.parameters())
+        return
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == dtype
+        # same math in the same low precision: within a few low-precision ulps of nn's
+        eps = torch.finfo(dtype).eps
+        assert (a.float() - b.float()).abs().max() <= 8 * eps * max(1.0, b.float().abs().max())
+    for (name, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert q.grad.dtype == p.grad.dtype == torch.float32, name

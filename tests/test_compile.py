@@ -1,0 +1,105 @@
+"""torch.compile over the modules: fullgraph (no graph break), eager values and gradients,
+no recompile per sequence length (issue 10, item 3).  CPU only here: the triton / cuda
+backends go through the same custom ops (rnnreg_kernels/library.py) but were not compiled
+on a GPU."""
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from rnnreg_kernels import LSTM, RNN
+from rnnreg_kernels.library import _saved_layout
+
+
+class Model(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size * rnn.num_directions, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out).pow(2).mean() + self.rnn.penalty
+
+
+def _grads(model, x):
+    loss = model(x)
+    return [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LSTM(3, 5, 2, norm_stabilizer=1.0, tar=0.5, ar=0.3),
+    lambda: RNN(3, 5, nonlinearity="tanh", bidirectional=True, tar=1.0, ar=0.5)])
+def test_fullgraph_matches_eager_and_does_not_recompile_per_length(make):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model(make())
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
+    for T in (5, 8, 11):
+        x = torch.randn(T, 3, 3)
+        got, expect = _grads(compiled, x), _grads(model, x)
+        for a, b in zip(got, expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the first length compiles static, the second marks T dynamic; the third reuses it
+    assert cnt.frame_count <= 2, cnt.frame_count
+
+
+def test_mark_dynamic_compiles_once():
+    torch._dynamo.reset()
+    model = Model(LSTM(3, 4, tar=1.0))
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
+    for T in (4, 6, 9):
+        x = torch.randn(T, 2, 3)
+        torch._dynamo.mark_dynamic(x, 0)
+        _grads(compiled, x)
+    assert cnt.frame_count == 1
+
+
+def test_inductor_fullgraph_values_and_grads():
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    model = Model(LSTM(3, 4, ar=1.0, tar=1.0))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(6, 2, 3)
+    for a, b in zip(_grads(compiled, x), _grads(model, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_ops_pass_opcheck():
+    from rnnreg_kernels.library import recurrence_fwd
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(3, 2, 20, generator=g), torch.randn(20, 5, generator=g) * 0.3,
+            torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g), None,
+            torch.tensor([3, 2]), "reference", "lstm", 1.0, 0.5, 0.5, 0.5, False, 1e-9,
+            True, False)
+    torch.library.opcheck(recurrence_fwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fake_saved_layout_matches_the_backends(cell, dtype):
+    """The fake impl's saved shapes equal what each CPU-runnable backend really saves
+    (triton under the interpreter); cuda's layout is from its docstring (no GPU here)."""
+    from rnnreg_kernels.library import recurrence_fwd
+    T, B, H = 3, 2, 5
+    G = 4 if cell == "lstm" else 1
+    backends = ["reference"]
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")
+    for backend in backends:
+        outs = recurrence_fwd(torch.randn(T, B, G * H, dtype=dtype),
+                              torch.randn(G * H, H, dtype=dtype) * 0.3,
+                              torch.randn(B, H, dtype=dtype),
+                              torch.randn(B, H, dtype=dtype) if cell == "lstm" else None,
+                              None, None, backend, cell, 1.0, 0.0, 0.0, 0.0, False, 1e-9,
+                              False, False)
+        layout = _saved_layout(backend, cell, dtype, T, B, H)
+        assert len(outs) == 5 + len(layout)
+        for t, slot in zip(outs[5:], layout):
+            if slot is None:
+                assert t.shape == (0,)
+            else:
+                assert (tuple(t.shape), t.dtype) == slot
