@@ -15,10 +15,13 @@ import torch
 from .contract import CELLS, Spec, gates_of
 from .penalties import Penalties, penalty_weights
 
-BACKENDS = ("auto", "reference", "naive", "triton", "cuda")
+BACKENDS = ("auto", "reference", "naive", "triton", "cuda", "native")
 _FUSED = ("triton", "cuda")  # auto's order of preference on CUDA tensors
+# auto's choice after the fused backends (CUDA) / on the CPU: PyTorch's own recurrence where it
+# runs the case (every cell but trec), else the reference loop.  Measured: docs/native.md.
+_FALLBACK = ("native", "reference")
 _MODULES = {"reference": "rnnreg_kernels.reference", "triton": "rnnreg_kernels.triton",
-            "cuda": "rnnreg_kernels.cuda"}
+            "cuda": "rnnreg_kernels.cuda", "native": "rnnreg_kernels.native"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,9 +76,11 @@ def backend_problem(name: str, spec: Optional[Spec], x_proj: torch.Tensor,
 def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> str:
     """The backend that will run: ``backend`` itself, or auto's choice.
 
-    ``auto`` honours the environment variable ``RNNREG_BACKEND``; then CPU tensors use
-    ``reference`` and CUDA tensors the first fused backend of ``("triton", "cuda")`` that
-    supports the case, else ``reference``.
+    ``auto`` honours the environment variable ``RNNREG_BACKEND``; then CUDA tensors use the
+    first fused backend of ``("triton", "cuda")`` that supports the case (no GPU measurement
+    is committed yet to say where ``native`` is faster), and every other case ``native``
+    (PyTorch's own recurrence + the fused penalty pass; measured faster than ``reference`` on
+    the CPU, docs/native.md) where it runs the cell, else ``reference`` (``trec``).
     """
     name = backend
     if name == "auto":
@@ -93,6 +98,9 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
         for cand in _FUSED:
             if backend_problem(cand, spec, x_proj, w_hh) is None:
                 return cand
+    for cand in _FALLBACK:
+        if backend_problem(cand, spec, x_proj, w_hh) is None:
+            return cand
     return "reference"
 
 
@@ -172,7 +180,8 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         penalties: :class:`Penalties` (None = all off).
         lengths: ``[B]`` valid steps per row, each in 1..T, or None (all T).
         reverse: run time backwards (each row from its own last valid position).
-        backend: ``"auto"``, ``"reference"``, ``"naive"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"reference"``, ``"naive"``, ``"triton"``, ``"cuda"`` or
+            ``"native"`` (PyTorch's own RNN kernels + the fused penalty pass; no ``trec``).
         theta: threshold of the ``trec`` cell.
 
     Returns:
@@ -250,6 +259,10 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     if name == "naive":
         output, h_n, c_n, terms, norms = _naive(x_proj, w_hh, h0, c0, cell, spec, penalties,
                                                 lengths)
+    elif name == "native":
+        from .native import recurrence as _native
+        output, h_n, c_n, terms, norms = _native(x_proj, w_hh, h0, c0, spec, penalties,
+                                                 lengths)
     else:
         output, h_n, c_n, terms, norms = _Recurrence.apply(
             backend_module(name), spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
