@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import native_modules
 from .contract import acc_dtype_of
 from .ops import recurrence
 from .penalties import TERM_NAMES, Penalties
@@ -354,7 +355,8 @@ class _RecurrentBase(nn.Module):
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
             c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
-            self.hidden_norms = [n.index_select(1, unsorted_indices) for n in self.hidden_norms]
+            self.hidden_norms = [None if n is None else n.index_select(1, unsorted_indices)
+                                 for n in self.hidden_norms]
         hidden_out = (h_n, c_n) if is_lstm else h_n
         if packed:
             flat = out.reshape(steps * batch, out.shape[-1]).index_select(0, positions)
@@ -376,6 +378,10 @@ class _RecurrentBase(nn.Module):
 
     def _layers(self, x, h0, c0, lengths, masks):
         """Time-major ``[T, B, F]`` -> (``[T, B, D*H]``, ``h_n``, ``c_n``); sets the extras."""
+        # --- native backend: whole layers / the whole stack through torch._VF (its own file)
+        if native_modules.use_native(self, x):
+            return native_modules.run_layers(self, x, h0, c0, lengths, masks)
+        # --- every other backend: one recurrence() per layer and direction
         is_lstm = self._cell == "lstm"
         directions = self.num_directions
         terms = dict.fromkeys(TERM_NAMES)
