@@ -1,14 +1,17 @@
 """rnnreg_kernels: fused RNN kernels with in-kernel activation regularizers.
 
 Public names: :func:`recurrence` (the op), :class:`RecurrenceOutput`, :class:`Terms`,
-:class:`Penalties`, and the drop-in modules :class:`LSTM`, :class:`RNN`, :class:`IRNN`.
+:class:`Penalties`, :func:`activation_penalties` (the fused penalty pass over any RNN's
+output), and the drop-in modules :class:`LSTM`, :class:`RNN`, :class:`IRNN`.
 Importing never touches a GPU.
 """
 from .ops import BackendUnavailableError, RecurrenceOutput, Terms, recurrence
 from .penalties import Penalties
+from .native import activation_penalties
 from .modules import IRNN, LSTM, RNN
 
 __version__ = "0.1.0"
 
-__all__ = ["recurrence", "RecurrenceOutput", "Terms", "Penalties", "LSTM", "RNN", "IRNN",
+__all__ = ["recurrence", "RecurrenceOutput", "Terms", "Penalties", "activation_penalties",
+           "LSTM", "RNN", "IRNN",
            "BackendUnavailableError", "__version__"]

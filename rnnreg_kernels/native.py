@@ -199,7 +199,8 @@ def _backward(states, h0, ar_mask, lengths, saved, g_terms, cfg: _Pass):
         num = dp - dnext
         if d0 is not None:
             num = num.scatter_add(0, first.view(1, B), d0.view(1, B))
-            grad_h0 = ((-s_ns * d0 / n0).unsqueeze(-1) * h0.to(acc)).to(h0.dtype)
+            c0 = torch.where(n0 > 0, -s_ns * d0 / torch.where(n0 > 0, n0, 1.0), 0.0)
+            grad_h0 = (c0.unsqueeze(-1) * h0.to(acc)).to(h0.dtype)
         safe = torch.where(nt > 0, nt, torch.ones_like(nt))
         coef = torch.where(nt > 0, s_ns * num / safe, torch.zeros_like(nt))
     need_tar = cfg.w_tar != 0.0 and T > 1
