@@ -97,7 +97,7 @@ SETS: Dict[str, ShapeSet] = {s.name: s for s in [
         Shape("relu", 256, 32, 100),
     ), "CPU comparison (native and reference backends vs nn.LSTM + eager post-hoc "
        "penalties, nn.LSTM + torch.compile'd post-hoc and nn.LSTM + activation_penalties); "
-       "the headline is LSTM H=256, B=32, T=100, training step", warmup=2, reps=7),
+       "the headline is LSTM H=256, B=32, T=100, training step", warmup=3, reps=15),
     ShapeSet("char", "cuda", (_lstm(1000, 32, 100), _lstm(1000, 128, 100)),
              "character-level LM: LSTM H=1000, B=32/128, T=100", _GPU_DTYPES),
     ShapeSet("word", "cuda", (Shape("lstm", 650, 20, 35, layers=2),),
