@@ -37,7 +37,11 @@ in awd-lstm-lm (``F.dropout`` on the weight, one mask per forward and weight, sc
 1/(1-p)); weights are read by attribute name at every forward, so awd-lstm-lm's ``WeightDrop``
 (which replaces ``module.weight_hh_l0`` by a plain tensor before each forward) keeps working;
 ``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
-"cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``).
+"cuda", "native") may be changed after construction.  When it resolves to ``native`` (``auto``
+on the CPU), :mod:`rnnreg_kernels.native_modules` runs whole layers through PyTorch's own RNN
+kernels instead of one ``recurrence`` per layer and direction; a stack with
+``penalty_layers="last"`` is then one call, and ``hidden_norms`` is ``None`` for its inner
+layers.  ``proj_size > 0`` is not supported (``ValueError``).
 ``dropout`` is as in ``nn.LSTM``: ``F.dropout`` on every layer's output but the last, in
 training mode.  The classes derive from ``nn.Module``, not ``nn.RNNBase``: TorchDynamo graph-breaks
 on every ``nn.RNNBase``, and nothing here needs cuDNN's flat weight buffer.
@@ -441,7 +445,8 @@ _EXTRAS_DOC = """
         ns_eps: epsilon inside the norm (1e-9).
         penalty_layers: "last" (default) or "all": whose hidden states are penalized.
         weight_drop: DropConnect probability on every ``weight_hh`` in training mode.
-        backend: "auto", "reference", "naive", "triton" or "cuda"; may be changed later.
+        backend: "auto", "reference", "naive", "triton", "cuda" or "native"; may be changed
+            later.
 """
 
 
