@@ -32,7 +32,7 @@ def test_public_api():
 
 @pytest.mark.parametrize("mutate, exc, match", [
     (lambda a: {**a, "cell": "gru"}, ValueError, "cell: expected one of lstm, relu, tanh, trec, got 'gru'"),
-    (lambda a: {**a, "backend": "cudnn"}, ValueError, "backend: expected one of auto, reference, naive, triton, cuda, got 'cudnn'"),
+    (lambda a: {**a, "backend": "cudnn"}, ValueError, "backend: expected one of auto, reference, naive, triton, cuda, native, got 'cudnn'"),
     (lambda a: {**a, "x_proj": a["x_proj"][0]}, ValueError, r"x_proj: expected 3 dimensions"),
     (lambda a: {**a, "x_proj": a["x_proj"].int()}, TypeError, r"x_proj: expected float16.*got torch.int32"),
     (lambda a: {**a, "x_proj": a["x_proj"][..., :-1]}, ValueError, r"x_proj: expected last dimension G\*H = 4\*5 = 20.*got 19"),
