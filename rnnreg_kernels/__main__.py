@@ -1,10 +1,12 @@
-"""``python -m rnnreg_kernels {check,demo,bench}``.
+"""``python -m rnnreg_kernels {check,demo,bench,profile}``.
 
 * ``check``: float64 gradient checks of every backend that can run here, a PASS/FAIL table,
   exit status 1 on any failure (``rnnreg_kernels.check``).
 * ``demo``: IRNN on the adding problem with and without the norm-stabilizer, run far past
   the training length; table, PNG plot and JSON (``rnnreg_kernels.demo``).
 * ``bench``: kernel benchmarks (``rnnreg_kernels.bench``, imported only for this command).
+* ``profile``: static SASS profile of the kernels a plan launches, compiled for sm_90 without
+  a GPU, with estimated µs per step (``rnnreg_kernels.profile``).
 
 Exit status: 0 success, 1 a check failed (or the command failed), 2 bad arguments.
 """
@@ -16,7 +18,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("check", "demo", "bench")
+COMMANDS = ("check", "demo", "bench", "profile")
 
 
 def _command_of(argv: Sequence[str]) -> Optional[str]:
@@ -32,7 +34,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         prog="python -m rnnreg_kernels",
         description="Fused RNN kernels with activation regularizers: gradient checks, a demo, "
                     "benchmarks.")
-    sub = parser.add_subparsers(dest="command", metavar="{check,demo,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{check,demo,bench,profile}",
+                                required=True)
     p_check = sub.add_parser(
         "check", help="float64 gradcheck of every available backend (exit 1 on any failure)",
         description=(check.__doc__ or "").split("\n\n")[0])
@@ -47,6 +50,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     if _command_of(argv) == "bench":
         from rnnreg_kernels import bench
         bench.add_arguments(p_bench)
+    from rnnreg_kernels import profile
+    p_profile = sub.add_parser(
+        "profile", help="static SASS profile of the kernels a plan launches (sm_90, no GPU "
+                        "needed), estimated us per step",
+        description=(profile.__doc__ or "").split("\n\n")[0])
+    profile.add_arguments(p_profile)
     return parser
 
 
@@ -77,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo":
         from rnnreg_kernels import demo
         return demo.main(args)
+    if args.command == "profile":
+        from rnnreg_kernels import profile
+        return profile.main(args)
     from rnnreg_kernels import bench
     return int(bench.main(args) or 0)
 

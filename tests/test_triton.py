@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "tiled": dict(variant="tiled", block_b=2),
     "persistent": dict(variant="persistent", block_b=2),
-    "persistent-loop": dict(variant="persistent", block_b=2, groups=1),
+    "persistent-wide": dict(variant="persistent", block_b=4),
     "step": dict(variant="step", block_h=16, block_b=2),
 }
 PEN_ON = (0.3, 0.7, 0.5)
@@ -59,8 +59,8 @@ PER_CELL = {
 }
 F64_CASES = [(v, c, cfg) for v in ("tiled", "persistent", "step")
              for c, cfgs in PER_CELL.items() for cfg in cfgs]
-F64_CASES += [("persistent-loop", "lstm", "ragged-rev-H5"),
-              ("persistent-loop", "relu", "ragged-fwd-H50")]
+F64_CASES += [("persistent-wide", "lstm", "ragged-rev-H5"),
+              ("persistent-wide", "relu", "ragged-fwd-H50")]
 
 
 def make_case(cell, config, dtype, seed=0, tf32=False):

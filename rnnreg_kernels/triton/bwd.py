@@ -8,10 +8,10 @@ between steps), ``gh0``, ``gc0 [B, H]``.  ``grad_w_hh`` is one GEMM in the launc
 import triton
 import triton.language as tl
 
-from .step import (bwd_step, dot_acc, gate_cols, grid_barrier, ns_initial_grad, tile_rows,
+from .step import (act_cols, bwd_step, dot_acc, gate_cols, grid_barrier, ns_initial_grad, tile_rows,
                    wide)
 
-_NO_SPEC = ["T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"]
+_NO_SPEC = ["T", "B", "has_len", "has_mask", "rev", "ns_init", "k"]
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC: tl.co
 @triton.jit
 def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.constexpr):
     m = tl.load(mask_ptr + rows[:, None] * H + units[None, :],
-                mask=(row_ok[:, None] & unit_ok[None, :]) & (has_mask != 0), other=1.0)
+                mask=tl.where(has_mask != 0, row_ok[:, None] & unit_ok[None, :], False), other=1.0)
     m = tl.where(has_mask != 0, m.to(ACC), 1.0)
     return m * m
 
@@ -72,6 +72,7 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr
     units = tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(0, H, G, BH)
+    acols = act_cols(0, G, BH)
     # W_hh tile [G*BH (gate rows, interleaved), BH]
     wb = tl.load(w_ptr + xcols[:, None] * H + units[None, :],
                  mask=col_ok[:, None] & unit_ok[None, :], other=0.0)
@@ -81,7 +82,7 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr
     dc = tl.zeros([BB, BH], ACC)
     for j in range(0, T):
         k = T - j
-        dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+        dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
                           out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
                           ghn_ptr, gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
                           CELL, G, BB, BH, ACC)
@@ -95,67 +96,45 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr
 
 
 @triton.jit
-def _dz_w(kn, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, w0, w1, w2, w3, B, H, rev,
+def _dz_w(kn, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev,
           G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-          HOLD: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
+          ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
     """``dz_{kn} @ W_hh[:, units]`` ``[BB, BH]`` (0 for rows where step kn is invalid).
 
-    dz is read from ``gx`` at the position of step kn.  ``HOLD``: the slice's W_hh columns
-    are held per gate in ``w0..w3 [BK, BH]`` (BK >= H); else streamed in BK-chunks.
+    dz is read from ``gx`` at the position of step kn; W_hh is streamed in BK-chunks.
     """
     ok = row_ok & (kn <= L)
     pos = tl.where(rev != 0, L - kn, kn - 1).to(tl.int64)
     base = gx_ptr + (pos * B + rows)[:, None] * (G * H)
     acc = tl.zeros([BB, BH], ACC)
-    if HOLD:
-        kk = tl.arange(0, BK)
-        m = ok[:, None] & (kk < H)[None, :]
-        a = tl.load(base + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
-        acc = dot_acc(a, w0, acc, ACC_F64, TF32)
-        if G == 4:
-            a = tl.load(base + H + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
-            acc = dot_acc(a, w1, acc, ACC_F64, TF32)
-            a = tl.load(base + 2 * H + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
-            acc = dot_acc(a, w2, acc, ACC_F64, TF32)
-            a = tl.load(base + 3 * H + kk[None, :], mask=m, other=0.0, cache_modifier=".cg")
-            acc = dot_acc(a, w3, acc, ACC_F64, TF32)
-    else:
-        for g in tl.static_range(G):
-            for k0 in range(0, H, BK):
-                kk = k0 + tl.arange(0, BK)
-                kok = kk < H
-                a = tl.load(base + g * H + kk[None, :], mask=ok[:, None] & kok[None, :],
-                            other=0.0, cache_modifier=".cg")
-                wc = tl.load(w_ptr + (g * H + kk)[:, None].to(tl.int64) * H + units[None, :],
-                             mask=kok[:, None] & unit_ok[None, :], other=0.0)
-                acc = dot_acc(a, wc, acc, ACC_F64, TF32)
+    for g in tl.static_range(G):
+        for k0 in range(0, H, BK):
+            kk = k0 + tl.arange(0, BK)
+            kok = kk < H
+            a = tl.load(base + g * H + kk[None, :], mask=ok[:, None] & kok[None, :],
+                        other=0.0, cache_modifier=".cg")
+            wc = tl.load(w_ptr + (g * H + kk)[:, None].to(tl.int64) * H + units[None, :],
+                         mask=kok[:, None] & unit_ok[None, :], other=0.0)
+            acc = dot_acc(a, wc, acc, ACC_F64, TF32)
     return acc
 
 
 @triton.jit
-def _w_cols(w_ptr, g, units, unit_ok, H, BK: tl.constexpr):
-    kk = tl.arange(0, BK)
-    return tl.load(w_ptr + (g * H + kk)[:, None].to(tl.int64) * H + units[None, :],
-                   mask=(kk < H)[:, None] & unit_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, col_ok, m2, w0, w1, w2, w3,
+def _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m2,
               out_ptr, w_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr,
               gcn_ptr, gx_ptr, dc_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
               CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-              BK: tl.constexpr, HOLD: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr,
-              TF32: tl.constexpr):
+              BK: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
     """Backward step k of one (batch tile, hidden slice); dc lives in ``dc_ptr [B, H]``."""
-    dh_rec = _dz_w(k + 1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, w0, w1, w2, w3,
-                   B, H, rev, G, BB, BH, BK, HOLD, ACC, ACC_F64, TF32)
+    dh_rec = _dz_w(k + 1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev, G, BB,
+                   BH, BK, ACC, ACC_F64, TF32)
     noff = rows[:, None] * H + units[None, :]
     um = row_ok[:, None] & unit_ok[None, :]
     if CELL == 0:
         dc = tl.load(dc_ptr + noff, mask=um, other=0.0)
     else:
         dc = dh_rec
-    dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+    dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
                       out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr,
                       gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, CELL, G, BB, BH,
                       ACC)
@@ -163,61 +142,139 @@ def _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, col_ok, m2, w0, w1, w2,
         tl.store(dc_ptr + noff, dc, mask=um)
 
 
+@triton.jit
+def _w_gate(wb_ptr, g, u0, HF: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr,
+            KC: tl.constexpr, NHB):
+    """Gate g of the slice's W_hh columns as ``[KS, BH, KC]``: ``[s, j, c]`` = W[g*H + s*KC +
+    c, u0 + j] (from ``wb [G, NH*BH, HF]``, see ``launch.transpose_w``); ``[BH, KC]`` for
+    KS = 1."""
+    j = tl.arange(0, BH)
+    c = tl.arange(0, KC)
+    row = (g * NHB + u0 + j).to(tl.int64) * HF
+    if KS == 1:
+        w = tl.load(wb_ptr + row[:, None] + c[None, :])
+    else:
+        s = tl.arange(0, KS)
+        w = tl.load(wb_ptr + row[None, :, None] + (s[:, None, None] * KC + c[None, None, :]))
+    return w
+
+
+@triton.jit
+def _dz_offsets(rows, HF: tl.constexpr, G: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr):
+    """Offsets of gate 0 in one exchange slot, transposed and split over K: ``[KS, KC, BB]``
+    (``[KC, BB]`` for KS = 1); gate g is at ``+ g * HF``.  One offset tensor serves all
+    gates (fewer live registers than one per gate)."""
+    c = tl.arange(0, KC)
+    if KS == 1:
+        off = (rows * (G * HF))[None, :] + c[:, None]
+    else:
+        s = tl.arange(0, KS)
+        off = (rows * (G * HF))[None, None, :] + (s[:, None, None] * KC + c[None, :, None])
+    return off
+
+
+@triton.jit
+def _dz_gate(src, g, off, row_ok, HF: tl.constexpr, KS: tl.constexpr):
+    """Gate g of one exchange slot (see ``_dz_offsets``)."""
+    if KS == 1:
+        ok = row_ok[None, :]
+    else:
+        ok = row_ok[None, None, :]
+    return tl.load((src + g * HF) + off, mask=ok, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _dh_rec(src, off, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
+            BB: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
+            ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
+    """``dz @ W_hh[:, units]`` ``[BB, BH]`` from the exchange slot ``src``: per gate a batched
+    product over KS K-slices (one per warp, no replicated MACs) into its own accumulator,
+    then the gates' and slices' partial sums."""
+    if KS == 1:
+        z = tl.zeros([BH, BB], ACC)
+    else:
+        z = tl.zeros([KS, BH, BB], ACC)
+    acc = dot_acc(w0, _dz_gate(src, 0, off, row_ok, HF, KS), z, ACC_F64, TF32)
+    if G == 4:
+        a1 = dot_acc(w1, _dz_gate(src, 1, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        a2 = dot_acc(w2, _dz_gate(src, 2, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        a3 = dot_acc(w3, _dz_gate(src, 3, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        acc = (acc + a1) + (a2 + a3)
+    if KS == 1:
+        dh = tl.trans(acc)
+    else:
+        dh = tl.trans(tl.sum(acc, axis=0))
+    return dh
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
-def bwd_persistent(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr,
+def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr,
                    norms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr, gx_ptr, gh0_ptr, gc0_ptr,
-                   dc_ptr, bar_ptr,
+                   dzbuf_ptr, bar_ptr,
                    T, B, H, has_len, has_mask, rev, ns_init, w_ns, w_ns_lo, w_tar, w_tar_lo,
                    w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
-                   BH: tl.constexpr, BK: tl.constexpr, HOLD: tl.constexpr, ACC: tl.constexpr,
+                   BH: tl.constexpr, HF: tl.constexpr, KS: tl.constexpr, ACC: tl.constexpr,
                    ACC_F64: tl.constexpr, TF32: tl.constexpr):
     """One launch for the reverse loop.  Grid ``(NH, NB)`` as in ``fwd_persistent``: program
-    (p, q) owns units ``p*BH ..`` and the batch tiles q, q+NB, ...; ``HOLD`` keeps the
-    columns ``W_hh[:, units]`` (per gate ``[BK, BH]``) in registers.  Programs exchange dz
-    through ``gx`` and meet at the barrier ``bar[q]`` after each step.  ``dc [B, H]`` (ACC)
-    carries the LSTM cell gradient.
+    (p, q) owns units ``p*BH ..`` of batch tile q and keeps the LSTM cell gradient in
+    registers; the NH programs of tile q meet at ``bar[q]`` after each step.
+
+    The recurrent gradient of step k is ``dz_{k+1} @ W_hh[:, units]``, computed transposed,
+    gate by gate, with the K dimension split over KS slices (``_dh_rec``); the slice's
+    columns of W_hh stay on chip (``wb [G, NH*BH, HF]``: gate g, unit u, row k = W[g*H + k,
+    u], zero-padded).  dz is exchanged through ``dzbuf [2, B, G*HF]`` (input dtype, zero
+    padding, slot k % 2 holds dz_k in processing order; rows of an invalid step hold zeros).
     """
     pid = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    q = tl.program_id(1)
     NH = tl.num_programs(0)
-    stride = tl.num_programs(1) * BB
-    bar = bar_ptr + pid_b
+    NHB = NH * BH
+    bar = bar_ptr + q
     u0 = pid * BH
     units = u0 + tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(u0, H, G, BH)
-    if HOLD:
-        w0 = _w_cols(w_ptr, 0, units, unit_ok, H, BK)
-        if G == 4:
-            w1 = _w_cols(w_ptr, 1, units, unit_ok, H, BK)
-            w2 = _w_cols(w_ptr, 2, units, unit_ok, H, BK)
-            w3 = _w_cols(w_ptr, 3, units, unit_ok, H, BK)
-        else:
-            w1 = w0
-            w2 = w0
-            w3 = w0
+    acols = act_cols(u0, G, BH)
+    rows, row_ok, L = tile_rows(q * BB, B, T, len_ptr, has_len, BB)
+    KC: tl.constexpr = HF // KS
+    w0 = _w_gate(wb_ptr, 0, u0, HF, BH, KS, KC, NHB)
+    if G == 4:
+        w1 = _w_gate(wb_ptr, 1, u0, HF, BH, KS, KC, NHB)
+        w2 = _w_gate(wb_ptr, 2, u0, HF, BH, KS, KC, NHB)
+        w3 = _w_gate(wb_ptr, 3, u0, HF, BH, KS, KC, NHB)
     else:
-        w0 = w_ptr
-        w1 = w_ptr
-        w2 = w_ptr
-        w3 = w_ptr
+        w1 = w0
+        w2 = w0
+        w3 = w0
     c_ns, c_tar, c_ar = _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC)
+    m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
+    um = row_ok[:, None] & unit_ok[None, :]
+    # own gate columns of a slot: gate g of unit u at g*HF + u
+    n = tl.arange(0, G * BH)
+    dcols = (n % G) * HF + u0 + n // G
+    dslot = rows[:, None] * (G * HF) + dcols[None, :]
+    dmask = row_ok[:, None] & col_ok[None, :]
+    SLOT = B * G * HF
+    doff = _dz_offsets(rows, HF, G, KS, KC)
+    dc = tl.zeros([BB, BH], ACC)
     for j in range(0, T):
         k = T - j
-        for b0 in range(pid_b * BB, B, stride):
-            rows, row_ok, L = tile_rows(b0, B, T, len_ptr, has_len, BB)
-            m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-            _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, col_ok, m2, w0, w1, w2, w3,
-                      out_ptr, w_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
-                      ghn_ptr, gcn_ptr, gx_ptr, dc_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
-                      CELL, G, BB, BH, BK, HOLD, ACC, ACC_F64, TF32)
+        dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G,
+                         BB, BH, KS, KC, ACC, ACC_F64, TF32)
+        dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
+                          out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
+                          ghn_ptr, gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
+                          CELL, G, BB, BH, ACC)
+        tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
+                 mask=dmask)
         grid_barrier(bar, (j + 1) * NH)
-    for b0 in range(pid_b * BB, B, stride):
-        rows, row_ok, L = tile_rows(b0, B, T, len_ptr, has_len, BB)
-        dh_rec = _dz_w(1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, w0, w1, w2, w3,
-                       B, H, rev, G, BB, BH, BK, HOLD, ACC, ACC_F64, TF32)
-        _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh0_ptr,
-                 gc0_ptr, B, H, ns_init, c_ns, CELL, ACC)
+    dh_rec = _dh_rec(dzbuf_ptr + (1 % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G, BB, BH,
+                     KS, KC, ACC, ACC_F64, TF32)
+    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
+                   ns_init, c_ns, ACC)
+    if CELL == 0:
+        tl.store(gc0_ptr + rows[:, None] * H + units[None, :], dc.to(gc0_ptr.dtype.element_ty),
+                 mask=um)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -238,16 +295,17 @@ def bwd_step_launch(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, 
     units = u0 + tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(u0, H, G, BH)
+    acols = act_cols(u0, G, BH)
     rows, row_ok, L = tile_rows(pid_b * BB, B, T, len_ptr, has_len, BB)
     c_ns, c_tar, c_ar = _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC)
     if k >= 1:
         m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-        _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, col_ok, m2, w_ptr, w_ptr, w_ptr,
-                  w_ptr, out_ptr, w_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
-                  ghn_ptr, gcn_ptr, gx_ptr, dc_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
-                  CELL, G, BB, BH, BK, False, ACC, ACC_F64, TF32)
+        _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m2, out_ptr, w_ptr,
+                  h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr, gcn_ptr,
+                  gx_ptr, dc_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, CELL, G, BB, BH, BK,
+                  ACC, ACC_F64, TF32)
     else:
-        dh_rec = _dz_w(1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, w_ptr, w_ptr, w_ptr,
-                       w_ptr, B, H, rev, G, BB, BH, BK, False, ACC, ACC_F64, TF32)
+        dh_rec = _dz_w(1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev, G, BB, BH,
+                       BK, ACC, ACC_F64, TF32)
         _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh0_ptr,
                  gc0_ptr, B, H, ns_init, c_ns, CELL, ACC)

@@ -9,16 +9,16 @@ per-program penalty sums; the launcher adds them up).  ``heps = H * ns_eps``.
 import triton
 import triton.language as tl
 
-from .step import (dot_acc, fwd_penalty, fwd_step, gate_cols, grid_barrier, load_h_op,
-                   load_state, ns_step, tile_rows, wide)
+from .step import (act_cols, dot_acc, fwd_penalty, fwd_step, gate_cols, grid_barrier, load_h_op,
+                   load_state, load_x, ns_step, tile_rows, wide)
 
-_NO_SPEC = ["T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"]
+_NO_SPEC = ["T", "B", "has_len", "has_mask", "rev", "ns_init", "k"]
 
 
 @triton.jit
 def _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.constexpr):
     m = tl.load(mask_ptr + rows[:, None] * H + units[None, :],
-                mask=(row_ok[:, None] & unit_ok[None, :]) & (has_mask != 0), other=1.0)
+                mask=tl.where(has_mask != 0, row_ok[:, None] & unit_ok[None, :], False), other=1.0)
     return tl.where(has_mask != 0, m.to(ACC), 1.0)
 
 
@@ -42,6 +42,7 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     units = tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(0, H, G, BH)
+    acols = act_cols(0, G, BH)
     # W_hh^T tile [BH (k), G*BH (gate columns)]
     w = tl.load(w_ptr + xcols[None, :] * H + units[:, None],
                 mask=unit_ok[:, None] & col_ok[None, :], other=0.0)
@@ -60,8 +61,9 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     acc_ar = tl.zeros([BB], ACC)
     for k in range(1, T + 1):
         hw = dot_acc(h.to(w.dtype), w, tl.zeros([BB, G * BH], ACC), ACC_F64, TF32)
-        h_new, c = fwd_step(k, hw, h, c, rows, row_ok, L, units, unit_ok, xcols, col_ok,
-                            x_ptr, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+        x = load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
+        h_new, c = fwd_step(k, x, hw, h, c, rows, row_ok, L, units, unit_ok, acols, col_ok,
+                            out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
                             CELL, G, BB, BH, ACC)
         sq, tar, ar = fwd_penalty(k, h_new, h, m, row_ok, L)
         n_k, ns = ns_step(k, tl.sqrt(sq + heps), n_prev, row_ok, L, ns_init)
@@ -77,30 +79,23 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
 
 
 @triton.jit
-def _fwd_tile(k, w_sl, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
+def _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m,
               x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr, hn_ptr, cn_ptr,
               B, H, rev, theta, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
-              BH: tl.constexpr, BK: tl.constexpr, HOLD: tl.constexpr, ACC: tl.constexpr,
+              BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
               ACC_F64: tl.constexpr, TF32: tl.constexpr):
-    """Step k of one (batch tile, hidden slice) with the state read from global memory.
-
-    ``HOLD``: ``w_sl [BK, G*BH]`` is the slice's whole W_hh^T (persistent, BK >= H); else W is
-    streamed in BK-chunks.  Returns the per-row (sum h^2 over the slice, TAR, AR) sums.
+    """Step k of one (batch tile, hidden slice) with the state read from global memory and
+    W streamed in BK-chunks.  Returns the per-row (sum h^2 over the slice, TAR, AR) sums.
     """
     idx = tl.minimum(k - 1, L)
-    if HOLD:
-        kk = tl.arange(0, BK)
-        a = load_h_op(idx, L, rows, row_ok, kk, kk < H, h0_ptr, out_ptr, B, H, rev)
-        hw = dot_acc(a, w_sl, tl.zeros([BB, G * BH], ACC), ACC_F64, TF32)
-    else:
-        hw = tl.zeros([BB, G * BH], ACC)
-        for k0 in range(0, H, BK):
-            kk = k0 + tl.arange(0, BK)
-            kok = kk < H
-            a = load_h_op(idx, L, rows, row_ok, kk, kok, h0_ptr, out_ptr, B, H, rev)
-            wc = tl.load(w_ptr + xcols[None, :] * H + kk[:, None],
-                         mask=kok[:, None] & col_ok[None, :], other=0.0)
-            hw = dot_acc(a, wc, hw, ACC_F64, TF32)
+    hw = tl.zeros([BB, G * BH], ACC)
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        kok = kk < H
+        a = load_h_op(idx, L, rows, row_ok, kk, kok, h0_ptr, out_ptr, B, H, rev)
+        wc = tl.load(w_ptr + xcols[None, :] * H + kk[:, None],
+                     mask=kok[:, None] & col_ok[None, :], other=0.0)
+        hw = dot_acc(a, wc, hw, ACC_F64, TF32)
     h_prev = load_state(idx, L, rows, row_ok, units, unit_ok, h0_ptr, out_ptr, B, H, rev,
                          row_ok, ACC)
     if CELL == 0:
@@ -108,8 +103,9 @@ def _fwd_tile(k, w_sl, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
                              row_ok, ACC)
     else:
         c_prev = h_prev
-    h, c = fwd_step(k, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_ok,
-                    x_ptr, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+    x = load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
+    h, c = fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, col_ok,
+                    out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
                     CELL, G, BB, BH, ACC)
     return fwd_penalty(k, h, h_prev, m, row_ok, L)
 
@@ -130,78 +126,123 @@ def _finalize(k, rows, row_ok, L, part_ptr, norms_ptr, NH, B, heps, ns_init, on,
     s = tl.load(part_ptr + ((k % 2) * NH + p[:, None]) * B + rows[None, :],
                 mask=(p[:, None] < NH) & ok[None, :], other=0.0, cache_modifier=".cg")
     n_k = tl.sqrt(tl.sum(s, axis=0) + heps)
-    n_prev = tl.load(norms_ptr + (k - 1) * B + rows, mask=ok & (k >= 1), other=0.0)
+    n_prev = tl.load(norms_ptr + (k - 1) * B + rows, mask=tl.where(k >= 1, ok, False),
+                     other=0.0)
     n_store, ns = ns_step(k, n_k, n_prev, row_ok, L, ns_init)
     tl.store(norms_ptr + k * B + rows, n_store, mask=ok)
     return tl.where(ok, ns, 0.0)
 
 
+@triton.jit
+def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
+    """Sum of squares of whole rows ``nrows [NR]`` of one exchange slot ``[B, HF]``."""
+    kk = tl.arange(0, HF)
+    v = tl.load(hbuf_ptr + nrows[:, None] * HF + kk[None, :], mask=n_ok[:, None], other=0.0,
+                cache_modifier=".cg").to(ACC)
+    return tl.sum(v * v, axis=1)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
-def fwd_persistent(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
+def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
                    out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, tpart_ptr,
-                   part_ptr, bar_ptr,
+                   hbuf_ptr, bar_ptr,
                    T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, heps, w_ns,
                    w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
                    CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-                   BK: tl.constexpr, NP: tl.constexpr, HOLD: tl.constexpr, ACC: tl.constexpr,
-                   ACC_F64: tl.constexpr, TF32: tl.constexpr):
-    """One launch for the whole sequence.  Grid ``(NH, NB)``: program (p, q) owns units
-    ``p*BH ..`` and the batch tiles q, q+NB, ...; the NH programs of a group meet at the
-    barrier ``bar[q]`` after each step (they must be co-resident).  ``HOLD``: the slice of
-    W_hh^T ``[BK >= H, G*BH]`` stays in registers for all steps; else it is re-read in
-    BK-chunks (from L1/L2) each step.  ``part [2, NH, B]`` holds the slices' sums of squares.
+                   BK: tl.constexpr, HF: tl.constexpr, NR: tl.constexpr, HOLD: tl.constexpr,
+                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
+    """One launch for the whole sequence.  Grid ``(NH, NB)``: program (p, q) owns the hidden
+    units ``p*BH ..`` (all G gates) of batch tile q and keeps their state (h, c) in
+    registers; the NH programs of tile q meet at the barrier ``bar[q]`` after each step.
+
+    The step product is transposed, ``(h_{k-1} W^T)^T = W_sl^T [G*BH, H] @ h_{k-1}^T [H, BB]``,
+    so the gate rows fill the MMA's M (64 rows: Hopper's warpgroup MMA) and the batch tile
+    its N.  ``wt [NH*G*BH, HF]`` is W_hh with its rows in the kernels' interleaved gate order
+    (row ``u*G + g`` = gate g of unit u), zero-padded to NH*BH units and HF = pow2(H)
+    columns (``launch.interleave_w``), so that every W load is an unmasked full-width vector
+    load.  ``HOLD``: the slice ``[G*BH, BK = HF]`` stays on chip for all steps; else it is
+    streamed in BK-chunks.  h is exchanged through ``hbuf [2, B, HF]`` (input dtype, row
+    stride HF = pow2(H) >= BK, zero padding columns), slot k % 2 holding h_k in processing
+    order, so every step reads one slot with full-width vector loads whatever the lengths
+    and direction.  Norms: after barrier k each program reduces whole rows of h_k, the rows
+    ``pid + NH*i`` of its tile (at most NR), so the reduction is spread over the programs;
+    TAR and AR are separable and summed over the program's own units.
     """
     theta = wide(theta, theta_lo, ACC)
     w_ns = wide(w_ns, w_ns_lo, ACC)
     w_tar = wide(w_tar, w_tar_lo, ACC)
     w_ar = wide(w_ar, w_ar_lo, ACC)
     pid = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    q = tl.program_id(1)
     NH = tl.num_programs(0)
-    stride = tl.num_programs(1) * BB
-    bar = bar_ptr + pid_b
+    bar = bar_ptr + q
     u0 = pid * BH
     units = u0 + tl.arange(0, BH)
     unit_ok = units < H
     xcols, col_ok = gate_cols(u0, H, G, BH)
+    acols = act_cols(u0, G, BH)
+    rows, row_ok, L = tile_rows(q * BB, B, T, len_ptr, has_len, BB)
+    kk = tl.arange(0, BK)
+    w_rows = wt_ptr + (pid * G * BH + tl.arange(0, G * BH))[:, None].to(tl.int64) * HF
     if HOLD:
-        kk = tl.arange(0, BK)
-        w_sl = tl.load(w_ptr + xcols[None, :] * H + kk[:, None],
-                       mask=(kk < H)[:, None] & col_ok[None, :], other=0.0)
+        w_t = tl.load(w_rows + kk[None, :])
+    um = row_ok[:, None] & unit_ok[None, :]
+    noff = rows[:, None] * H + units[None, :]
+    h = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
+    if CELL == 0:
+        c = tl.load(c0_ptr + noff, mask=um, other=0.0).to(ACC)
     else:
-        w_sl = w_ptr
-    first = pid == 0
-    for b0 in range(pid_b * BB, B, stride):
-        rows, row_ok, L = tile_rows(b0, B, T, len_ptr, has_len, BB)
-        sq = _h0_sq(rows, row_ok, units, unit_ok, h0_ptr, H, ACC)
-        tl.store(part_ptr + pid * B + rows, sq, mask=row_ok)
+        c = h
+    m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
+    slot = rows[:, None] * HF + units[None, :]
+    SLOT = B * HF
+    tl.store(hbuf_ptr + slot, h.to(hbuf_ptr.dtype.element_ty), mask=um)
+    # the rows whose norms this program reduces
+    li = pid + NH * tl.arange(0, NR)
+    nrows = (q * BB + li).to(tl.int64)
+    n_ok = (li < BB) & (nrows < B)
+    nL = tl.load(len_ptr + nrows, mask=tl.where(has_len != 0, n_ok, False), other=T)
+    nL = tl.where(has_len != 0, nL, T).to(tl.int64)
+    x = load_x(1, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
     grid_barrier(bar, NH)
-    for b0 in range(pid_b * BB, B, stride):
-        rows, row_ok, L = tile_rows(b0, B, T, len_ptr, has_len, BB)
-        _finalize(0, rows, row_ok, L, part_ptr, norms_ptr, NH, B, heps, ns_init, first, NP)
-    acc_ns = tl.zeros([BB], ACC)
+    n_prev = tl.sqrt(_row_norms(hbuf_ptr, nrows, n_ok, HF, ACC) + heps)
+    tl.store(norms_ptr + nrows, n_prev, mask=n_ok)
+    acc_ns = tl.zeros([NR], ACC)
     acc_tar = tl.zeros([BB], ACC)
     acc_ar = tl.zeros([BB], ACC)
     for k in range(1, T + 1):
-        for b0 in range(pid_b * BB, B, stride):
-            rows, row_ok, L = tile_rows(b0, B, T, len_ptr, has_len, BB)
-            m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-            sq, tar, ar = _fwd_tile(k, w_sl, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
-                                    x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr,
-                                    hn_ptr, cn_ptr, B, H, rev, theta, CELL, G, BB, BH, BK,
-                                    HOLD, ACC, ACC_F64, TF32)
-            tl.store(part_ptr + ((k % 2) * NH + pid) * B + rows, sq, mask=row_ok)
-            acc_tar += tar
-            acc_ar += ar
+        src = hbuf_ptr + ((k - 1) % 2) * SLOT + rows[None, :] * HF
+        if HOLD:
+            h_t = tl.load(src + kk[:, None], mask=row_ok[None, :], other=0.0,
+                          cache_modifier=".cg")
+            acc = dot_acc(w_t, h_t, tl.zeros([G * BH, BB], ACC), ACC_F64, TF32)
+        else:
+            acc = tl.zeros([G * BH, BB], ACC)
+            for k0 in range(0, H, BK):
+                h_t = tl.load(src + (k0 + kk)[:, None], mask=row_ok[None, :], other=0.0,
+                              cache_modifier=".cg")
+                w_c = tl.load(w_rows + (k0 + kk)[None, :])
+                acc = dot_acc(w_c, h_t, acc, ACC_F64, TF32)
+        h_new, c = fwd_step(k, x, tl.trans(acc), h, c, rows, row_ok, L, units, unit_ok, acols,
+                            col_ok, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+                            CELL, G, BB, BH, ACC)
+        tl.store(hbuf_ptr + (k % 2) * SLOT + slot, h_new.to(hbuf_ptr.dtype.element_ty),
+                 mask=um)
+        sq, tar, ar = fwd_penalty(k, h_new, h, m, row_ok, L)
+        acc_tar += tar
+        acc_ar += ar
+        h = h_new
+        x = load_x(k + 1, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
         grid_barrier(bar, (k + 1) * NH)
-        for b0 in range(pid_b * BB, B, stride):
-            rows, row_ok, L = tile_rows(b0, B, T, len_ptr, has_len, BB)
-            acc_ns += _finalize(k, rows, row_ok, L, part_ptr, norms_ptr, NH, B, heps, ns_init,
-                                first, NP)
-    slot = tpart_ptr + (pid_b * NH + pid) * 3
-    tl.store(slot, w_ns * tl.sum(acc_ns, axis=0))
-    tl.store(slot + 1, w_tar * tl.sum(acc_tar, axis=0))
-    tl.store(slot + 2, w_ar * tl.sum(acc_ar, axis=0))
+        n_k = tl.sqrt(_row_norms(hbuf_ptr + (k % 2) * SLOT, nrows, n_ok, HF, ACC) + heps)
+        n_store, ns = ns_step(k, n_k, n_prev, n_ok, nL, ns_init)
+        tl.store(norms_ptr + k * B + nrows, n_store, mask=n_ok)
+        n_prev = tl.where(n_ok & (k <= nL), n_k, n_prev)
+        acc_ns += ns
+    out = tpart_ptr + (q * NH + pid) * 3
+    tl.store(out, w_ns * tl.sum(acc_ns, axis=0))
+    tl.store(out + 1, w_tar * tl.sum(acc_tar, axis=0))
+    tl.store(out + 2, w_ar * tl.sum(acc_ar, axis=0))
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -235,10 +276,11 @@ def fwd_step_launch(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     if k >= 1:
         if k <= T:
             m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-            sq, tar, ar = _fwd_tile(k, w_ptr, rows, row_ok, L, units, unit_ok, xcols, col_ok, m,
+            sq, tar, ar = _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols,
+                                    act_cols(u0, G, BH), col_ok, m,
                                     x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr,
                                     hn_ptr, cn_ptr, B, H, rev, theta, CELL, G, BB, BH, BK,
-                                    False, ACC, ACC_F64, TF32)
+                                    ACC, ACC_F64, TF32)
             tl.store(part_ptr + ((k % 2) * NH + pid_h) * B + rows, sq, mask=row_ok)
             tl.store(slot + 1, tl.load(slot + 1) + w_tar * tl.sum(tar, axis=0))
             tl.store(slot + 2, tl.load(slot + 2) + w_ar * tl.sum(ar, axis=0))

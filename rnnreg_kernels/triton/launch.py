@@ -36,8 +36,11 @@ ACC_PTRS = frozenset({"act_ptr", "cs_ptr", "norms_ptr", "tpart_ptr", "part_ptr",
 INT_ARGS = frozenset({"T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"})
 CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
 TILED_MAX_W = 32768        # bytes of W_hh one tiled program holds (bf16: LSTM H <= 64, RNN 128)
-PERSISTENT_MAX_W = 65536   # bytes of the W_hh slice a persistent program holds in registers
-PERSISTENT_MAX_A = 16384   # bytes of the [BB, H] dot operand of a persistent program
+PERSISTENT_MMA_M = 64      # gate rows per persistent program: the M of a warpgroup MMA
+PERSISTENT_MAX_SMEM = 196608  # bytes of shared memory for a persistent program's W_hh slice
+                              # and h tile (sm_90 allows 227 KB per block)
+PERSISTENT_MAX_BB = 128    # largest batch tile (the MMA's N) of a persistent program
+PERSISTENT_WARPS = 8       # two warpgroups: half the registers per thread of 4 warps
 
 
 def interpreting() -> bool:
@@ -66,10 +69,13 @@ class Plan:
     """A launch configuration.
 
     ``BB`` batch rows per tile, ``BH`` hidden units per program, ``BK`` K-chunk of the step
-    product (the padded H when W is held), ``NH`` hidden slices, ``NB`` batch tiles or (for
-    ``persistent``) barrier groups in the grid, ``NP`` = pow2(NH), ``hold``: W_hh stays in
-    registers across steps (tensor-core types) or is streamed in BK-chunks (FMA types:
-    fp32 without TF32, fp64).
+    product (the padded H when W is held), ``NH`` hidden slices, ``NB`` batch tiles (for
+    ``persistent``: barrier groups of NH programs, one tile each), ``NP`` = pow2(NH),
+    ``hold``: W_hh stays on chip across steps (tensor-core types) or is streamed in
+    BK-chunks (FMA types: fp32 without TF32, fp64).  ``HF`` = pow2(H) (the row stride of the
+    persistent exchange buffer), ``NR`` the most rows whose norms one persistent program
+    reduces per step, ``KS`` the K-slices of the persistent backward's step product (one per
+    warp, at least 16 wide).
     """
 
     variant: str
@@ -81,22 +87,24 @@ class Plan:
     NP: int
     num_warps: int
     hold: bool
+    HF: int = 16
+    NR: int = 1
+    KS: int = 1
 
 
 def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
          tf32: bool = False, variant: Optional[str] = None, block_h: Optional[int] = None,
-         block_b: Optional[int] = None, groups: Optional[int] = None,
-         sm_count: Optional[int] = None) -> Plan:
+         block_b: Optional[int] = None, sm_count: Optional[int] = None) -> Plan:
     """Choose the launch variant and its tiles (the rule is documented in docs/triton.md).
 
     Tensor-core types (fp16, bf16, fp32 with TF32): ``tiled`` when W_hh fits one program
-    (G * pow2(H)^2 * size <= TILED_MAX_W); else ``persistent`` holding W slices when the
-    slices fit the co-resident grid (one program per SM) and a slice fits on chip; else
-    ``step``.  FMA types (fp32 without TF32, fp64): ``persistent`` streaming W (from L1/L2)
-    when the slices fit the co-resident grid; else ``step``.
-    ``variant`` (or env ``RNNREG_TRITON_VARIANT``), ``block_h``, ``block_b`` and ``groups``
-    (persistent barrier groups) override the choice; ``sm_count`` plans for a GPU with that
-    many SMs (compile checks without a GPU).
+    (G * pow2(H)^2 * size <= TILED_MAX_W); else ``persistent`` when a grid of hidden slices
+    x batch tiles fits the co-resident programs (one per SM) with a W_hh slice and the h
+    tile in shared memory; else ``step``.  FMA types (fp32 without TF32; fp64 in the
+    interpreter) take ``step`` on a GPU (an FMA product cannot use the tensor cores and its
+    held operands would not fit the registers) and ``persistent`` in the interpreter.
+    ``variant`` (or env ``RNNREG_TRITON_VARIANT``), ``block_h`` and ``block_b`` override the
+    choice; ``sm_count`` plans for a GPU with that many SMs (compile checks without a GPU).
     """
     if variant is None:
         variant = os.environ.get("RNNREG_TRITON_VARIANT") or None
@@ -109,54 +117,105 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
     size = torch.empty(0, dtype=dtype).element_size()
     mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and tf32)
     n_co = sm_count or _co_resident(device)
-    bh_co = _persistent_bh(G, H, n_co)
     if variant is None:
         variant = "step"
         if mma and G * hfull * hfull * size <= TILED_MAX_W:
             variant = "tiled"
-        elif mma and bh_co is not None and G * bh_co * hfull * size <= PERSISTENT_MAX_W:
-            variant = "persistent"
-        elif not mma and bh_co is not None:
+        elif ((mma or n_co == 1)
+              and _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b) is not None):
             variant = "persistent"
     if variant == "tiled":
         if block_h is not None and block_h < H:
             raise ValueError(f"block_h: the tiled variant needs block_h >= H = {H}, got "
                              f"{block_h}")
         BB = block_b or min(bb, 16)
-        return Plan("tiled", BB, hfull, hfull, 1, triton.cdiv(B, BB), 1, 8, True)
+        return Plan("tiled", BB, hfull, hfull, 1, triton.cdiv(B, BB), 1, 8, True, hfull)
     if variant == "persistent":
-        BH = block_h or bh_co or max(1, 16 // G)
-        if mma:
-            BB = block_b or min(bb, 8, max(1, PERSISTENT_MAX_A // (hfull * size)))
-            BK, warps = hfull, (16 if hfull * size > 2048 else 8)
-        else:
-            BB = block_b or min(bb, 16)
-            BK, warps = min(16, hfull), 4
-        NH = triton.cdiv(H, BH)
-        if NH > n_co:
+        tiles = _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b)
+        if tiles is None:
             raise ValueError(
-                f"variant 'persistent': {NH} hidden slices of {BH} units exceed the {n_co} "
-                f"programs that can meet at a grid barrier here"
+                f"variant 'persistent': no tiling of H = {H}, B = {B} fits the {n_co} "
+                f"programs that can meet at a grid barrier here with a W_hh slice on chip"
                 + (" (the interpreter runs programs one at a time: use block_h >= H)"
                    if interpreting() else "") + "; use variant='step'")
-        tiles = triton.cdiv(B, BB)
-        NB = groups or (tiles if NH == 1 else max(1, min(tiles, n_co // NH)))
-        return Plan("persistent", BB, BH, BK, NH, NB, _pow2(NH), warps, mma)
+        BH, BB = tiles
+        NH = triton.cdiv(H, BH)
+        BK = hfull if mma else min(32, hfull)
+        NR = _pow2(triton.cdiv(BB, NH))
+        KS = _backward_k_slices(G, BH, hfull)
+        return Plan("persistent", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH),
+                    PERSISTENT_WARPS, mma, hfull, NR, KS)
     BH = block_h or (32 if G == 1 else 8)
     BB = block_b or min(bb, 16)
     NH = triton.cdiv(H, BH)
     BK = min(64 if mma else 32, hfull)
-    return Plan("step", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH), 4, False)
+    return Plan("step", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH), 4, False, hfull)
 
 
-def _persistent_bh(G: int, H: int, n_co: int) -> Optional[int]:
-    """Smallest power-of-two slice (>= 16 gate columns) whose grid fits ``n_co`` programs."""
-    bh = max(1, 16 // G)
-    while triton.cdiv(H, bh) > n_co:
-        bh *= 2
-        if bh > 4096:
+def _backward_k_slices(G: int, BH: int, hfull: int) -> int:
+    """K-slices of the persistent backward's product ``W[:, units]^T [BH, G*H] @ dz^T``.
+
+    With BH >= 64 units the product fills a warpgroup MMA as one 2-D dot (KS = 1); smaller
+    slices (LSTM: 16 units) would leave M at 16 and replicate the MMA over the warps, so K
+    is split into one slice per warp (a batched dot, then a sum), at least 16 wide."""
+    if BH >= PERSISTENT_MMA_M:
+        return 1
+    return max(1, min(PERSISTENT_WARPS, hfull // 16))
+
+
+def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
+                      block_h: Optional[int], block_b: Optional[int]) -> Optional[tuple]:
+    """``(BH, BB)`` of a persistent grid, or None when none fits.
+
+    One program per (hidden slice, batch tile).  BH starts at PERSISTENT_MMA_M // G units
+    (64 gate rows, the M of a warpgroup MMA) and BB at min(pow2(B), 16); then BB doubles (up
+    to PERSISTENT_MAX_BB) and after it BH doubles until the grid fits the ``n_co``
+    co-resident programs.  The slice W_sl^T ``[G*BH, pow2(H)]`` (held by the backward in
+    every dtype, by the forward for tensor-core types) plus the h tile must fit
+    PERSISTENT_MAX_SMEM bytes; BH first halves (down to 16 gate rows) until it does.  Under the interpreter (``n_co`` = 1) programs run one at a time: a
+    barrier group must be a single program (BH >= H), while groups are independent.
+    """
+    hfull = max(16, _pow2(H))
+    interp = n_co == 1
+    bh = block_h or (hfull if interp else max(1, min(PERSISTENT_MMA_M // G, hfull)))
+    bb = block_b or min(_pow2(B), 16)
+
+    def smem(bh_, bb_):
+        return (G * bh_ + bb_) * hfull * size
+
+    if block_h is None:
+        while smem(bh, bb) > PERSISTENT_MAX_SMEM and G * bh > 16:
+            bh //= 2
+    while True:
+        nh, nb = triton.cdiv(H, bh), triton.cdiv(B, bb)
+        if smem(bh, bb) > PERSISTENT_MAX_SMEM:
             return None
-    return bh
+        if nh <= n_co and (interp or nh * nb <= n_co):
+            return bh, bb
+        if block_b is None and bb < PERSISTENT_MAX_BB and bb < _pow2(B):
+            bb *= 2
+        elif block_h is None and bh < hfull:
+            bh *= 2
+        else:
+            return None
+
+
+def interleave_w(w_hh: torch.Tensor, G: int, units: int, width: int) -> torch.Tensor:
+    """W_hh ``[G*H, H]`` with its rows in interleaved gate order (row ``u*G + g`` = row
+    ``g*H + u``), zero-padded to ``[units*G, width]`` (units >= H, width >= H)."""
+    GH, H = w_hh.shape
+    out = w_hh.new_zeros(units * G, width)
+    out[:GH, :H] = w_hh.view(G, H, H).transpose(0, 1).reshape(GH, H)
+    return out
+
+
+def transpose_w(w_hh: torch.Tensor, G: int, units: int, width: int) -> torch.Tensor:
+    """W_hh ``[G*H, H]`` as ``[G, units, width]``: ``[g, u, k]`` = ``W[g*H + k, u]``,
+    zero-padded (units >= H, width >= H): the persistent backward's column slices."""
+    GH, H = w_hh.shape
+    out = w_hh.new_zeros(G, units, width)
+    out[:, :H, :H] = w_hh.view(G, H, H).transpose(1, 2)
+    return out
 
 
 def _split(v: float) -> tuple:
@@ -169,9 +228,14 @@ def _tf32(spec: Spec, dtype: torch.dtype) -> bool:
     return bool(spec.allow_tf32) and dtype == torch.float32
 
 
-def _coop(p: Plan) -> dict:
-    """Cooperative launch (co-residency guaranteed, or a launch error instead of a hang)."""
-    return {"launch_cooperative_grid": True} if p.NH > 1 and not interpreting() else {}
+def _persist(p: Plan) -> dict:
+    """Launch options of a persistent kernel: cooperative (co-residency guaranteed, or a
+    launch error instead of a hang) and no software pipelining (the pipeliner would issue
+    the loads of step k+1 before the barrier of step k)."""
+    opts = {"num_stages": 1}
+    if p.NH > 1 and not interpreting():
+        opts["launch_cooperative_grid"] = True
+    return opts
 
 
 def _on(device: torch.device):
@@ -209,13 +273,12 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
             c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
             lengths: Optional[torch.Tensor], *, variant: Optional[str] = None,
             block_h: Optional[int] = None, block_b: Optional[int] = None,
-            groups: Optional[int] = None, poison: bool = False):
+            poison: bool = False):
     """Forward of the contract (``rnnreg_kernels.contract``) with the Triton kernels.
 
     Returns ``(output [T, B, H], h_n [B, H], c_n [B, H] or None, terms [3], norms [T+1, B],
     saved)`` with ``saved = (act [T, B, 4H], cs [T, B, H])`` (activated gates and c, ACC
-    dtype) for LSTM and ``()`` otherwise.  ``variant`` / ``block_h`` / ``block_b`` / ``groups``
-    force the plan (see :func:`plan`; tests); ``poison`` NaN-fills every buffer before the
+    dtype) for LSTM and ``()`` otherwise.  ``variant`` / ``block_h`` / ``block_b`` force the plan (see :func:`plan`; tests); ``poison`` NaN-fills every buffer before the
     launch.
     """
     T, B, GH = x_proj.shape
@@ -225,7 +288,7 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
     acc = acc_dtype_of(dtype)
     lstm = spec.cell == "lstm"
     p = plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
-             block_b, groups)
+             block_b)
     new = _alloc(poison)
     out = new(T, B, H, dtype=dtype, device=dev)
     h_n = new(B, H, dtype=dtype, device=dev)
@@ -245,10 +308,11 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
             _fwd.fwd_tiled[(p.NB,)](*ptrs, tpart, *scal, **meta)
         elif p.variant == "persistent":
             tpart = new(p.NB * p.NH, 3, dtype=acc, device=dev)
-            part = new(2, p.NH, B, dtype=acc, device=dev)
+            hbuf = torch.zeros(2, B, p.HF, dtype=dtype, device=dev)
             bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
-            _fwd.fwd_persistent[(p.NH, p.NB)](*ptrs, tpart, part, bar, *scal, BK=p.BK, NP=p.NP,
-                                              HOLD=p.hold, **meta, **_coop(p))
+            wt = interleave_w(w_hh, G, p.NH * p.BH, p.HF)
+            _fwd.fwd_persistent[(p.NH, p.NB)](ptrs[0], wt, *ptrs[2:], tpart, hbuf, bar, *scal, BK=p.BK, HF=p.HF,
+                                              NR=p.NR, HOLD=p.hold, **meta, **_persist(p))
         else:
             tpart = torch.zeros(p.NB * p.NH, 3, dtype=acc, device=dev)
             part = new(2, p.NH, B, dtype=acc, device=dev)
@@ -263,7 +327,7 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
 def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
              grad_output, grad_h_n, grad_c_n, grad_terms, *, variant: Optional[str] = None,
              block_h: Optional[int] = None, block_b: Optional[int] = None,
-             groups: Optional[int] = None, poison: bool = False):
+             poison: bool = False):
     """Backward of the contract: ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0 or None)``.
 
     The kernels produce grad_x_proj (dz), grad_h0 and grad_c0; grad_w_hh is one GEMM
@@ -276,7 +340,7 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
     acc = acc_dtype_of(dtype)
     lstm = spec.cell == "lstm"
     p = plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
-             block_b, groups)
+             block_b)
     new = _alloc(poison)
     gx = new(T, B, GH, dtype=dtype, device=dev)
     gh0 = new(B, H, dtype=dtype, device=dev)
@@ -297,8 +361,10 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
             dc = new(B, H, dtype=acc, device=dev) if lstm else norms
             if p.variant == "persistent":
                 bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
-                _bwd.bwd_persistent[(p.NH, p.NB)](*ptrs, dc, bar, *scal, BK=p.BK, HOLD=p.hold,
-                                                  **meta, **_coop(p))
+                dzbuf = torch.zeros(2, B, G * p.HF, dtype=dtype, device=dev)
+                wb = transpose_w(w_hh, G, p.NH * p.BH, p.HF)
+                _bwd.bwd_persistent[(p.NH, p.NB)](ptrs[0], wb, *ptrs[2:], dzbuf, bar, *scal,
+                                                  HF=p.HF, KS=p.KS, **meta, **_persist(p))
             else:
                 grid = (p.NH, p.NB)
                 for k in range(T, -1, -1):

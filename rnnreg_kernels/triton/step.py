@@ -62,7 +62,7 @@ def tile_rows(b0, B, T, len_ptr, has_len, BB: tl.constexpr):
     """Rows ``b0 .. b0+BB-1`` (int64), their mask, and their lengths."""
     rows = (b0 + tl.arange(0, BB)).to(tl.int64)
     row_ok = rows < B
-    L = tl.load(len_ptr + rows, mask=row_ok & (has_len != 0), other=T)
+    L = tl.load(len_ptr + rows, mask=tl.where(has_len != 0, row_ok, False), other=T)
     L = tl.where(has_len != 0, L, T).to(tl.int64)
     return rows, row_ok, L
 
@@ -74,6 +74,13 @@ def gate_cols(u0, H, G: tl.constexpr, BH: tl.constexpr):
     unit = u0 + n // G
     xcols = ((n % G) * H + unit).to(tl.int64)
     return xcols, unit < H
+
+
+@triton.jit
+def act_cols(u0, G: tl.constexpr, BH: tl.constexpr):
+    """Columns of the saved activated gates: stored interleaved (column ``u*G + g``), so a
+    tile's gates are one contiguous run (full-width vector stores and loads)."""
+    return (u0 * G + tl.arange(0, G * BH)).to(tl.int64)
 
 
 @triton.jit
@@ -166,22 +173,33 @@ def _cell_bwd(dh, dc, act, c, c_prev, h, CELL: tl.constexpr, BB: tl.constexpr,
 
 
 @triton.jit
-def fwd_step(k, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_ok,
-             x_ptr, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+def load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G: tl.constexpr):
+    """The input projection of step ``k`` for a tile's gate columns, ``[BB, G*BH]`` (0 where
+    the step is invalid).  Independent of the recurrence: persistent kernels prefetch it
+    before the barrier of step k - 1."""
+    valid = row_ok & (k <= L)
+    pos = _position(k, L, valid, rev)
+    xm = valid[:, None] & col_ok[None, :]
+    return tl.load(x_ptr + (pos * B + rows)[:, None] * (G * H) + xcols[None, :], mask=xm,
+                   other=0.0)
+
+
+@triton.jit
+def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, col_ok,
+             out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
              CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
              ACC: tl.constexpr):
     """One forward step of a ``[BB rows, BH units]`` tile.
 
-    ``hw [BB, G*BH]`` is ``h_{k-1} @ W_hh^T`` for the tile's gate columns; ``h_prev``,
-    ``c_prev [BB, BH]`` the tile's state after k-1 steps (ACC).  Stores output, h_n / c_n at
-    the row's last step and, for LSTM, the activated gates and c.  Returns the state after k
-    steps (held where the step is invalid; h rounded to the output dtype).
+    ``x [BB, G*BH]`` is the step's input projection (``load_x``), ``hw [BB, G*BH]`` is
+    ``h_{k-1} @ W_hh^T`` for the tile's gate columns; ``h_prev``, ``c_prev [BB, BH]`` the
+    tile's state after k-1 steps (ACC).  Stores output, h_n / c_n at the row's last step and,
+    for LSTM, the activated gates and c.  Returns the state after k steps (held where the
+    step is invalid; h rounded to the output dtype).
     """
     valid = row_ok & (k <= L)
     pos = _position(k, L, valid, rev)
     rowoff = pos * B + rows
-    xm = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rowoff[:, None] * (G * H) + xcols[None, :], mask=xm, other=0.0)
     h, c, act = _cell_fwd(x.to(ACC) + hw, c_prev, theta, CELL, BB, BH)
     hd = h.to(out_ptr.dtype.element_ty)
     hoff = rowoff[:, None] * H + units[None, :]
@@ -193,7 +211,7 @@ def fwd_step(k, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, xcols, col_
     tl.store(hn_ptr + noff, hd, mask=last)
     h_new = tl.where(vm, hd.to(ACC), h_prev)
     if CELL == 0:
-        tl.store(act_ptr + rowoff[:, None] * (G * H) + xcols[None, :], act,
+        tl.store(act_ptr + rowoff[:, None] * (G * H) + acols[None, :], act,
                  mask=valid[:, None] & col_ok[None, :])
         tl.store(cs_ptr + hoff, c, mask=vm)
         tl.store(cn_ptr + noff, c.to(cn_ptr.dtype.element_ty), mask=last)
@@ -229,7 +247,7 @@ def ns_step(k, n_k, n_prev, row_ok, L, ns_init):
 
 
 @triton.jit
-def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, col_ok,
+def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
              out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr, gcn_ptr,
              gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
              CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
@@ -277,7 +295,7 @@ def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, col_ok,
     dh += c_ar * m2 * h
     dh = tl.where(vm, dh, 0.0)
     if CELL == 0:
-        act = tl.load(act_ptr + rowoff[:, None] * (G * H) + xcols[None, :],
+        act = tl.load(act_ptr + rowoff[:, None] * (G * H) + acols[None, :],
                       mask=valid[:, None] & col_ok[None, :], other=0.0)
         c = tl.load(cs_ptr + hoff, mask=vm, other=0.0)
         c_prev = load_state(k - 1 + 0 * L, L, rows, row_ok, units, unit_ok, c0_ptr, cs_ptr,

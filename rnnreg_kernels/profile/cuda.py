@@ -1,0 +1,320 @@
+"""CUDA half of the static profile: the ``csrc/`` kernels compiled for sm_90 with nvcc, no GPU.
+
+The kernel sources are torch-free, so ``nvcc -arch=sm_90 -cubin -O3 -lineinfo`` compiles
+``forward.cu`` and ``backward.cu`` as they are (the cubin holds the float32, float16 and
+bfloat16 instantiations; the profile picks the dtype's).  The plan is the one
+``csrc/plan.cu`` makes, replicated here for a device with ``sm_count`` SMs and the H100's
+227 KiB of opt-in shared memory per block (``SMEM_OPTIN``): units per block
+``max(ceil(H / SMs), ceil(kRG / G))``, blocks ``ceil(H / units)``, and the largest batch tile
+whose shared-memory layout (``fwd_layout`` / ``bwd_layout`` of ``common.cuh``) fits.  The
+occupancy check (one block per SM) is not repeated: it needs the driver.  Constants
+(``kThreads``, ``kVec``, ``kRG``, ``kBG``) are read from ``common.cuh``.
+
+Loop trip counts inside the time loop come from each loop's ``for (...)`` header (found through
+the SASS line information), evaluated with the plan's values for thread 0 / warp 0 / block 0
+(the thread with the most iterations); ``block_matvec``'s locals are derived from the
+arguments each kernel passes.  The kernels take the cell as a runtime argument, so every
+cell's code is counted (the counts are an upper bound for non-LSTM cells).
+
+This file is the CUDA backend's only coupling to the profile: when ``csrc/`` changes, adapt
+:func:`plan`, :func:`_namespace` and :data:`KERNELS` here.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Dict, List, Optional
+
+from . import sass
+
+SMEM_OPTIN = 232448          # bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 / H200
+DTYPE_CODE = {"fp32": 0, "bf16": 1, "fp16": 2}
+DTYPE_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+TEMPLATE_ARG = {"fp32": "IfE", "fp16": "I6__halfE", "bf16": "I13__nv_bfloat16E"}
+KERNELS = {"forward": ("forward.cu", "forward_kernel"),
+           "backward": ("backward.cu", "backward_kernel")}
+NVCC_FLAGS = ["-arch=sm_90", "-cubin", "-O3", "-lineinfo"]
+
+
+def csrc_dir() -> str:
+    from ..cuda import sources_dir
+    d = sources_dir()
+    if d is None:
+        raise FileNotFoundError("the csrc/ kernel sources are not found next to the package")
+    return str(d)
+
+
+@functools.lru_cache(maxsize=None)
+def constants() -> Dict[str, int]:
+    """kThreads, kWarps, kVec, kRG, kBG, kRedFloats as ``common.cuh`` defines them."""
+    text = open(os.path.join(csrc_dir(), "common.cuh")).read()
+    def grab(pattern, default=None):
+        m = re.search(pattern, text)
+        if m is None:
+            if default is None:
+                raise ValueError(f"common.cuh: {pattern!r} not found (adapt "
+                                 f"rnnreg_kernels/profile/cuda.py to the new kernels)")
+            return default
+        return int(m.group(1))
+    c = {"kThreads": grab(r"#define RNNREG_THREADS (\d+)"),
+         "kVec": grab(r"constexpr int kVec = (\d+);"),
+         "kRG": grab(r"constexpr int kRG = (\d+);"),
+         "kBG": grab(r"constexpr int kBG = (\d+);")}
+    c["kWarps"] = c["kThreads"] // 32
+    c["kRedFloats"] = c["kWarps"] * c["kRG"] * c["kBG"]
+    return c
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _align16(x: int) -> int:
+    return (x + 15) // 16 * 16
+
+
+def _layout_total(direction: str, G: int, H: int, units: int, bs: int, es: int) -> int:
+    k = constants()
+    if direction == "forward":
+        Hp, R = _round_up(H, k["kVec"]), G * units
+        a = _align16(R * Hp * es)
+        z = _align16(a + bs * Hp * 4)
+        hn = _align16(z + bs * R * 4)
+        red = _align16(hn + bs * units * 4)
+    else:
+        Kp = _round_up(G * H, k["kVec"])
+        a = _align16(units * Kp * es)
+        z = _align16(a + bs * Kp * 4)
+        red = _align16(z + bs * units * 4)
+    return _align16(red + k["kRedFloats"] * 4)
+
+
+def _largest_tile(direction, G, H, units, B, es, limit) -> int:
+    if _layout_total(direction, G, H, units, 1, es) > limit:
+        return 0
+    bs = B
+    while bs > 1 and _layout_total(direction, G, H, units, bs, es) > limit:
+        bs -= 1
+    return bs
+
+
+def plan(cell: str, B: int, H: int, dtype: str, sm_count: int) -> dict:
+    """The plan ``csrc/plan.cu`` would make on an H100/H200-like device with ``sm_count`` SMs."""
+    if dtype not in DTYPE_CODE:
+        raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
+    G = 4 if cell == "lstm" else 1
+    k = constants()
+    units = max(-(-H // sm_count), -(-k["kRG"] // G))
+    units = min(units, H)
+    blocks = -(-H // units)
+    es = DTYPE_SIZE[dtype]
+    bs_f = _largest_tile("forward", G, H, units, B, es, SMEM_OPTIN)
+    bs_b = _largest_tile("backward", G, H, units, B, es, SMEM_OPTIN)
+    if bs_f == 0 or bs_b == 0:
+        raise ValueError(f"the cuda backend cannot keep w_hh on chip for cell={cell}, H={H}, "
+                         f"dtype={dtype}: a {units}-unit slice needs more than "
+                         f"{SMEM_OPTIN // 1024} KiB of shared memory per block")
+    return {"variant": "persistent-cooperative", "units": units, "blocks": blocks,
+            "bs_fwd": bs_f, "bs_bwd": bs_b,
+            "smem_fwd": _layout_total("forward", G, H, units, bs_f, es),
+            "smem_bwd": _layout_total("backward", G, H, units, bs_b, es),
+            "threads": k["kThreads"]}
+
+
+# ----------------------------------------------------------------------------- compile
+
+_CACHE: Dict[str, bytes] = {}
+
+
+def compile_cubins(directions=("forward", "backward")) -> Dict[str, bytes]:
+    """``{direction: cubin}``, compiled in parallel (cached per source content)."""
+    src = csrc_dir()
+    nvcc = _nvcc()
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(src)):
+        if name.endswith((".cu", ".cuh", ".h")):
+            with open(os.path.join(src, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    key = digest.hexdigest()[:16]
+    todo = [d for d in directions if f"{key}:{d}" not in _CACHE]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for d in todo:
+            out = os.path.join(tmp, d + ".cubin")
+            cmd = [nvcc, *NVCC_FLAGS, "-I", src, "-o", out, os.path.join(src, KERNELS[d][0])]
+            procs.append((d, out, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE, text=True)))
+        for d, out, cmd, p in procs:
+            _, err = p.communicate(timeout=900)
+            if p.returncode != 0:
+                raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{err[-3000:]}")
+            with open(out, "rb") as f:
+                _CACHE[f"{key}:{d}"] = f.read()
+    return {d: _CACHE[f"{key}:{d}"] for d in directions}
+
+
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cand = os.path.join(home, "bin", "nvcc")
+    if os.path.exists(cand):
+        return cand
+    found = shutil.which("nvcc")
+    if found is None:
+        raise FileNotFoundError("nvcc not found (set CUDA_HOME to a CUDA toolkit)")
+    return found
+
+
+def _nvcc_version() -> Optional[str]:
+    try:
+        out = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout
+    except (OSError, FileNotFoundError):
+        return None
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else None
+
+
+# ----------------------------------------------------------------------------- trip counts
+
+def _matvec(R: int, NB: int, Kp: int) -> Dict[str, int]:
+    k = constants()
+    rgroups, bgroups = -(-R // k["kRG"]), -(-NB // k["kBG"])
+    items = rgroups * bgroups
+    nchunks = Kp // k["kVec"]
+    ksplit = max(1, k["kWarps"] // items)
+    ksplit = min(ksplit, -(-nchunks // 32))
+    return {"R": R, "NB": NB, "Kp": Kp, "rgroups": rgroups, "bgroups": bgroups,
+            "items": items, "nchunks": nchunks, "ksplit": ksplit, "work": items * ksplit,
+            "ks": 0}
+
+
+def _namespace(direction: str, cell: str, B: int, H: int, p: dict) -> Dict[str, Dict]:
+    """Values for the loop headers, per source file (block_matvec's locals in common.cuh)."""
+    k = constants()
+    G = 4 if cell == "lstm" else 1
+    units = p["units"]
+    bs = p["bs_fwd"] if direction == "forward" else p["bs_bwd"]
+    nb = min(bs, B)
+    nu = min(units, H)
+    base = dict(k, B=B, H=H, G=G, GH=G * H, units=units, bs=bs, nb=nb, nu=nu, blk=0,
+                nblk=p["blocks"], j0=0, tid=0, warp=0, lane=0, b0=0, T_=None, k=None)
+    base["threadIdx.x"] = 0
+    if direction == "forward":
+        Hp = _round_up(H, k["kVec"])
+        base.update(Hp=Hp, R=G * units)
+        mv = _matvec(G * units, nb, Hp)
+    else:
+        Kp = _round_up(G * H, k["kVec"])
+        base.update(Kp=Kp)
+        mv = _matvec(nu, nb, Kp)
+    kernel = dict(base)
+    common = dict(base, **mv)
+    return {"forward.cu": kernel, "backward.cu": kernel, "common.cuh": common}
+
+
+_FOR = re.compile(r"for\s*\(\s*(?:const\s+)?(?:int|long long|size_t|unsigned)?\s*(\w+)\s*=\s*"
+                  r"([^;]*);\s*([^;]*);\s*([^)]*)\)")
+
+
+def _c_eval(expr: str, env: dict) -> int:
+    e = expr.strip()
+    e = re.sub(r"\((?:size_t|int|long long|unsigned)\)", "", e)
+    e = e.replace("threadIdx.x", "threadIdx_x").replace("&&", " and ").replace("||", " or ")
+    e = re.sub(r"(?<![/])/(?![/])", "//", e)
+    names = {k.replace(".", "_"): v for k, v in env.items()}
+    for tok in re.findall(r"[A-Za-z_]\w*", e):
+        if tok in ("min", "max", "and", "or"):
+            continue
+        if tok not in names or names[tok] is None:
+            raise KeyError(tok)
+    return int(eval(e, {"__builtins__": {}, "min": min, "max": max}, names))  # noqa: S307
+
+
+def trip_rule(direction: str, cell: str, B: int, H: int, p: dict):
+    spaces = _namespace(direction, cell, B, H, p)
+
+    def trip_of(fn, loop):
+        st = sass.loop_statement(fn, loop)
+        if st is None:
+            return None, "no for/while statement found in the line information"
+        path, line, text = st
+        where = f"{os.path.basename(path)}:{line} `{text}`"
+        m = _FOR.search(text)
+        if m is None:
+            return None, f"{where}: not a counted for loop"
+        var, init, cond, inc = (g.strip() for g in m.groups())
+        env = spaces.get(os.path.basename(path), spaces["forward.cu"])
+        cm = re.match(rf"{var}\s*(<=|<|>=|>)\s*(.+)$", cond)
+        if not cond or cm is None:
+            return None, f"{where}: the exit is not a simple bound"
+        if re.match(rf"(\+\+{var}|{var}\+\+)$", inc):
+            step = 1
+        elif re.match(rf"(--{var}|{var}--)$", inc):
+            step = -1
+        else:
+            im = re.match(rf"{var}\s*(\+=|-=)\s*(.+)$", inc)
+            if im is None:
+                return None, f"{where}: the increment is not simple"
+            try:
+                step = _c_eval(im.group(2), env) * (1 if im.group(1) == "+=" else -1)
+            except (KeyError, SyntaxError, ZeroDivisionError) as e:
+                return None, f"{where}: {e} is not known from the plan"
+        try:
+            start = _c_eval(init, env)
+            bound = _c_eval(cm.group(2), env)
+        except (KeyError, SyntaxError, ZeroDivisionError) as e:
+            return None, f"{where}: {e} is not known from the plan"
+        op = cm.group(1)
+        if step > 0 and op in ("<", "<="):
+            span = bound - start + (1 if op == "<=" else 0)
+            n = max(0, -(-span // step))
+        elif step < 0 and op in (">", ">="):
+            span = start - bound + (1 if op == ">=" else 0)
+            n = max(0, -(-span // -step))
+        else:
+            return None, f"{where}: the loop does not move toward its bound"
+        return n, f"{where} for thread 0 with the plan's values: {n} iterations"
+    return trip_of
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def kernels(cell: str, H: int, B: int, dtype: str, tf32: bool, sm_count: int,
+            workers: int = 2) -> List[dict]:
+    """The forward and backward kernels of the plan: items for ``kernel_record``."""
+    p = plan(cell, B, H, dtype, sm_count)
+    cubins = compile_cubins()
+    k = constants()
+    out = []
+    for direction, (_, kname) in KERNELS.items():
+        cubin = cubins[direction]
+        text = sass.disassemble(cubin)
+        wanted = TEMPLATE_ARG[dtype]
+        names = [f for f in sass.split_functions(text) if kname in f and wanted in f]
+        if len(names) != 1:
+            out.append({"direction": direction,
+                        "error": f"{kname}<{dtype}> not found in the cubin"})
+            continue
+        smem = p["smem_fwd"] if direction == "forward" else p["smem_bwd"]
+        out.append({"record_args": dict(
+            name=kname, direction=direction, plan=dict(p), cubin=cubin,
+            warps=k["kWarps"], shared_dynamic=smem, programs=p["blocks"],
+            trip_of=trip_rule(direction, cell, B, H, p), function=names[0], sass_text=text,
+            extra={"grid": [p["blocks"]],
+                   "note": "the cell is a runtime argument: every cell's code is counted"})})
+    return out
+
+
+def versions() -> dict:
+    import torch
+    v = {"torch": torch.__version__, "nvcc": _nvcc_version(),
+         "compile": "nvcc " + " ".join(NVCC_FLAGS)}
+    try:
+        v["nvdisasm"] = sass.tool("nvdisasm")
+    except FileNotFoundError:
+        pass
+    return v
