@@ -225,7 +225,6 @@ class _PenaltyPass(torch.autograd.Function):
     def forward(ctx, states, h0, ar_mask, lengths, cfg):
         terms, norms, saved = _forward(states, h0, ar_mask, lengths, cfg)
         ctx.cfg = cfg
-        ctx.n_saved = len(saved)
         ctx.has_saved = tuple(t is not None for t in saved)
         ctx.save_for_backward(states, h0, ar_mask, lengths, *[t for t in saved if t is not None])
         ctx.mark_non_differentiable(norms)
