@@ -242,7 +242,7 @@ def test_demo_summary_follows_the_numbers():
 # ----------------------------------------------------------------------------- arguments
 
 @pytest.mark.parametrize("argv, needle", [
-    ([], "the following arguments are required: {check,demo,bench}"),
+    ([], "the following arguments are required: {check,demo,bench"),  # then profile, ...
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["check", "--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
     (["check", "--cell", "gru"], "argument --cell: invalid choice: 'gru'"),
