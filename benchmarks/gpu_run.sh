@@ -1,106 +1,121 @@
 #!/usr/bin/env bash
-# GPU tests + GPU benchmark sets in one call, within a wall-clock limit (default 560 s).
+# One prepared GPU run, most valuable answers first, inside a wall-clock limit (default 540 s).
 #
-#   PYTHONPATH=. bash benchmarks/gpu_run.sh [SETS]
+#   PYTHONPATH=. bash benchmarks/gpu_run.sh
 #
 # Run from the repository root of a copied tree on a CUDA machine (no network needed: nothing
-# is installed; the CUDA extension JIT-builds through rnnreg_kernels.cuda on first use).
-# SETS: comma-separated shape sets (default: $BENCH_SETS or "flashrnn-point,word,char").
-# A full pass over every GPU set does not fit one 10-minute call; split it, e.g.
-#   bash benchmarks/gpu_run.sh                                        # tests + first sets
-#   RUN_TESTS=0 bash benchmarks/gpu_run.sh small-batch
-#   RUN_TESTS=0 bash benchmarks/gpu_run.sh large-batch,irnn,hidden-sweep
+# is installed; the CUDA extension JIT-builds through rnnreg_kernels.cuda on first use).  A
+# GPU lease is one command of at most 10 minutes on a machine that takes minutes to start, so
+# the phases run in this order, each with its own time limit, and every result is written to
+# $OUT as soon as it exists:
+#   1. persistent-kernel correctness at the benchmark shapes (pytest, per-test timeout: a grid
+#      barrier that never opens is reported by name instead of eating the run)
+#   2. profile --measure at the key shapes (measured us/step beside the static estimate)
+#   3. the key benchmark rows: LSTM and IRNN H=1024 B=32 T=100, bf16 and fp16, training step
+#      and forward, all three penalties, ours vs nn.LSTM/nn.RNN + eager post-hoc, same run
+#   4. the rest of the GPU tests (other variants, dtypes, the cuda backend incl. its JIT build)
+#   5. more benchmark sets with what is left ($BENCH_SETS, default word,char)
 # Environment knobs (all optional):
-#   OUT            output folder (default /tmp/rnnreg_gpu_out); at most 7 files, no subfolders
-#   RUN_TESTS      1 (default) runs `python -m pytest -m gpu tests/` first; 0 skips it
-#   TEST_LIMIT     seconds for the tests (default 200)
-#   TIME_LIMIT     seconds for the whole call (default 560)
-#   BENCH_DTYPES   e.g. fp32,bf16 (default: every dtype of the sets: fp32,bf16,fp16)
-#   BENCH_MODES    forward,train (default both)
-#   BENCH_CONTENDERS  eager,compile,ours (default all three)
-#   BENCH_BACKENDS triton,cuda (default) or e.g. triton,cuda,reference
-#   BENCH_REPS     timed calls per contender (default: the set's, 10)
-#   BENCH_SHAPES   only shapes whose name contains this substring
-#   BENCH_TF32     1: allow TF32 for fp32 on both sides (default 0: strict fp32)
-#   BENCH_EXTRA    more options for the harness, verbatim
-# Files written to $OUT: env.txt, tests.log, bench.log, <device>_<date>_<sets>.json,
-# RESULTS.md, speedup_vs_batch.png, speedup_vs_hidden.png (the plots only when a sweep exists).
+#   OUT          output folder (default /tmp/rnnreg_gpu_out), flat (no subfolders)
+#   TIME_LIMIT   seconds for the whole call (default 540)
+#   TEST_TIMEOUT seconds per test (default 90)
+#   BENCH_SETS   sets for phase 5 (default word,char); BENCH_EXTRA: more harness options
+#   SKIP         comma-separated phases to skip, e.g. SKIP=4,5
+# Files in $OUT: env.txt, 1_tests_key.log, 2_profile_<cell>.json/.txt, 3_bench_key.log and its
+# JSON, 4_tests_rest.log, 5_bench.log and its JSON, RESULTS.md, summary.txt.
 set -u
 START=$(date +%s)
 OUT=${OUT:-/tmp/rnnreg_gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-SETS=${1:-${BENCH_SETS:-flashrnn-point,word,char}}
-TIME_LIMIT=${TIME_LIMIT:-560}
+TIME_LIMIT=${TIME_LIMIT:-540}
+TEST_TIMEOUT=${TEST_TIMEOUT:-90}
 PY=${PYTHON:-python}
+SKIP=",${SKIP:-},"
 left() { echo $(( TIME_LIMIT - ($(date +%s) - START) )); }
+say() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+skip() { case "$SKIP" in *",$1,"*) return 0 ;; esac; return 1; }
+# run LIMIT CMD...: at most LIMIT seconds, never past the overall limit (keeps 20 s spare)
+run() {
+  local lim=$1; shift
+  local l; l=$(( $(left) - 20 ))
+  [ "$l" -lt "$lim" ] && lim=$l
+  if [ "$lim" -lt 15 ]; then say "skipped (no time left): $*"; return 124; fi
+  timeout -k 10 "$lim" "$@"
+}
+HAS_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo 1 || echo 0)
+PYTEST_T=()
+[ "$HAS_TIMEOUT" = "1" ] && PYTEST_T=(-p pytest_timeout --timeout "$TEST_TIMEOUT")
 
 {
-  echo "== $(date -u +%FT%TZ) gpu_run.sh sets=$SETS"
+  echo "gpu_run.sh $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
   $PY - <<'EOF' 2>&1
-import torch, platform
+import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "cudnn", torch.backends.cudnn.version(), "gpu",
-      torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+      torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+      "sms", torch.cuda.get_device_properties(0).multi_processor_count
+      if torch.cuda.is_available() else None)
 try:
     import triton
     print("triton", triton.__version__)
 except ImportError as e:
     print("triton missing:", e)
 EOF
+  echo "pytest-timeout: $HAS_TIMEOUT"
 } > "$OUT/env.txt"
+cat "$OUT/env.txt"
 
-if [ "${RUN_TESTS:-1}" = "1" ]; then
-  LIMIT=${TEST_LIMIT:-200}
-  echo "== tests (limit ${LIMIT}s)"
-  timeout -k 10 "$LIMIT" $PY -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider \
-    > "$OUT/tests.log" 2>&1
-  rc=$?
-  echo "tests exit status $rc (124 = time limit)" | tee -a "$OUT/tests.log"
-  tail -n 3 "$OUT/tests.log"
+KEY_TESTS="tests/test_triton_gpu.py::test_persistent_at_large_hidden \
+tests/test_triton_gpu.py::test_auto_variant_matches_reference"
+if ! skip 1; then
+  say "1. persistent kernels at the benchmark shapes"
+  # shellcheck disable=SC2086
+  run 170 $PY -m pytest -m gpu $KEY_TESTS -q -rfE -p no:cacheprovider "${PYTEST_T[@]}" \
+    -k "bf16 or fp16 or large_hidden" > "$OUT/1_tests_key.log" 2>&1
+  say "tests exit status $? (124 = phase time limit); $(tail -n 1 "$OUT/1_tests_key.log")"
 fi
 
-# The CUDA extension JIT-builds on its first call; make that call here (a tiny recurrence) so
-# the build time is logged apart and never lands inside a benchmark case.
-echo "== cuda extension" | tee -a "$OUT/env.txt"
-timeout -k 10 "$(( $(left) > 300 ? 240 : 60 ))" $PY - >> "$OUT/env.txt" 2>&1 <<'EOF'
-import time
-import torch
-t = time.time()
-try:
-    from rnnreg_kernels import Penalties, recurrence
-    x = torch.randn(3, 2, 32, device="cuda")
-    w = torch.randn(32, 8, device="cuda")
-    h = torch.zeros(2, 8, device="cuda")
-    recurrence(x, w, h, h.clone(), cell="lstm", penalties=Penalties(), backend="cuda")
-    torch.cuda.synchronize()
-    print(f"cuda backend: available (first call {time.time() - t:.0f} s)")
-except Exception as e:  # report, never stop the run
-    print(f"cuda backend: unavailable after {time.time() - t:.0f} s: {type(e).__name__}: "
-          f"{str(e)[:400]}")
-EOF
-tail -n 1 "$OUT/env.txt"
-
-BUDGET=$(( $(left) - 75 ))
-if [ "$BUDGET" -lt 30 ]; then
-  echo "no time left for the benchmark (${BUDGET}s)"; exit 1
+if ! skip 2; then
+  for cell in lstm relu; do
+    say "2. profile --measure $cell H=1024 B=32 bf16"
+    run 60 $PY -m rnnreg_kernels profile --backend triton --cell $cell --hidden 1024 \
+      --batch 32 --dtype bf16 --measure --json "$OUT/2_profile_$cell.json" \
+      > "$OUT/2_profile_$cell.txt" 2>&1
+    say "profile exit status $?"; tail -n 4 "$OUT/2_profile_$cell.txt"
+  done
 fi
-ARGS=(--set "$SETS" --device cuda --out "$OUT" --time-budget "$BUDGET" --no-progress)
-[ -n "${BENCH_DTYPES:-}" ] && ARGS+=(--dtypes "$BENCH_DTYPES")
-[ -n "${BENCH_MODES:-}" ] && ARGS+=(--modes "$BENCH_MODES")
-[ -n "${BENCH_CONTENDERS:-}" ] && ARGS+=(--contenders "$BENCH_CONTENDERS")
-[ -n "${BENCH_BACKENDS:-}" ] && ARGS+=(--backends "$BENCH_BACKENDS")
-[ -n "${BENCH_REPS:-}" ] && ARGS+=(--reps "$BENCH_REPS")
-[ -n "${BENCH_SHAPES:-}" ] && ARGS+=(--shapes "$BENCH_SHAPES")
-[ "${BENCH_TF32:-0}" = "1" ] && ARGS+=(--tf32)
-# shellcheck disable=SC2206
-[ -n "${BENCH_EXTRA:-}" ] && ARGS+=(${BENCH_EXTRA})
-echo "== bench (budget ${BUDGET}s): ${ARGS[*]}"
-timeout -k 10 "$(( BUDGET + 60 ))" $PY benchmarks/run.py "${ARGS[@]}" > "$OUT/bench.log" 2>&1
-echo "bench exit status $? (1 = a contender was wrong or crashed; 124 = time limit)"
-grep -E '^\[[0-9]+/[0-9]+\]' "$OUT/bench.log" | tail -n 3
 
-$PY benchmarks/report.py "$OUT" --md "$OUT/RESULTS.md" --summary 2>&1 | tail -n 60
-echo "== done in $(( $(date +%s) - START ))s; files in $OUT"
+if ! skip 3; then
+  say "3. key benchmark rows (bf16, fp16; train and forward)"
+  B3=$(( $(left) - 200 )); [ "$B3" -gt 150 ] && B3=150
+  run $(( B3 + 40 )) $PY benchmarks/run.py --set key --device cuda --out "$OUT" \
+    --name 3_bench_key --time-budget "$B3" --no-progress > "$OUT/3_bench_key.log" 2>&1
+  say "bench exit status $? (1 = a contender was wrong or crashed)"
+  tail -n 12 "$OUT/3_bench_key.log"
+fi
+
+if ! skip 4; then
+  say "4. the other GPU tests (variants, dtypes, cuda backend)"
+  run 150 $PY -m pytest -m gpu tests/ -q -rfE -p no:cacheprovider "${PYTEST_T[@]}" \
+    --deselect tests/test_triton_gpu.py::test_persistent_at_large_hidden \
+    > "$OUT/4_tests_rest.log" 2>&1
+  say "tests exit status $?; $(tail -n 1 "$OUT/4_tests_rest.log")"
+fi
+
+if ! skip 5; then
+  B5=$(( $(left) - 60 ))
+  if [ "$B5" -ge 30 ]; then
+    say "5. bench ${BENCH_SETS:-word,char} (budget ${B5}s)"
+    # shellcheck disable=SC2086
+    run $(( B5 + 30 )) $PY benchmarks/run.py --set "${BENCH_SETS:-word,char}" --device cuda \
+      --out "$OUT" --name 5_bench --time-budget "$B5" --no-progress ${BENCH_EXTRA:-} \
+      > "$OUT/5_bench.log" 2>&1
+    say "bench exit status $?"
+  fi
+fi
+
+run 30 $PY benchmarks/report.py "$OUT" --md "$OUT/RESULTS.md" --summary 2>&1 | tail -n 30
+say "done; files in $OUT"

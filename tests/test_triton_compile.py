@@ -8,8 +8,9 @@ interpreter cannot land.  This is a covering set, not the full product (4 cells 
 x 8 kernels, about six minutes of compiling): every cell with the tiled and persistent
 kernels in bfloat16 (the per-step kernels with lstm and relu: the gate split/join and the
 plain path), each other dtype (float16, float32 with and without TF32) on the kernels it
-can reach, and the benchmark's largest persistent shapes (LSTM H=1024 and relu H=2048,
-bfloat16).  Register spills are read with cuobjdump: none at all at the largest shapes, at
+can reach, and the benchmark's persistent shapes as the rule plans them (LSTM H=1024 B=32
+and 64, relu H=1024 B=32, LSTM H=512 B=256; bfloat16).  Register spills are read with
+cuobjdump: none at the benchmark shapes except the KNOWN_SPILLS (bytes allowed, and why), at
 most a few bytes of stack elsewhere (ptxas sometimes spills 4-8 bytes at 128 registers).
 
 The compiles run in a subprocess without ``TRITON_INTERPRET`` (conftest sets it for the
@@ -19,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -48,22 +48,37 @@ def _cases():
         for variant, H in runs:
             for k in KERNELS[variant]:
                 out.append(_case(k, cell, "bf16", False, 32, H, variant))
-    # the other dtypes on the kernels each can reach (fp32 without TF32 streams W_hh:
-    # persistent with hold=False, and step)
+    # the other dtypes on the kernels each can reach (fp32 without TF32 takes the per-step
+    # variant on a GPU: an FMA product with held operands spills)
     for k in KERNELS["persistent"]:
         out.append(_case(k, "lstm", "fp16", False, 32, 256, "persistent"))
         out.append(_case(k, "lstm", "fp32", True, 32, 256, "persistent"))
-        out.append(_case(k, "lstm", "fp32", False, 32, 256, "persistent"))
-        out.append(_case(k, "relu", "fp32", False, 32, 512, "persistent"))
     for k in KERNELS["tiled"]:
         out.append(_case(k, "lstm", "fp32", True, 32, 32, "tiled"))
     for k in KERNELS["step"]:
-        out.append(_case(k, "lstm", "fp32", False, 32, 256, "step"))
-    # the benchmark's largest persistent shapes as the rule plans them: no spills at all
-    for cell, H, B in (("lstm", 1024, 64), ("relu", 2048, 32)):
+        out.append(_case(k, "lstm", "fp32", False, 32, 256, None))
+        out.append(_case(k, "relu", "fp32", False, 32, 512, None))
+    # the benchmark's persistent shapes as the rule plans them: no spills, except the ones
+    # in KNOWN_SPILLS (bytes allowed, and why)
+    for cell, H, B in LARGEST:
         for k in KERNELS["persistent"]:
-            out.append(_case(k, cell, "bf16", False, B, H, None, spill_bytes=0))
+            allowed = KNOWN_SPILLS.get((k, cell, H, B), (0, ""))[0]
+            out.append(_case(k, cell, "bf16", False, B, H, None, spill_bytes=allowed))
     return out
+
+
+LARGEST = (("lstm", 1024, 32), ("relu", 1024, 32), ("lstm", 1024, 64), ("lstm", 512, 256))
+# (kernel, cell, H, B): (stack bytes allowed, why) -- see docs/triton.md; the test fails when
+# a kernel spills more, and test_known_spills_are_current when it no longer spills at all
+KNOWN_SPILLS = {
+    ("bwd_persistent", "lstm", 1024, 32): (280, "loop-invariant addresses of the 4 gates' dz "
+                                                "tiles (255 registers)"),
+    ("fwd_persistent", "lstm", 1024, 64): (288, "batch tile of 32 rows (B=64 on 132 SMs): "
+                                                "the h tile doubles"),
+    ("bwd_persistent", "lstm", 1024, 64): (968, "batch tile of 32 rows: the dz tiles double"),
+    ("fwd_persistent", "lstm", 512, 256): (120, "batch tile of 64 rows (B=256 on 132 SMs)"),
+    ("bwd_persistent", "lstm", 512, 256): (1072, "batch tile of 64 rows"),
+}
 
 
 CASES = _cases()
@@ -71,80 +86,27 @@ CASES = _cases()
 
 # ---------------------------------------------------------------- runs in the subprocess
 
-def _signature(kern, dtype, const):
-    acc_ptrs = {"act_ptr", "cs_ptr", "norms_ptr", "tpart_ptr", "part_ptr", "gterms_ptr",
-                "dc_ptr"}
-    ints = {"T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"}
-    sig = {}
-    for n in kern.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n == "len_ptr":
-            sig[n] = "*i64"
-        elif n == "bar_ptr":
-            sig[n] = "*i32"
-        elif n in acc_ptrs:
-            sig[n] = "*fp32"
-        elif n.endswith("_ptr"):
-            sig[n] = "*" + dtype
-        elif n in ints:
-            sig[n] = "i32"
-        else:
-            sig[n] = "fp32"
-    return sig
-
-
-def _resources(cubin: bytes) -> dict:
-    import tempfile
-
-    import triton
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in text.splitlines() if "REG:" in ln)
-    fields = dict(tok.split(":", 1) for tok in line.split())
-    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "local": int(fields["LOCAL"])}
-
-
 def _compile(case):
-    import torch
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile one case with the static profile's compile helper (signature, constexprs from
+    the plan, pointer divisibility: ``rnnreg_kernels.profile.triton.compile_one``) and read
+    its registers and spills with cuobjdump."""
+    import base64
 
-    from rnnreg_kernels.triton import bwd, fwd, launch
+    from rnnreg_kernels.profile import sass
+    from rnnreg_kernels.profile import triton as prof
 
-    t0 = time.time()
-    try:
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            case["dtype"]]
-        p = launch.plan(case["cell"], case["B"], case["H"], dt, torch.device("cuda"),
-                        case["tf32"], case["variant"], sm_count=SM_COUNT)
-        name = case["kernel"]
-        kern = getattr(fwd if name.startswith("fwd") else bwd, name)
-        if not name.endswith(p.variant if p.variant != "step" else "step_launch"):
-            return dict(case, ok=False, error=f"the rule planned {p}, not {name}")
-        const = dict(CELL=launch.CELL_CODE[case["cell"]], G=4 if case["cell"] == "lstm" else 1,
-                     BB=p.BB, BH=p.BH, ACC=tl.float32, ACC_F64=False, TF32=case["tf32"])
-        for key, val in (("BK", p.BK), ("NP", p.NP), ("HOLD", p.hold)):
-            if key in kern.arg_names:
-                const[key] = val
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names)
-                 if n.endswith("_ptr")}
-        src = ASTSource(fn=kern, signature=_signature(kern, case["dtype"], const),
-                        constexprs=const, attrs=attrs)
-        opts = {"num_warps": p.num_warps}
-        if p.variant == "persistent" and p.NH > 1:
-            opts["launch_cooperative_grid"] = True
-        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        res = _resources(c.asm["cubin"])
-        return dict(case, ok=True, plan=repr(p), seconds=round(time.time() - t0, 1), **res)
-    except Exception as e:  # reported by the test that owns the case
-        return dict(case, ok=False, error=f"{type(e).__name__}: {e}"[-3000:])
+    name = case["kernel"]
+    job = dict(cell=case["cell"], B=case["B"], H=case["H"], dtype=case["dtype"],
+               tf32=case["tf32"], sm_count=SM_COUNT, variant=case["variant"],
+               direction="forward" if name.startswith("fwd") else "backward")
+    r = prof.compile_one(job)
+    if not r["ok"]:
+        return dict(case, ok=False, error=r["error"])
+    if r["name"] != name:
+        return dict(case, ok=False, error=f"the rule planned {r['plan']}, not {name}")
+    res = sass.resources(base64.b64decode(r["cubin"]))[r["name"]]
+    return dict(case, ok=True, plan=repr(r["plan"]), seconds=r["seconds"],
+                regs=res["registers"], stack=res["stack"], local=res["local"])
 
 
 def _main(argv):
@@ -182,13 +144,32 @@ def test_compiles_for_hopper(compiled, case):
         f"{case['spill_bytes']} bytes of stack)"
 
 
+def test_known_spills_are_current(compiled):
+    """Each KNOWN_SPILLS entry still spills (else the allowance must go)."""
+    for case in CASES:
+        key = (case["kernel"], case["cell"], case["H"], case["B"])
+        if case["variant"] is None and key in KNOWN_SPILLS:
+            r = compiled[case["id"]]
+            assert r["ok"] and r["stack"] > 0, f"{case['id']} no longer spills: delete its " \
+                                               f"KNOWN_SPILLS entry"
+
+
 def test_persistent_rule_at_benchmark_sizes():
-    """The rule keeps LSTM H=1024 and relu H=2048 (bfloat16) on the persistent variant."""
+    """The rule keeps the H <= 1024 benchmark shapes (bfloat16) on the persistent variant
+    with one program per SM and 64 gate rows per program, and sends H > 1024 (whose slices
+    would fall below the warpgroup MMA's M) to the per-step variant."""
     torch = pytest.importorskip("torch")
     from rnnreg_kernels.triton import launch
-    for cell, H in (("lstm", 1024), ("relu", 2048), ("tanh", 2048), ("lstm", 650)):
-        p = launch.plan(cell, 32, H, torch.bfloat16, torch.device("cuda"), sm_count=SM_COUNT)
-        assert p.variant == "persistent" and p.hold and p.NH <= SM_COUNT, p
+    cuda = torch.device("cuda")
+    for cell, H, B in (("lstm", 1024, 32), ("relu", 1024, 32), ("tanh", 1024, 32),
+                       ("lstm", 650, 20), ("lstm", 768, 16), ("lstm", 512, 256),
+                       ("lstm", 1024, 64)):
+        p = launch.plan(cell, B, H, torch.bfloat16, cuda, sm_count=SM_COUNT)
+        assert p.variant == "persistent" and p.hold, p
+        assert p.NH * p.NB <= SM_COUNT and (4 if cell == "lstm" else 1) * p.BH == 64, p
+    for cell, H in (("lstm", 2048), ("relu", 2048)):
+        assert launch.plan(cell, 32, H, torch.bfloat16, cuda, sm_count=SM_COUNT).variant == \
+            "step"
 
 
 if __name__ == "__main__":

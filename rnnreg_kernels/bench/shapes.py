@@ -6,7 +6,8 @@ groups shapes with the defaults that suit them (device, dtypes, modes, repetitio
 
 CPU sets: ``smoke`` (seconds; CI and a first try) and ``cpu`` (a few minutes on 2 cores; the
 committed CPU comparison).  GPU sets: ``char``, ``word``, ``small-batch``, ``large-batch``,
-``irnn``, ``flashrnn-point`` and ``hidden-sweep`` (speedup against H at fixed B, T).
+``irnn``, ``key`` (LSTM and IRNN H=1024 B=32 T=100, what gpu_run.sh measures first),
+``flashrnn-point`` and ``hidden-sweep`` (speedup against H at fixed B, T).
 """
 from __future__ import annotations
 
@@ -112,6 +113,9 @@ SETS: Dict[str, ShapeSet] = {s.name: s for s in [
     ShapeSet("irnn", "cuda", tuple(Shape("relu", 1024, 32, t) for t in (100, 300, 1000)),
              "IRNN: relu RNN (identity W_hh) H=1024, B=32, T=100..1000", _GPU_DTYPES,
              contenders=_SWEEP),
+    ShapeSet("key", "cuda", (_lstm(1024, 32, 100), Shape("relu", 1024, 32, 100)),
+             "the issue's key rows: LSTM and IRNN H=1024, B=32, T=100 (gpu_run.sh runs them "
+             "first, bf16 and fp16)", ("bf16", "fp16"), contenders=_SWEEP),
     ShapeSet("flashrnn-point", "cuda", (_lstm(768, 16, 1024),),
              "FlashRNN's comparison point: LSTM H=768, B=16, T=1024", _GPU_DTYPES),
     ShapeSet("hidden-sweep", "cuda", tuple(_lstm(h, 32, 100) for h in (256, 512, 768, 1024,

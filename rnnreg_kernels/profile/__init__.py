@@ -35,7 +35,8 @@ TARGET = "sm_90 (H100/H200)"
 def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps: int,
                   shared_dynamic: int, programs: int, trip_of=None, time_loop: str = "auto",
                   launches_per_step: float = 0.0, function: Optional[str] = None,
-                  extra: Optional[dict] = None, sass_text: Optional[str] = None) -> dict:
+                  extra: Optional[dict] = None, sass_text: Optional[str] = None,
+                  sm_count: int = 132) -> dict:
     """Analyze one compiled kernel: the record that goes under ``kernels`` in the JSON."""
     text = sass_text if sass_text is not None else sass.disassemble(cubin)
     res = sass.resources(cubin)
@@ -51,18 +52,22 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
     r = sass.analyze(fn, trip_of, time_loop=time_loop, warps=warps)
     c = r["counts"]
     rr = res.get(fname) or (next(iter(res.values())) if len(res) == 1 else {})
-    shared_bytes = (c.shared_load_bytes_per_warp + c.shared_store_bytes_per_warp
-                    + c.tensor_core_shared_bytes_per_warp) * warps
+    shared = shared_dynamic + (rr.get("shared", 0) or 0)
+    traffic = (c.shared_load_bytes_per_warp + c.shared_store_bytes_per_warp
+               + c.tensor_core_shared_bytes_per_warp) * warps
     est = model.estimate(c.instructions, warps, r["dependent_tensor_core_chain"],
                          r["exchange_round_trips"], c.grid_barriers, c.bar_sync,
-                         launches_per_step, c.global_load_bytes_per_warp * warps, shared_bytes)
+                         launches_per_step, programs=programs, sm_count=sm_count,
+                         registers=rr.get("registers"), shared_bytes=shared,
+                         global_load_bytes=c.global_load_bytes_per_warp * warps,
+                         shared_traffic_bytes=traffic)
     rec = {
         "name": name,
         "direction": direction,
         "plan": plan,
         "registers": rr.get("registers"),
         "spill_bytes": (rr.get("stack", 0) or 0) + (rr.get("local", 0) or 0),
-        "shared_bytes": shared_dynamic + (rr.get("shared", 0) or 0),
+        "shared_bytes": shared,
         "tensor_core_ops_per_step": round(c.tensor_core, 2),
         "fma_ops_per_step": round(c.fma, 2),
         "instructions_per_warp_per_step": round(c.instructions, 2),
@@ -85,7 +90,7 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
                                                    1),
         "bar_sync_per_step": round(c.bar_sync, 2),
         "atomics_per_step": round(c.atomics, 2),
-        "grid_barriers_per_step": c.grid_barriers,
+        "grid_barriers_per_step": round(c.grid_barriers, 2),
         "dependent_tensor_core_chain": round(r["dependent_tensor_core_chain"], 2),
         "exchange_round_trips": round(r["exchange_round_trips"], 2),
         "estimate": est,
@@ -116,7 +121,7 @@ def profile(backend: str, cell: str, hidden: int, batch: int, dtype: str,
         if "error" in item:
             errors.append(item)
             continue
-        rec, text = kernel_record(**item["record_args"])
+        rec, text = kernel_record(**item["record_args"], sm_count=sm_count)
         kernels.append(rec)
         artifacts.append((rec, item["record_args"]["cubin"], text))
     if save_cubin:
@@ -172,7 +177,7 @@ def table(result: dict) -> str:
                f"{k['tensor_core_ops_per_step']:g}", f"{k['fma_ops_per_step']:g}",
                f"{k['instructions_per_warp_per_step']:g}",
                f"{k['global_load_bytes_per_step'] / 1024:.1f}",
-               f"{k['dependent_tensor_core_chain']:g}", f"{k['grid_barriers_per_step']}",
+               f"{k['dependent_tensor_core_chain']:g}", f"{k['grid_barriers_per_step']:g}",
                f"{k['estimated_us_per_step']:.2f}"]
         if measured:
             m = k.get("measured_us_per_step")
@@ -183,7 +188,8 @@ def table(result: dict) -> str:
     s = result["shape"]
     lines = [f"static profile, {result['backend']} backend, {s['cell']} H={s['hidden']} "
              f"B={s['batch']} {s['dtype']}{' tf32' if s['tf32'] else ''}, {TARGET}, "
-             f"{s['sm_count']} SMs; times are estimates (model: {model.FORMULA})",
+             f"{s['sm_count']} SMs. 'est. us/step' is an ESTIMATE from static SASS counts "
+             f"(not measured on a GPU; formula and sourced constants under `model` in --json)",
              "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     for r in rows:
@@ -240,11 +246,17 @@ def main(args) -> int:
     try:
         result = profile(args.backend, args.cell, args.hidden, args.batch, args.dtype,
                          args.sm_count, args.tf32, args.save_cubin, args.workers)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except ValueError as e:          # a shape or dtype this backend does not take
+        print(f"profile: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, RuntimeError) as e:   # missing tool, failed compile
         print(f"profile: {e}", file=sys.stderr)
         return 1
-    result["command"] = "python -m rnnreg_kernels profile " + " ".join(sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "profile" else None
+    result["command"] = (f"python -m rnnreg_kernels profile --backend {args.backend} --cell "
+                         f"{args.cell} --hidden {args.hidden} --batch {args.batch} --dtype "
+                         f"{args.dtype} --sm-count {args.sm_count}"
+                         + (" --tf32" if args.tf32 else "") + (" --measure" if args.measure
+                                                               else ""))
     if args.measure:
         from .measure import measure
         measure(result, args.backend, args.cell, args.hidden, args.batch, args.dtype, args.tf32)

@@ -64,7 +64,7 @@ def collect(shapes=None, workers: int = 2) -> dict:
             records.append(dict(shape=list(shape), direction=r["direction"], error=r["error"]))
             continue
         items = triton_half.kernels_from_results([r], r["B"], r["H"])
-        rec, _ = kernel_record(**items[0]["record_args"])
+        rec, _ = kernel_record(**items[0]["record_args"], sm_count=SM_COUNT)
         records.append(dict(rec, shape=list(shape)))
     if tri:
         sections["triton"] = version_section("triton", triton_half.versions())
@@ -80,7 +80,7 @@ def collect(shapes=None, workers: int = 2) -> dict:
                 records.append(dict(shape=list(shape), direction=it["direction"],
                                     error=it["error"]))
                 continue
-            rec, _ = kernel_record(**it["record_args"])
+            rec, _ = kernel_record(**it["record_args"], sm_count=SM_COUNT)
             records.append(dict(rec, shape=list(shape)))
         sections["cuda"] = version_section("cuda", cuda_half.versions())
     return {"records": records, "skipped": skipped, "sections": sections,

@@ -44,15 +44,18 @@ def _inputs(cell: str, T: int, B: int, H: int, dtype, device, requires_grad: boo
 
 
 def measure(result: dict, backend: str, cell: str, H: int, B: int, dtype: str, tf32: bool,
-            reps: int = 9) -> None:
-    """Add ``measured_us_per_step`` (and how) to each kernel record of ``result``."""
+            reps: int = 9, device=None) -> None:
+    """Add ``measured_us_per_step`` (and how) to each kernel record of ``result``.
+
+    ``device`` defaults to the current CUDA device (a CPU device times the same way with
+    perf_counter, for tests of this code path)."""
     import torch
 
     from .. import Penalties, recurrence
     from ..bench.timing import time_interleaved
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
               "fp64": torch.float64}[dtype]
-    device = torch.device("cuda")
+    device = torch.device("cuda") if device is None else torch.device(device)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     pen = Penalties(norm_stabilizer=1.0, tar=1.0, ar=1.0)
@@ -80,12 +83,17 @@ def measure(result: dict, backend: str, cell: str, H: int, B: int, dtype: str, t
     fwd_us = (med[f"fwd{T_LONG}"] - med[f"fwd{T_SHORT}"]) * 1e3 / steps
     bwd_us = ((med[f"train{T_LONG}"] - med[f"fwd{T_LONG}"])
               - (med[f"train{T_SHORT}"] - med[f"fwd{T_SHORT}"])) * 1e3 / steps
-    how = (f"median of {reps} calls (CUDA events) of recurrence(backend={backend!r}) at "
+    clock = "CUDA events" if device.type == "cuda" else "perf_counter, CPU"
+    how = (f"median of {reps} calls ({clock}) of recurrence(backend={backend!r}) at "
            f"T={T_SHORT} and T={T_LONG}; (t{T_LONG} - t{T_SHORT}) / {steps}; backward = "
            f"(forward+backward) - forward, including the grad_w_hh GEMM")
-    props = torch.cuda.get_device_properties(device)
-    result["measured"] = {"device": props.name, "sm_count": props.multi_processor_count,
-                          "torch": torch.__version__, "how": how,
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, sms = props.name, props.multi_processor_count
+    else:
+        name, sms = "cpu", None
+    result["measured"] = {"device": name, "sm_count": sms, "torch": torch.__version__,
+                          "how": how,
                           "median_ms": {k: round(v, 4) for k, v in med.items()}}
     for k in result["kernels"]:
         k["measured_us_per_step"] = round(fwd_us if k["direction"] == "forward" else bwd_us, 3)

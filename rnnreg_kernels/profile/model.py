@@ -1,21 +1,20 @@
 """The estimate of µs per time step from the static SASS counts (an estimate, not a measurement).
 
-Per step, for one program (thread block) on one SM of an H100/H200 (sm_90)::
+Per step, for the programs (thread blocks) of one SM of an H100/H200 (sm_90)::
 
-    issue    = instructions_per_warp_per_step * ceil(warps / SCHEDULERS)      [cycles]
+    resident = programs one SM holds (registers, shared memory, warps; 1 for persistent grids)
+    active   = min(resident, ceil(programs / SMs));  waves = ceil(programs / (SMs * resident))
+    issue    = instructions_per_warp_per_step * ceil(active * warps / SCHEDULERS)  [cycles]
     chain    = dependent_tensor_core_chain * TENSOR_CORE_LATENCY                [cycles]
     exchange = exchange_round_trips * L2_LATENCY                                [cycles]
     barrier  = grid_barriers * BARRIER_ROUND_TRIPS * L2_FAR_LATENCY             [cycles]
     cta_sync = bar_sync_per_step * BAR_SYNC_LATENCY                             [cycles]
-    us       = (max(issue, chain) + exchange + barrier + cta_sync) / CLOCK_MHZ
-               + launches_per_step * LAUNCH_US
+    l2       = active * global_load_bytes_per_step / L2_BYTES_PER_CYCLE_PER_SM   [cycles]
+    smem     = active * shared_traffic_bytes_per_step / SHARED_BYTES_PER_CYCLE   [cycles]
+    us       = (waves * (max(issue, chain, l2, smem) + exchange + cta_sync) + barrier)
+               / CLOCK_MHZ + launches_per_step * LAUNCH_US
 
-    l2       = global_load_bytes_per_step / L2_BYTES_PER_CYCLE_PER_SM            [cycles]
-    smem     = shared_bytes_per_step / SHARED_BYTES_PER_CYCLE                    [cycles]
-    us       = (max(issue, chain, l2, smem) + exchange + barrier + cta_sync) / CLOCK_MHZ
-               + launches_per_step * LAUNCH_US   (this line replaces the one above)
-
-shared_bytes_per_step counts LDS/LDSM/STS/STSM bytes and the shared-memory operands of
+shared_traffic_bytes_per_step counts LDS/LDSM/STS/STSM bytes and the shared-memory operands of
 warpgroup MMAs (HGMMA reads B, and A when A is a descriptor, from shared memory every step).
 It is monotone in everything a kernel can improve: fewer instructions, fewer warps
 replicating work, shorter dependent tensor-core chains, fewer bytes moved, fewer dependent
@@ -26,6 +25,7 @@ factor: calibrate it with ``--measure`` on a GPU.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 CONSTANTS = {
     "CLOCK_MHZ": {
@@ -72,18 +72,31 @@ CONSTANTS = {
         "value": 24.0, "unit": "cycles per BAR.SYNC (thread-block barrier)",
         "source": "assumption: a CTA barrier with all warps arriving together costs a few "
                   "tens of cycles"},
+    "REGISTERS_PER_SM": {
+        "value": 65536, "unit": "32-bit registers per SM",
+        "source": "CUDA C++ Programming Guide, compute capability 9.0 technical specifications"},
+    "SHARED_PER_SM": {
+        "value": 233472, "unit": "bytes of shared memory per SM (228 KiB)",
+        "source": "CUDA C++ Programming Guide / Hopper tuning guide: 228 KiB per SM on "
+                  "compute capability 9.0 (227 KiB usable by one block)"},
+    "MAX_WARPS_PER_SM": {
+        "value": 64, "unit": "resident warps per SM",
+        "source": "CUDA C++ Programming Guide, compute capability 9.0 technical specifications"},
     "LAUNCH_US": {
         "value": 2.5, "unit": "µs per kernel launch",
         "source": "assumption: back-to-back launches of a small kernel from Python "
                   "(per-step variant only); CUDA graphs would lower it"},
 }
 
-FORMULA = ("us_per_step = (max(instructions_per_warp_per_step * ceil(warps / SCHEDULERS), "
-           "dependent_tensor_core_chain * TENSOR_CORE_LATENCY, global_load_bytes_per_step / "
-           "L2_BYTES_PER_CYCLE_PER_SM, shared_bytes_per_step / SHARED_BYTES_PER_CYCLE) + "
-           "exchange_round_trips * "
-           "L2_LATENCY + grid_barriers * BARRIER_ROUND_TRIPS * L2_FAR_LATENCY + "
-           "bar_sync_per_step * BAR_SYNC_LATENCY) / CLOCK_MHZ + launches_per_step * LAUNCH_US")
+FORMULA = ("us_per_step = (waves * (max(instructions_per_warp_per_step * ceil(active * warps "
+           "/ SCHEDULERS), dependent_tensor_core_chain * TENSOR_CORE_LATENCY, active * "
+           "global_load_bytes_per_step / L2_BYTES_PER_CYCLE_PER_SM, active * "
+           "shared_traffic_bytes_per_step / SHARED_BYTES_PER_CYCLE) + exchange_round_trips * "
+           "L2_LATENCY + bar_sync_per_step * BAR_SYNC_LATENCY) + grid_barriers * "
+           "BARRIER_ROUND_TRIPS * L2_FAR_LATENCY) / CLOCK_MHZ + launches_per_step * LAUNCH_US; "
+           "waves = ceil(programs / (SMs * resident)), active = min(resident, ceil(programs / "
+           "SMs)), resident = programs per SM allowed by registers (65536 per SM), shared "
+           "memory (228 KiB per SM) and warps (64 per SM)")
 
 
 def value(name: str) -> float:
@@ -98,30 +111,48 @@ def describe() -> dict:
                        "work, branch outcomes (all paths counted)"}
 
 
+def resident_programs(warps: int, registers: Optional[int], shared_bytes: int) -> int:
+    """Programs one SM can hold (registers allocated per warp in units of 256)."""
+    limits = [value("MAX_WARPS_PER_SM") // max(1, warps), 32]
+    if registers:
+        per_warp = -(-registers * 32 // 256) * 256
+        limits.append(int(value("REGISTERS_PER_SM")) // (per_warp * max(1, warps)))
+    if shared_bytes:
+        limits.append(int(value("SHARED_PER_SM")) // shared_bytes)
+    return max(1, min(limits))
+
+
 def estimate(instructions: float, warps: int, chain: float, exchange_round_trips: float,
              grid_barriers: float, bar_sync: float, launches_per_step: float = 0.0,
-             global_load_bytes: float = 0.0, shared_bytes: float = 0.0) -> dict:
+             programs: int = 1, sm_count: int = 132, registers: Optional[int] = None,
+             shared_bytes: int = 0, global_load_bytes: float = 0.0,
+             shared_traffic_bytes: float = 0.0) -> dict:
     """Estimated µs per step and its parts (cycles).
 
-    ``global_load_bytes`` and ``shared_bytes`` are per program per step (shared: loads,
-    stores and the warpgroup MMAs' shared-memory operands); their transfer times are
+    ``shared_bytes`` is a program's shared-memory allocation (residency);
+    ``global_load_bytes`` and ``shared_traffic_bytes`` are per program per step (shared:
+    loads, stores and the warpgroup MMAs' shared-memory operands): their transfer times are
     throughput limits that overlap with issue and the tensor-core chain (the max)."""
-    issue = instructions * math.ceil(max(1, warps) / value("SCHEDULERS"))
+    resident = resident_programs(warps, registers, shared_bytes)
+    active = min(resident, -(-programs // sm_count))
+    waves = -(-programs // (sm_count * resident))
+    issue = instructions * math.ceil(active * max(1, warps) / value("SCHEDULERS"))
     chain_c = chain * value("TENSOR_CORE_LATENCY")
-    l2 = global_load_bytes / value("L2_BYTES_PER_CYCLE_PER_SM")
-    smem = shared_bytes / value("SHARED_BYTES_PER_CYCLE")
+    l2 = active * global_load_bytes / value("L2_BYTES_PER_CYCLE_PER_SM")
+    smem = active * shared_traffic_bytes / value("SHARED_BYTES_PER_CYCLE")
     exchange = exchange_round_trips * value("L2_LATENCY")
     barrier = grid_barriers * value("BARRIER_ROUND_TRIPS") * value("L2_FAR_LATENCY")
     cta = bar_sync * value("BAR_SYNC_LATENCY")
     parts = {"issue": issue, "tensor-core chain": chain_c, "L2 bandwidth": l2,
              "shared-memory bandwidth": smem}
     bound = max(parts, key=parts.get)
-    cycles = parts[bound] + exchange + barrier + cta
+    cycles = waves * (parts[bound] + exchange + cta) + barrier
     us = cycles / value("CLOCK_MHZ") + launches_per_step * value("LAUNCH_US")
     return {"estimated_us_per_step": round(us, 3),
             "cycles": {"issue": round(issue, 1), "tensor_core_chain": round(chain_c, 1),
                        "l2_bandwidth": round(l2, 1), "shared_bandwidth": round(smem, 1),
                        "exchange": round(exchange, 1), "grid_barriers": round(barrier, 1),
-                       "bar_sync": round(cta, 1)},
+                       "bar_sync": round(cta, 1), "total": round(cycles, 1)},
             "bound": bound,
-            "launches_per_step": launches_per_step}
+            "programs": programs, "resident_per_sm": resident, "active_per_sm": active,
+            "waves": waves, "launches_per_step": launches_per_step}

@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 TENSOR_CORE = frozenset({"HMMA", "HGMMA", "IMMA", "IGMMA", "DMMA", "BMMA", "BGMMA", "QMMA",
                          "QGMMA", "OMMA", "UTCHMMA", "UTCQMMA", "UTCIMMA"})
-FMA = frozenset({"FFMA", "FFMA2", "FFMA32I", "HFMA2", "HFMA2_32I", "DFMA", "FMNMX3"}) - {"FMNMX3"}
+FMA = frozenset({"FFMA", "FFMA2", "FFMA32I", "HFMA2", "HFMA2_32I", "DFMA"})
 GLOBAL_LOADS = frozenset({"LDG", "LD", "LDGSTS"})
 GLOBAL_STORES = frozenset({"STG", "ST"})
 ATOMICS = frozenset({"ATOMG", "ATOM", "RED", "REDG"})
@@ -584,7 +584,7 @@ class StepCounts:
     tensor_core_shared_bytes_per_warp: float = 0.0
     bar_sync: float = 0.0
     atomics: float = 0.0
-    grid_barriers: int = 0
+    grid_barriers: float = 0.0
     spill_instructions: float = 0.0
     load_widths: Dict[str, float] = dataclasses.field(default_factory=dict)
     opcodes: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -724,8 +724,8 @@ def analyze(fn: Function, trip_of: Optional[TripFn] = None, time_loop: str = "au
                 c = child_at[b]
                 n = trip(c)
                 if c.spin:
-                    counts.grid_barriers += 1 if weight == 1 and not simulate else 0
                     if not simulate:
+                        counts.grid_barriers += weight
                         for ins in fn.loop_insns(c):
                             _count(ins, weight, counts)
                     for ins in fn.loop_insns(c):
@@ -752,18 +752,18 @@ def analyze(fn: Function, trip_of: Optional[TripFn] = None, time_loop: str = "au
             flow.extrapolate(s1, s2, n)
 
     if tl is None:
-        walk(range(len(fn.blocks)), fn.top_loops(), 1.0, False)
+        walk(sorted(fn.reachable), fn.top_loops(), 1.0, False)
         chain = flow.max_chain
         # launched once per step: every segment starts from memory
         exchange = sum(flow.segments) + flow.seg_depth
-        step_blocks = list(range(len(fn.blocks)))
+        step_blocks = sorted(fn.reachable)
     else:
         walk(tl.blocks, tl.children, 1.0, False)
         chain = flow.max_chain
         done = len(flow.segments)
         # a second pass (dataflow only) closes the segment that wraps around the back edge
         walk(tl.blocks, tl.children, 1.0, True)
-        barriers = counts.grid_barriers
+        barriers = int(round(counts.grid_barriers))
         exchange = sum(flow.segments[done:done + barriers]) if barriers else 0.0
         step_blocks = sorted(tl.blocks)
     lines = sorted({(i.file, i.line) for b in step_blocks for i in fn.blocks[b].insns

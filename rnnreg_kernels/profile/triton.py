@@ -31,7 +31,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import sass
 
@@ -40,12 +40,13 @@ _SIG = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 CALL_CONSTEXPRS = ("CELL", "G", "ACC", "ACC_F64", "TF32")
 
 
-def _plan(cell: str, B: int, H: int, dtype: str, tf32: bool, sm_count: int):
+def _plan(cell: str, B: int, H: int, dtype: str, tf32: bool, sm_count: int,
+          variant: Optional[str] = None):
     import torch
 
     from ..triton import launch
     return launch.plan(cell, B, H, getattr(torch, DTYPES[dtype]), torch.device("cuda"), tf32,
-                       sm_count=sm_count)
+                       variant=variant, sm_count=sm_count)
 
 
 def plan_dict(p) -> dict:
@@ -121,7 +122,8 @@ def _no_spec(kern) -> set:
 
 
 def compile_one(job: dict) -> dict:
-    """Compile one kernel for sm_90; ``job``: cell, B, H, dtype, tf32, sm_count, direction.
+    """Compile one kernel for sm_90; ``job``: cell, B, H, dtype, tf32, sm_count, direction
+    and optionally variant (forces the plan's variant, as ``launch.plan(variant=)``).
 
     Returns the job plus name, plan, grid, num_warps, shared (dynamic bytes), cubin (base64),
     or ``error``."""
@@ -134,7 +136,8 @@ def compile_one(job: dict) -> dict:
     from ..triton import bwd, fwd, launch
     t0 = time.time()
     try:
-        p = _plan(job["cell"], job["B"], job["H"], job["dtype"], job["tf32"], job["sm_count"])
+        p = _plan(job["cell"], job["B"], job["H"], job["dtype"], job["tf32"], job["sm_count"],
+                  job.get("variant"))
         idx = 0 if job["direction"] == "forward" else 1
         name = launch.KERNELS[p.variant][idx]
         kern = getattr(fwd if idx == 0 else bwd, name)

@@ -128,8 +128,8 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
         if block_h is not None and block_h < H:
             raise ValueError(f"block_h: the tiled variant needs block_h >= H = {H}, got "
                              f"{block_h}")
-        BB = block_b or min(bb, 16)
-        return Plan("tiled", BB, hfull, hfull, 1, triton.cdiv(B, BB), 1, 8, True, hfull)
+        BB = block_b or min(bb, 16 if G == 1 else 8)
+        return Plan("tiled", BB, hfull, hfull, 1, triton.cdiv(B, BB), 1, 4, True, hfull)
     if variant == "persistent":
         tiles = _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b)
         if tiles is None:
@@ -172,8 +172,11 @@ def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
     to PERSISTENT_MAX_BB) and after it BH doubles until the grid fits the ``n_co``
     co-resident programs.  The slice W_sl^T ``[G*BH, pow2(H)]`` (held by the backward in
     every dtype, by the forward for tensor-core types) plus the h tile must fit
-    PERSISTENT_MAX_SMEM bytes; BH first halves (down to 16 gate rows) until it does.  Under the interpreter (``n_co`` = 1) programs run one at a time: a
-    barrier group must be a single program (BH >= H), while groups are independent.
+    PERSISTENT_MAX_SMEM bytes; BH first halves until it does, and on a GPU a slice of fewer
+    than PERSISTENT_MMA_M gate rows is not taken (its forward product cannot use the
+    warpgroup MMA and spills: H > 1024 in bf16 goes to ``step``).  Under the interpreter
+    (``n_co`` = 1) programs run one at a time: a barrier group must be a single program
+    (BH >= H), while groups are independent.
     """
     hfull = max(16, _pow2(H))
     interp = n_co == 1
@@ -190,6 +193,8 @@ def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
         nh, nb = triton.cdiv(H, bh), triton.cdiv(B, bb)
         if smem(bh, bb) > PERSISTENT_MAX_SMEM:
             return None
+        if not interp and block_h is None and G * bh < min(PERSISTENT_MMA_M, G * hfull):
+            return None  # a forward product below the warpgroup MMA's M spills
         if nh <= n_co and (interp or nh * nb <= n_co):
             return bh, bb
         if block_b is None and bb < PERSISTENT_MAX_BB and bb < _pow2(B):
