@@ -1,12 +1,14 @@
-"""``python -m rnnreg_kernels {check,demo,bench,profile}``.
+"""``python -m rnnreg_kernels {check,demo,bench,profile,experiment}``.
 
 * ``check``: float64 gradient checks of every backend that can run here, a PASS/FAIL table,
   exit status 1 on any failure (``rnnreg_kernels.check``).
 * ``demo``: IRNN on the adding problem with and without the norm-stabilizer, run far past
-  the training length; table, PNG plot and JSON (``rnnreg_kernels.demo``).
+  the training length, K seeds; table, PNG plot and JSON (``rnnreg_kernels.experiments.demo``).
 * ``bench``: kernel benchmarks (``rnnreg_kernels.bench``, imported only for this command).
 * ``profile``: static SASS profile of the kernels a plan launches, compiled for sm_90 without
   a GPU, with estimated µs per step (``rnnreg_kernels.profile``).
+* ``experiment charlm``: the paper's character-level language-model table
+  (``rnnreg_kernels.experiments.charlm``).
 
 Exit status: 0 success, 1 a check failed (or the command failed), 2 bad arguments.
 """
@@ -18,7 +20,8 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("check", "demo", "bench", "profile")
+COMMANDS = ("check", "demo", "bench", "profile", "experiment")
+EXPERIMENTS = ("charlm",)
 
 
 def _command_of(argv: Sequence[str]) -> Optional[str]:
@@ -28,13 +31,15 @@ def _command_of(argv: Sequence[str]) -> Optional[str]:
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The argument parser; ``bench``'s options are added only when ``bench`` is asked for."""
-    from rnnreg_kernels import check, demo
+    from rnnreg_kernels import check
+    from rnnreg_kernels.experiments import demo
 
     parser = argparse.ArgumentParser(
         prog="python -m rnnreg_kernels",
         description="Fused RNN kernels with activation regularizers: gradient checks, a demo, "
                     "benchmarks.")
-    sub = parser.add_subparsers(dest="command", metavar="{check,demo,bench,profile}",
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{check,demo,bench,profile,experiment}",
                                 required=True)
     p_check = sub.add_parser(
         "check", help="float64 gradcheck of every available backend (exit 1 on any failure)",
@@ -56,7 +61,22 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                         "needed), estimated us per step",
         description=(profile.__doc__ or "").split("\n\n")[0])
     profile.add_arguments(p_profile)
+    _add_experiments(sub)
     return parser
+
+
+def _add_experiments(sub) -> None:
+    """``experiment {charlm}``: the paper-facing runs of ``rnnreg_kernels.experiments``."""
+    from rnnreg_kernels.experiments import charlm
+
+    p_exp = sub.add_parser("experiment", help="the paper's experiments (experiment charlm: "
+                                              "character-level language models)")
+    which = p_exp.add_subparsers(dest="experiment", metavar="{charlm}", required=True)
+    p_charlm = which.add_parser(
+        "charlm", help="tanh / IRNN / TRec / LSTM character-level LMs with and without the "
+                       "norm-stabilizer: the paper's bpc table",
+        description=(charlm.__doc__ or "").split("\n\n")[0])
+    charlm.add_arguments(p_charlm)
 
 
 def _triton_imported() -> bool:
@@ -84,11 +104,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from rnnreg_kernels import check
         return check.main(args)
     if args.command == "demo":
-        from rnnreg_kernels import demo
+        from rnnreg_kernels.experiments import demo
         return demo.main(args)
     if args.command == "profile":
         from rnnreg_kernels import profile
         return profile.main(args)
+    if args.command == "experiment":
+        from rnnreg_kernels.experiments import charlm
+        return charlm.main(args)
     from rnnreg_kernels import bench
     return int(bench.main(args) or 0)
 

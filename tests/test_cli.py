@@ -1,4 +1,4 @@
-"""The command line: ``python -m rnnreg_kernels {check,demo,bench}``.
+"""The command line: ``python -m rnnreg_kernels {check,demo,bench,experiment}``.
 
 Subprocess runs check the real entry point (exit status, output files); in-process runs
 check that a wrong backend makes ``check`` fail and that bad arguments exit with status 2
@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from rnnreg_kernels import check, demo
+from rnnreg_kernels import check
+from rnnreg_kernels.experiments import demo
 from rnnreg_kernels.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,30 +171,22 @@ def test_check_unavailable_backend_is_an_error(capsys, monkeypatch):
 # ----------------------------------------------------------------------------- demo
 
 def test_demo_quick_writes_png_json_and_table(tmp_path):
+    """The README's main command, as a user runs it (the JSON's contents: tests/test_demo.py)."""
     out = tmp_path / "demo"
     r = _run("demo", "--quick", "--out", str(out), "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stdout + r.stderr
     png, js = out / "demo.png", out / "demo.json"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(js.read_text())
-    lengths = doc["lengths"]
-    assert lengths == [20, 40, 100]
-    assert list(doc["runs"]) == ["plain", "NS"]
-    assert doc["runs"]["NS"]["beta"] == 200.0
-    for run in doc["runs"].values():
-        ev = run["eval"]
-        assert len(ev["mean_norm"]) == max(lengths) + 1
-        assert {k: len(v) for k, v in ev["max_norm"].items()} == {str(s): s + 1 for s in lengths}
-        assert len(run["train_mse"]) == demo.QUICK["steps"]
-        assert set(ev["mse"]) == set(ev["median_se"]) == {str(s) for s in lengths}
-        assert run["backend_used"] == "native"  # auto on the CPU for the relu IRNN
-        stats = run["norm_stats"]
-        assert stats["growth_after_horizon"] is None or stats["growth_after_horizon"] > 0
-    assert "T_eval" in r.stdout and "MSE plain" in r.stdout
-    for s in lengths:
+    assert doc["lengths"] == [20, 40, 100]
+    assert [s["seed"] for s in doc["seeds"]] == list(range(demo.QUICK["seeds"]))
+    assert doc["aggregate"]["seeds"] == demo.QUICK["seeds"]
+    assert doc["config"]["workers"] >= 1 and doc["engine"] == "batched"
+    assert "criterion: bounded = " in r.stdout and "T_eval" in r.stdout
+    for s in doc["lengths"]:
         assert any(ln.split()[:1] == [str(s)] for ln in r.stdout.splitlines())
-    assert "summary:" in r.stdout and "observed:" in r.stdout
-    assert doc["summary"][-1] in r.stdout
+    assert doc["verdict"] in r.stdout and doc["verdict"].startswith("observed across 2 seeds")
+    assert "\r" not in r.stderr  # no progress bar drawn into a pipe
 
 
 def test_adding_batch_is_the_adding_problem():
@@ -205,44 +198,14 @@ def test_adding_batch_is_the_adding_problem():
     assert torch.equal(markers.sum(0), torch.full((200,), 2.0))
     assert (markers[:4].sum(0) == 1).all() and (markers[4:].sum(0) == 1).all()
     torch.testing.assert_close(y, (values * markers).sum(0))
-
-
-def test_demo_summary_follows_the_numbers():
-    flat = [1.0] + [2.0] * 30
-    plateau = [1.0] + [2.0] * 10 + [min(2.0 * 1.2 ** k, 4.5) for k in range(1, 21)]
-    grows = [1.0] + [2.0] * 10 + [2.0 * 1.2 ** k for k in range(1, 21)]
-    blows = [1.0] + [2.0] * 10 + [3.0] * 5 + [math.inf] * 15
-    s_flat, s_plat, s_grow, s_blow = (demo.norm_stats(c, [c[:12], c], 10)
-                                      for c in (flat, plateau, grows, blows))
-    assert s_flat["bounded"] and s_flat["growth_after_horizon"] == 1.0
-    assert s_flat["late_growth"] == 1.0
-    assert not s_plat["bounded"] and s_plat["late_growth"] == 1.0
-    assert not s_grow["bounded"]
-    assert s_grow["growth_after_horizon"] == pytest.approx(1.2 ** 20)
-    assert s_grow["late_growth"] == pytest.approx(1.2 ** 20 / 1.2 ** 5)
-    assert not s_blow["bounded"] and s_blow["first_non_finite_step"] == 16
-    # an overflow in a shorter run counts too
-    s_mixed = demo.norm_stats(flat, [blows[:20], flat], 10)
-    assert not s_mixed["bounded"] and s_mixed["first_non_finite_step"] == 16
-
-    def run(stats):
-        return {"norm_stats": stats,
-                "eval": {"mse": {10: 0.01, 30: 0.5}, "median_se": {10: 0.01, 30: 0.4},
-                         "baseline_mse": {10: 0.17, 30: 0.17}}}
-    lines = demo.summary_lines({"plain": run(s_blow), "NS": run(s_flat)}, [10, 30], 10)
-    assert "stabilized IRNN stayed within x2" in lines[-1]
-    assert "overflow" in lines[0] and "NOT bounded" in lines[0]
-    assert "within x2: bounded" in lines[1] and "levelled off" in lines[1]
-    assert "at T=10;" not in lines[2] and "prediction's at T=10" in lines[2]
-    lines = demo.summary_lines({"plain": run(s_plat), "NS": run(s_grow)}, [10, 30], 10)
-    assert "levelled off" in lines[0] and "still growing" in lines[1]
-    assert "neither" in lines[-1]
+    with pytest.raises(ValueError, match="must be >= 2, got 1"):
+        demo.adding_batch(1, 3, g)
 
 
 # ----------------------------------------------------------------------------- arguments
 
 @pytest.mark.parametrize("argv, needle", [
-    ([], "the following arguments are required: {check,demo,bench"),  # then profile, ...
+    ([], "the following arguments are required: {check,demo,bench,profile,experiment}"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["check", "--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
     (["check", "--cell", "gru"], "argument --cell: invalid choice: 'gru'"),
@@ -252,6 +215,13 @@ def test_demo_summary_follows_the_numbers():
     (["demo", "--beta", "-1"], "argument --beta: expected a finite number >= 0"),
     (["demo", "--lr", "0"], "argument --lr: expected a finite number > 0"),
     (["demo", "--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["demo", "--seeds", "0"], "argument --seeds: expected a positive integer, got 0"),
+    (["demo", "--engine", "gpu"], "argument --engine: invalid choice: 'gpu'"),
+    (["experiment"], "the following arguments are required: {charlm}"),
+    (["experiment", "wordlm"], "invalid choice: 'wordlm'"),
+    (["experiment", "charlm", "--beta", "0"], "argument --beta: expected a finite number > 0"),
+    (["experiment", "charlm", "--hidden", "-3"],
+     "argument --hidden: expected a positive integer, got -3"),
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, argv, needle):
     with pytest.raises(SystemExit) as exc:
@@ -271,10 +241,10 @@ def test_demo_rejects_unusable_settings(capsys, tmp_path, argv, needle):
     assert needle in capsys.readouterr().err
 
 
-def test_help_lists_the_three_commands():
+def test_help_lists_the_commands():
     r = _run("--help")
     assert r.returncode == 0
-    for name in ("check", "demo", "bench"):
+    for name in ("check", "demo", "bench", "profile", "experiment"):
         assert name in r.stdout
 
 

@@ -195,6 +195,78 @@ def test_model_is_monotone_and_documented():
         assert c["source"] and "value" in c, name
 
 
+def _nest_sass(path, outer, mid, inner):
+    """SASS of three nested loops whose line information points at ``path``: the loop
+    statements at lines ``outer`` (0x10-0x50), ``mid`` (0x20-0x40), ``inner`` (0x30)."""
+    return f"""
+\t.section\t.text.nest,"ax",@progbits
+.text.nest:
+\t//## File "{path}", line {outer}
+        /*0000*/                   IMAD.MOV.U32 R2, RZ, RZ, RZ ;
+.L_x_0:
+        /*0010*/                   STG.E [R8.64], R2 ;
+.L_x_1:
+\t//## File "{path}", line {mid}
+        /*0020*/                   IADD3 R3, R3, 0x1, RZ ;
+.L_x_2:
+\t//## File "{path}", line {inner}
+        /*0030*/              @P0 BRA `(.L_x_2) ;
+\t//## File "{path}", line {mid}
+        /*0040*/              @P1 BRA `(.L_x_1) ;
+\t//## File "{path}", line {outer}
+        /*0050*/              @P2 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+"""
+
+
+TOY_TRITON = """import triton.language as tl
+
+
+def kern(T, B, H, BB: tl.constexpr, BK: tl.constexpr):
+    pid_b = tl.program_id(1)
+    stride = tl.num_programs(1) * BB
+    for k in range(1, T + 1):
+        for b0 in range(pid_b * BB, B, stride):
+            for k0 in range(0, H, BK):
+                pass
+"""
+
+
+def test_triton_trip_rule_reads_the_range_with_the_plan(tmp_path):
+    from rnnreg_kernels.profile import triton as prof
+    src = tmp_path / "toy_kernel.py"
+    src.write_text(TOY_TRITON)
+    fn = sass.parse_function(_nest_sass(src, 7, 8, 9))
+    rule = prof.trip_rule({"BB": 8, "BK": 16, "variant": "persistent"}, (4, 2), B=40, H=64)
+    r = sass.analyze(fn, rule)
+    assert r["time_loop"]["statement"] == "for k in range(1, T + 1):"
+    trips = {lp["header"]: lp["trips"] for lp in r["loops"]}
+    # b0: range(0, 40, 2 * 8) = 3 tiles; k0: range(0, 64, 16) = 4 chunks
+    assert trips == {"0x0020": 3, "0x0030": 4}
+    assert r["counts"].instructions == 1 + 1 + 3 * (1 + 1 + 4 * 1)   # STG+BRA, mid, inner
+    assert not r["unweighted_loops"]
+    # T is not known from the plan: a loop over T inside the step counts once, reported
+    rule_t = prof.trip_rule({"BB": 8, "BK": 16}, (4, 2), B=40, H=64)
+    fn2 = sass.parse_function(_nest_sass(src, 8, 7, 9))
+    r2 = sass.analyze(fn2, rule_t)
+    assert [u["statement"] for u in r2["unweighted_loops"]] == ["for k in range(1, T + 1):"]
+
+
+def test_cuda_trip_rule_reads_the_for_header_with_the_plan(tmp_path):
+    from rnnreg_kernels.profile import cuda as prof
+    src = tmp_path / "forward.cu"
+    src.write_text("  for (int k = 1; k <= T_; ++k) {\n"
+                   "    for (int b0 = 0; b0 < B; b0 += bs) {\n"
+                   "      for (int idx = tid; idx < nb * Hp; idx += kThreads) {\n")
+    p = prof.plan("lstm", 32, 1024, "bf16", 132)
+    assert (p["units"], p["blocks"]) == (8, 128)
+    rule = prof.trip_rule("forward", "lstm", 32, 1024, p)
+    r = sass.analyze(sass.parse_function(_nest_sass(src, 1, 2, 3)), rule)
+    nb = min(p["bs_fwd"], 32)
+    trips = {lp["header"]: lp["trips"] for lp in r["loops"]}
+    assert trips == {"0x0020": -(-32 // p["bs_fwd"]), "0x0030": -(-nb * 1024 // 256)}
+
+
 # ---------------------------------------------------------------- the CLI
 
 def test_measure_without_gpu_exits_2_with_reason(capsys):

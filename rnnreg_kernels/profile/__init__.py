@@ -223,15 +223,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _positive(name):
+    """argparse type: a positive int (argparse prefixes the message with ``argument NAME:``)."""
     def parse(text):
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got "
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got "
                                              f"{text!r}") from None
         if v < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {v}")
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
         return v
+    parse.__name__ = name
     return parse
 
 

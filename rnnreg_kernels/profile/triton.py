@@ -13,7 +13,10 @@ The plan is ``rnnreg_kernels.triton.launch.plan(..., sm_count=N)``; its variant 
   ``plan.hold``); a constexpr that is neither is an error naming it;
 * attrs: 16-byte divisibility of every pointer, and of the int arguments the kernel does not
   exclude from specialization (``do_not_specialize``) when their value (B, H) is a multiple
-  of 16, as the launcher would specialize them.
+  of 16, as the launcher would specialize them;
+* options: ``num_warps`` of the plan and the launcher's own options for the plan
+  (:func:`launch_options`: e.g. ``num_stages=1`` and a cooperative grid for persistent
+  kernels), so the profile compiles what runs.
 
 Compiles never run in the interpreter: when ``TRITON_INTERPRET=1`` is set they run in a
 subprocess without it (``python -m rnnreg_kernels.profile.triton``, jobs as JSON on stdin).
@@ -111,6 +114,22 @@ def _signature(kern, dtype: str, const: dict) -> Dict[str, str]:
     return sig
 
 
+def launch_options(launch, p) -> dict:
+    """The compile options the launcher passes for plan ``p`` (besides num_warps): the
+    launcher's ``launch_options(plan)`` when it has one, else its ``_persist(plan)`` for the
+    persistent variant (cooperative grid, ``num_stages=1``), else a cooperative grid for
+    persistent grids of several programs.  The profile must compile what runs."""
+    hook = getattr(launch, "launch_options", None)
+    if callable(hook):
+        return dict(hook(p))
+    if p.variant == "persistent":
+        persist = getattr(launch, "_persist", None)
+        if callable(persist):
+            return dict(persist(p))
+        return {"launch_cooperative_grid": True} if p.NH > 1 else {}
+    return {}
+
+
 def _no_spec(kern) -> set:
     names = set()
     for prm in kern.params:
@@ -152,12 +171,10 @@ def compile_one(job: dict) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=kern, signature=_signature(kern, job["dtype"], const),
                         constexprs=const, attrs=attrs)
-        opts = {"num_warps": p.num_warps}
-        if p.variant == "persistent" and p.NH > 1:
-            opts["launch_cooperative_grid"] = True
+        opts = dict(launch_options(launch, p), num_warps=p.num_warps)
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         return dict(job, ok=True, name=name, variant=p.variant, plan=plan_dict(p),
-                    grid=list(grid_of(p, job["B"])), num_warps=p.num_warps,
+                    grid=list(grid_of(p, job["B"])), num_warps=p.num_warps, options=opts,
                     shared=int(getattr(c.metadata, "shared", 0) or 0),
                     cubin=base64.b64encode(c.asm["cubin"]).decode(),
                     seconds=round(time.time() - t0, 2), triton=triton.__version__)
@@ -330,7 +347,8 @@ def kernels_from_results(results: List[dict], B: int, H: int) -> List[dict]:
             shared_dynamic=r["shared"], programs=programs,
             trip_of=trip_rule(r["plan"], grid, B, H),
             time_loop="none" if step else "auto", launches_per_step=1.0 if step else 0.0,
-            extra={"grid": list(grid), "compile_seconds": r["seconds"]})})
+            extra={"grid": list(grid), "compile_options": r.get("options"),
+                   "compile_seconds": r["seconds"]})})
     return out
 
 
