@@ -1,11 +1,15 @@
 // Backward of the recurrence: one persistent cooperative launch, steps k = T..1.
 //
 // Block `blk` owns hidden units [blk*units, blk*units + nu) and keeps the matching columns of
-// w_hh (W^T rows, all G*H entries each) in shared memory.  Per step it stages dz_{k+1} (fp32,
-// double-buffered global exchange buffer) for a tile of batch rows, computes its slice of the
-// recurrent gradient dz_{k+1} W, adds the upstream gradient and the penalty gradients
-// (DESIGN.md section 2, from the saved norms), runs the cell backward and publishes its slice
-// of dz_k.  grad_w_hh is one GEMM on the host side afterwards (binding / cuda.py).
+// w_hh (W^T rows, all G*H entries each) in shared memory.  Per step it stages dz_{k+1} (input
+// dtype, double-buffered global exchange buffer, 16-byte cp.async chunks all in flight) for a
+// tile of batch rows, computes its slice of the recurrent gradient dz_{k+1} W (tensor cores for
+// bf16/fp16: the staged dz rows are the m16 side, the block's W^T rows the n8 side), adds the
+// upstream gradient and the penalty gradients (DESIGN.md section 2, from the saved norms), runs
+// the cell backward and publishes its slice of dz_k.  Every block needs all G*H entries of
+// dz_{k+1} for its units (the reduction runs over all gate rows), so each block stages the
+// whole dz of its batch tiles: in bf16/fp16 that is half the bytes of the fp32 exchange.
+// grad_w_hh is one GEMM on the host side afterwards (binding / cuda.py), from the fp32 dz copy.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -48,19 +52,70 @@ __device__ __forceinline__ float penalty_grad(const BwdArgs& a, int k, int L, in
   return g;
 }
 
-// Stage dz rows [b0, b0+nb) of `dz` ([B][GH] fp32) into shared memory and compute
+// Stage dz rows [b0, b0+nb) of `dz` ([B][Kx], input dtype) into shared memory and compute
 // dh[bl][il] = sum_r W[r][j0+il] dz[b0+bl][r] for the block's units.
 template <typename T>
-__device__ __forceinline__ void recurrent_grad(const T* wt, int nu, int units, const float* dz,
-                                               int b0, int nb, int GH, int Kp, float* dzs,
-                                               float* dhs, float* red) {
-  for (int idx = threadIdx.x; idx < nb * Kp; idx += kThreads) {
-    const int bl = idx / Kp, r = idx % Kp;
-    dzs[idx] = r < GH ? __ldcg(dz + (size_t)(b0 + bl) * GH + r) : 0.f;
+__device__ __forceinline__ void recurrent_grad(const T* wt, int nu, int units, const T* dz,
+                                               int b0, int nb, int Kx, int ld, bool tf32,
+                                               T* dzs, float* dhs, float* red) {
+  stage_rows<T>(dzs, ld, dz, Kx, b0, nb);
+  cp_async_wait_all();
+  __syncthreads();
+  step_product<T>(dzs, nb, wt, nu, ld, Kx, tf32, dhs, units, red);
+}
+
+// Everything of one (b, i) cell update of step k that does not depend on dz_{k+1}: the
+// gradient reaching h_k from outside the recurrence and the cell's local derivatives.  Computed
+// for a thread's first item while the dz copies are in flight, so that its global-memory
+// latency stays off the step's critical path.
+struct CellGrad {
+  float dh;     // carried dL/dh (+ grad_output + penalty gradient on valid steps)
+  float kz[4];  // LSTM: dz[g] = kz[g] * dc (g < 3), dz[3] = kz[3] * dh; else dz[0] = kz[0] * dh
+  float kc;     // LSTM: dc = dc0 + kc * dh
+  float dc0;    // LSTM: carried dL/dc
+  float fg;     // LSTM: forget gate (carries dc to step k-1)
+  int pos;      // time position of step k, or -1 when the step is frozen (k > L)
+};
+
+template <typename T>
+__device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, int i,
+                                              const float* dhacc, const float* dcacc, float cns,
+                                              float ctar, float car) {
+  const Scalars& s = a.s;
+  const int B = s.B, H = s.H, GH = (s.cell == kLSTM ? 4 : 1) * H;
+  const int L = row_length(a.lengths, b, s.T);
+  const size_t o = (size_t)b * H + i;
+  CellGrad g;
+  g.dh = dhacc[o];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) g.kz[j] = 0.f;
+  g.kc = g.dc0 = g.fg = 0.f;
+  g.pos = -1;
+  if (k > L) return g;
+  g.pos = position(k, L, s.reverse);
+  const float hk = load_h<T>(a, k, L, b, i);
+  g.dh += to_f(static_cast<const T*>(a.g_out)[((size_t)g.pos * B + b) * H + i]);
+  g.dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
+  if (s.cell == kLSTM) {
+    const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
+    const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
+    const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
+    const float cp = k >= 2 ? a.cs[cidx - (size_t)B * H]
+                            : to_f(static_cast<const T*>(a.c0)[o]);
+    const float tc = tanhf(a.cs[cidx]);
+    g.kc = og * (1.f - tc * tc);
+    g.kz[0] = gg * ig * (1.f - ig);
+    g.kz[1] = cp * fg * (1.f - fg);
+    g.kz[2] = ig * (1.f - gg * gg);
+    g.kz[3] = tc * og * (1.f - og);
+    g.dc0 = dcacc[o];
+    g.fg = fg;
+  } else if (s.cell == kTanh) {
+    g.kz[0] = 1.f - hk * hk;
+  } else {
+    g.kz[0] = hk != 0.f ? 1.f : 0.f;
   }
-  __syncthreads();
-  block_matvec<T>(wt, nu, dzs, nb, Kp, dhs, units, red);
-  __syncthreads();
+  return g;
 }
 
 template <typename T>
@@ -70,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
   const int G = cell == kLSTM ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_bwd;
-  const int Kp = round_up(GH, kVec);
+  const int Kx = xrow(GH), ld = srow(GH, (int)sizeof(T));
   const int blk = blockIdx.x;
   const int j0 = blk * units, nu = min(units, H - j0);
   const int tid = threadIdx.x;
@@ -78,28 +133,32 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   unsigned char* smem = dynamic_smem();
   const Layout lay = bwd_layout(G, H, units, bs, (int)sizeof(T));
   T* wt = reinterpret_cast<T*>(smem + lay.w);
-  float* dzs = reinterpret_cast<float*>(smem + lay.a);
+  T* dzs = reinterpret_cast<T*>(smem + lay.a);
   float* dhs = reinterpret_cast<float*>(smem + lay.z);
   float* red = reinterpret_cast<float*>(smem + lay.red);
 
   const T* w = static_cast<const T*>(a.w);
   const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  const T* g_out = static_cast<const T*>(a.g_out);
   const T* g_hn = static_cast<const T*>(a.g_hn);
   const T* g_cn = static_cast<const T*>(a.g_cn);
   T* gx = static_cast<T*>(a.gx);
-  float* dzbuf = a.scratch;                          // [2][B][GH]
-  float* dhacc = dzbuf + 2 * (size_t)B * GH;         // [B][H] carried dL/dh
+  T* dzbuf = reinterpret_cast<T*>(a.scratch);       // [2][B][Kx] dz exchange, input dtype
+  float* dhacc = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(a.scratch) +
+                                          align16(2 * (size_t)B * Kx * sizeof(T)));  // [B][H]
   float* dcacc = dhacc + (size_t)B * H;              // [B][H] carried dL/dc
 
   // W^T slice: wt[il][r] = w[r][j0 + il].
-  for (int idx = tid; idx < units * Kp; idx += kThreads) {
+  for (int idx = tid; idx < units * ld; idx += kThreads) {
     const int il = idx % units, r = idx / units;
     T v = from_f<T>(0.f);
     if (il < nu && r < GH) v = w[(size_t)r * H + j0 + il];
-    wt[(size_t)il * Kp + r] = v;
+    wt[(size_t)il * ld + r] = v;
   }
+  // The exchange rows' padding columns [GH, Kx) are zero in both buffers (never rewritten;
+  // the first read is after a grid.sync).
+  if (blk == 0)
+    for (int idx = tid; idx < 2 * B * (Kx - GH); idx += kThreads)
+      dzbuf[(size_t)(idx / (Kx - GH)) * Kx + GH + idx % (Kx - GH)] = from_f<T>(0.f);
   const float cns = 2.f * s.w_ns * a.g_terms[0];
   const float ctar = 2.f * s.w_tar * a.g_terms[1];
   const float car = 2.f * s.w_ar * a.g_terms[2];
@@ -115,49 +174,49 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   }
 
   for (int k = T_; k >= 1; --k) {
-    const float* dz_next = dzbuf + (size_t)((k + 1) & 1) * B * GH;
-    float* dz_cur = dzbuf + (size_t)(k & 1) * B * GH;
+    const T* dz_next = dzbuf + (size_t)((k + 1) & 1) * B * Kx;
+    T* dz_cur = dzbuf + (size_t)(k & 1) * B * Kx;
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
       const bool rec = k < T_;
-      if (rec) recurrent_grad<T>(wt, nu, units, dz_next, b0, nb, GH, Kp, dzs, dhs, red);
+      if (rec) stage_rows<T>(dzs, ld, dz_next, Kx, b0, nb);
+      CellGrad first{};  // this thread's first item, while the copies are in flight
+      if (tid < nb * nu)
+        first = cell_grad<T>(a, k, b0 + tid / nu, j0 + tid % nu, dhacc, dcacc, cns, ctar, car);
+      if (rec) {
+        cp_async_wait_all();
+        __syncthreads();
+        step_product<T>(dzs, nb, wt, nu, ld, Kx, s.tf32 != 0, dhs, units, red);
+      }
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, il = q % nu, b = b0 + bl, i = j0 + il;
-        const int L = row_length(a.lengths, b, T_);
         const size_t o = (size_t)b * H + i;
-        float dh = dhacc[o] + (rec ? dhs[bl * units + il] : 0.f);
+        const CellGrad cgr =
+            q == tid ? first : cell_grad<T>(a, k, b, i, dhacc, dcacc, cns, ctar, car);
+        const float dh = cgr.dh + (rec ? dhs[bl * units + il] : 0.f);
         const size_t zstep = ((size_t)(k - 1) * B + b) * GH + i;  // step-indexed [T, B, GH]
-        if (k > L) {  // frozen step: the gradient passes through unchanged
+        if (cgr.pos < 0) {  // frozen step: the gradient passes through unchanged
           dhacc[o] = dh;
-          for (int g = 0; g < G; ++g) {
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+            if (g >= G) break;
             gx[zstep + (size_t)g * H] = from_f<T>(0.f);  // position k-1, never reached
             if (a.dz) a.dz[zstep + (size_t)g * H] = 0.f;
-            __stcg(dz_cur + (size_t)b * GH + g * H + i, 0.f);
+            __stcg(dz_cur + (size_t)b * Kx + g * H + i, from_f<T>(0.f));
           }
           continue;
         }
-        const int pos = position(k, L, s.reverse);
-        const float hk = load_h<T>(a, k, L, b, i);
-        dh += to_f(g_out[((size_t)pos * B + b) * H + i]);
-        dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
+        const int pos = cgr.pos;
         float dz[4];
         if (cell == kLSTM) {
-          const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
-          const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
-          const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
-          const float ck = a.cs[cidx];
-          const float cp = k >= 2 ? a.cs[cidx - (size_t)B * H] : to_f(c0[o]);
-          const float tc = tanhf(ck);
-          const float dc = dcacc[o] + dh * og * (1.f - tc * tc);
-          dz[0] = dc * gg * ig * (1.f - ig);
-          dz[1] = dc * cp * fg * (1.f - fg);
-          dz[2] = dc * ig * (1.f - gg * gg);
-          dz[3] = dh * tc * og * (1.f - og);
-          dcacc[o] = dc * fg;
-        } else if (cell == kTanh) {
-          dz[0] = dh * (1.f - hk * hk);
+          const float dc = cgr.dc0 + cgr.kc * dh;
+          dz[0] = cgr.kz[0] * dc;
+          dz[1] = cgr.kz[1] * dc;
+          dz[2] = cgr.kz[2] * dc;
+          dz[3] = cgr.kz[3] * dh;
+          dcacc[o] = dc * cgr.fg;
         } else {
-          dz[0] = hk != 0.f ? dh : 0.f;
+          dz[0] = cgr.kz[0] * dh;
         }
         const size_t zpos = ((size_t)pos * B + b) * GH + i;
 #pragma unroll
@@ -165,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
           if (g >= G) break;
           gx[zpos + (size_t)g * H] = from_f<T>(dz[g]);
           if (a.dz) a.dz[zstep + (size_t)g * H] = dz[g];
-          __stcg(dz_cur + (size_t)b * GH + g * H + i, dz[g]);
+          __stcg(dz_cur + (size_t)b * Kx + g * H + i, from_f<T>(dz[g]));
         }
         dhacc[o] = 0.f;
       }
@@ -177,10 +236,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   // grad_h0 = dz_1 W (+ carry of rows whose grad passed through) + NS term of h0; grad_c0.
   T* gh0 = static_cast<T*>(a.gh0);
   T* gc0 = static_cast<T*>(a.gc0);
-  const float* dz_first = dzbuf + (size_t)(1 & 1) * B * GH;
+  const T* dz_first = dzbuf + (size_t)(1 & 1) * B * Kx;
   for (int b0 = 0; b0 < B; b0 += bs) {
     const int nb = min(bs, B - b0);
-    recurrent_grad<T>(wt, nu, units, dz_first, b0, nb, GH, Kp, dzs, dhs, red);
+    recurrent_grad<T>(wt, nu, units, dz_first, b0, nb, Kx, ld, s.tf32 != 0, dzs, dhs, red);
     for (int q = tid; q < nb * nu; q += kThreads) {
       const int bl = q / nu, il = q % nu, b = b0 + bl;
       const size_t o = (size_t)b * H + j0 + il;

@@ -61,7 +61,7 @@ void check_maybe(const OptTensor& t, const char* name, at::IntArrayRef shape, at
 
 rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double theta, double w_ns,
                         double w_tar, double w_ar, bool incl, double ns_eps, bool reverse,
-                        int64_t plant) {
+                        bool tf32, int64_t plant) {
   TORCH_CHECK(cell >= rnnreg::kLSTM && cell <= rnnreg::kTrec,
               "cell: expected a code 0..3 (lstm, relu, tanh, trec), got ", cell);
   TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "x_proj: expected T, B, H >= 1, got T=", T, ", B=", B,
@@ -88,6 +88,7 @@ rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double th
   s.heps = (float)((double)H * ns_eps);
   s.ns_include_initial = incl ? 1 : 0;
   s.reverse = reverse ? 1 : 0;
+  s.tf32 = tf32 ? 1 : 0;
   s.plant = (int)plant;
   return s;
 }
@@ -123,15 +124,15 @@ int64_t max_hidden(int64_t cell, int64_t dtype, int64_t device) {
 std::vector<Tensor> forward(const Tensor& x, const Tensor& w, const Tensor& h0, const OptTensor& c0,
                             const OptTensor& mask, const OptTensor& lengths, int64_t cell,
                             double theta, double w_ns, double w_tar, double w_ar, bool incl,
-                            double ns_eps, bool reverse, int64_t units, bool poison_outputs,
-                            int64_t plant) {
+                            double ns_eps, bool reverse, bool tf32, int64_t units,
+                            bool poison_outputs, int64_t plant) {
   TORCH_CHECK(x.is_cuda(), "x_proj: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 3, "x_proj: expected [T, B, G*H], got shape ", x.sizes());
   TORCH_CHECK(w.dim() == 2, "w_hh: expected [G*H, H], got shape ", w.sizes());
   const int dtype = dtype_code(x.scalar_type());
   const int64_t T = x.size(0), B = x.size(1), H = w.size(1);
   const rnnreg::Scalars s = scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, incl, ns_eps, reverse,
-                                    plant);
+                                    tf32, plant);
   const int64_t G = rnnreg::gates_of(s.cell);
   const bool lstm = s.cell == rnnreg::kLSTM;
   const auto dev = x.device();
@@ -189,14 +190,14 @@ std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor&
                              const OptTensor& cs, const Tensor& g_out, const Tensor& g_hn,
                              const OptTensor& g_cn, const Tensor& g_terms, int64_t cell,
                              double theta, double w_ns, double w_tar, double w_ar, bool incl,
-                             double ns_eps, bool reverse, int64_t units, bool poison_outputs,
-                             int64_t plant) {
+                             double ns_eps, bool reverse, bool tf32, int64_t units,
+                             bool poison_outputs, int64_t plant) {
   TORCH_CHECK(out.is_cuda(), "output: expected a CUDA tensor, got device ", out.device());
   TORCH_CHECK(out.dim() == 3, "output: expected [T, B, H], got shape ", out.sizes());
   const int dtype = dtype_code(out.scalar_type());
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
   const rnnreg::Scalars s = scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, incl, ns_eps, reverse,
-                                    plant);
+                                    tf32, plant);
   const int64_t G = rnnreg::gates_of(s.cell);
   const bool lstm = s.cell == rnnreg::kLSTM;
   const bool half = dtype != rnnreg::kFloat32;

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "mma.cuh"
 #include "rnnreg_api.h"
 
 namespace rnnreg {
@@ -27,34 +28,55 @@ constexpr int kRedFloats = kWarps * kRG * kBG;  // block scratch for split-K and
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
-// Byte offsets into the dynamic shared memory of one block.
-//   forward:  w [G*units][Hp] (dtype), a = h tile [bs][Hp], z [bs][G*units], hn [bs][units]
-//   backward: w = W^T slice [units][Kp] (dtype), a = dz tile [bs][Kp], z = dh [bs][units]
+// Tensor-core product (bf16/fp16): 16-wide K steps dealt to the warps, up to kAccTiles
+// independent 16x8 fp32 accumulators per warp, partial tiles summed through `red`.
+constexpr int kAccTiles = 8;
+constexpr int kMmaRedFloats = kWarps * kAccTiles * 128;
+
+// Row length (elements) of the global exchange buffers for a K-long vector: a multiple of 16
+// elements, so rows are 16-byte aligned and copy in whole 16-byte chunks; the padding is zero.
+__host__ __device__ inline int xrow(int K) { return round_up(K, 16); }
+// Row stride (elements) of a staged operand in shared memory.  bf16/fp16 rows get 8 elements
+// (16 bytes) of padding: the stride is then an odd multiple of 16 bytes, so the 8 row
+// addresses of one ldmatrix phase hit 8 distinct 16-byte bank groups (no conflicts).  The
+// padding is never read.
+// fp32 rows get 4 elements: the stride is 4 (mod 8) words, so the TF32 fragment loads (8
+// rows x 4 consecutive words per warp) hit 32 distinct banks, and rows stay 16-byte aligned.
+__host__ __device__ inline int srow(int K, int esize) { return xrow(K) + (esize == 2 ? 8 : 4); }
+__host__ __device__ inline int red_floats(int) {
+  return kMmaRedFloats > kRedFloats ? kMmaRedFloats : kRedFloats;
+}
+
+// Byte offsets into the dynamic shared memory of one block (rows of srow(K) elements).
+//   forward:  w [G*units][srow(H)] (dtype), a = h tile [bs][srow(H)] (dtype),
+//             z [bs][G*units], hn [bs][units] (float)
+//   backward: w = W^T slice [units][srow(GH)] (dtype), a = dz tile [bs][srow(GH)] (dtype),
+//             z = dh [bs][units] (float)
 struct Layout {
   size_t w, a, z, hn, red, total;
 };
 
 __host__ __device__ inline Layout fwd_layout(int G, int H, int units, int bs, int esize) {
-  const size_t Hp = (size_t)round_up(H, kVec), R = (size_t)G * units;
+  const size_t ld = (size_t)srow(H, esize), R = (size_t)G * units;
   Layout l;
   l.w = 0;
-  l.a = align16(R * Hp * esize);
-  l.z = align16(l.a + (size_t)bs * Hp * 4);
+  l.a = align16(R * ld * esize);
+  l.z = align16(l.a + (size_t)bs * ld * esize);
   l.hn = align16(l.z + (size_t)bs * R * 4);
   l.red = align16(l.hn + (size_t)bs * units * 4);
-  l.total = align16(l.red + (size_t)kRedFloats * 4);
+  l.total = align16(l.red + (size_t)red_floats(esize) * 4);
   return l;
 }
 
 __host__ __device__ inline Layout bwd_layout(int G, int H, int units, int bs, int esize) {
-  const size_t Kp = (size_t)round_up(G * H, kVec);
+  const size_t ld = (size_t)srow(G * H, esize);
   Layout l;
   l.w = 0;
-  l.a = align16((size_t)units * Kp * esize);
-  l.z = align16(l.a + (size_t)bs * Kp * 4);
+  l.a = align16((size_t)units * ld * esize);
+  l.z = align16(l.a + (size_t)bs * ld * esize);
   l.hn = l.z + (size_t)bs * units * 4;
   l.red = align16(l.hn);
-  l.total = align16(l.red + (size_t)kRedFloats * 4);
+  l.total = align16(l.red + (size_t)red_floats(esize) * 4);
   return l;
 }
 
@@ -196,6 +218,251 @@ __device__ void block_matvec(const T* __restrict__ W, int R, const float* __rest
       if (r < R && b < NB) out[(size_t)b * ldo + r] = s;
     }
     __syncthreads();  // `red` is reused by the next call
+  }
+}
+
+// One mma K step of the operand fragments of this lane.  16-bit types: ldmatrix rows (A x4:
+// matrix j = lane / 8 covers rows 8*(j & 1).., columns 8*(j >> 1)..: registers a0..a3 of the
+// m16n8k16 A fragment; B x2: lanes 0-15, matrix j = lane / 8 covers k 8*j..: b0, b1, lanes
+// 16-31 repeat the addresses of 0-15).  TF32: the lane's own elements (rows groupID and
+// groupID + 8, columns threadID_in_group and + 4; csrc/emu/emu_mma.h has the maps).
+template <typename T>
+struct Frag {
+  static constexpr bool kTf32 = std::is_same<T, float>::value;
+  static constexpr int KS = kTf32 ? 8 : 16;  // K per mma
+  // Element offset of this lane's first A element in row block `row0` (rows clamped to M-1),
+  // and of its row + 8 (TF32 only).
+  __device__ __forceinline__ static int a_off(int row0, int M, int ld, int lane, int plus8) {
+    const int r = kTf32 ? (lane >> 2) + 8 * plus8 : (lane & 7) + 8 * ((lane >> 3) & 1);
+    return min(row0 + r, M - 1) * ld + (kTf32 ? (lane & 3) : 8 * (lane >> 4));
+  }
+  __device__ __forceinline__ static int b_off(int row0, int N, int ld, int lane) {
+#ifdef RNNREG_PLANT_FRAG
+    const int r = (kTf32 ? lane >> 2 : lane & 7) + 1;  // planted off-by-one in B's n (test)
+#else
+    const int r = kTf32 ? lane >> 2 : lane & 7;
+#endif
+    return min(row0 + r, N - 1) * ld + (kTf32 ? (lane & 3) : 8 * ((lane >> 3) & 1));
+  }
+  __device__ __forceinline__ static void load_a(uint32_t (&f)[4], const T* A, int off, int off8) {
+    if constexpr (kTf32) {
+      f[0] = to_tf32(A[off]);
+      f[1] = to_tf32(A[off8]);
+      f[2] = to_tf32(A[off + 4]);
+      f[3] = to_tf32(A[off8 + 4]);
+    } else {
+      (void)off8;
+      ldmatrix_x4(f, A + off);
+    }
+  }
+  __device__ __forceinline__ static void load_b(uint32_t (&f)[2], const T* Bm, int off) {
+    if constexpr (kTf32) {
+      f[0] = to_tf32(Bm[off]);
+      f[1] = to_tf32(Bm[off + 4]);
+    } else {
+      ldmatrix_x2(f, Bm + off);
+    }
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    if constexpr (kTf32) mma_1688_tf32(d, a, b);
+    else mma_16816<T>(d, a, b);
+  }
+};
+
+// Operand offsets of this lane for MTG row blocks of A from mt0 and NTG of Bm from nt0.
+template <typename T, int MTG, int NTG>
+__device__ __forceinline__ void frag_offsets(int (&ao)[MTG], int (&ao8)[MTG], int (&bo)[NTG],
+                                             int M, int N, int ld, int mt0, int nt0) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < MTG; ++i) {
+    ao[i] = Frag<T>::a_off((mt0 + i) * 16, M, ld, lane, 0);
+    ao8[i] = Frag<T>::a_off((mt0 + i) * 16, M, ld, lane, 1);
+  }
+#pragma unroll
+  for (int j = 0; j < NTG; ++j) bo[j] = Frag<T>::b_off((nt0 + j) * 8, N, ld, lane);
+}
+
+// One K step (at element k0) of MTG x NTG tiles: every fragment loaded, then the
+// MTG * NTG independent mmas.
+template <typename T, int MTG, int NTG>
+__device__ __forceinline__ void mma_kstep(float (&acc)[MTG][NTG][4], const T* A, const T* Bm,
+                                          const int (&ao)[MTG], const int (&ao8)[MTG],
+                                          const int (&bo)[NTG], int k0) {
+  uint32_t af[MTG][4], bf[NTG][2];
+#pragma unroll
+  for (int i = 0; i < MTG; ++i) Frag<T>::load_a(af[i], A, ao[i] + k0, ao8[i] + k0);
+#pragma unroll
+  for (int j = 0; j < NTG; ++j) Frag<T>::load_b(bf[j], Bm, bo[j] + k0);
+#pragma unroll
+  for (int i = 0; i < MTG; ++i)
+#pragma unroll
+    for (int j = 0; j < NTG; ++j) Frag<T>::mma(acc[i][j], af[i], bf[j]);
+}
+
+// The warp's partial tiles -> red[warp][slot][lane][4] (slot = flat accumulator index).
+template <int S>
+__device__ __forceinline__ void store_partials(const float (&acc)[S][4], float* red) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    float4 v;
+    v.x = acc[s][0]; v.y = acc[s][1]; v.z = acc[s][2]; v.w = acc[s][3];
+    *reinterpret_cast<float4*>(red + ((size_t)(warp * kAccTiles + s) * 32 + lane) * 4) = v;
+  }
+}
+
+// out[m * ldo + n] = sum_k A[m][k] * Bm[n][k] for m < M, n < N, on tensor cores with fp32
+// accumulation: T = bf16/fp16 -> mma.m16n8k16 (operands through ldmatrix), T = float -> TF32
+// mma.m16n8k8 (operands rounded with cvt.rna.tf32, loaded with conflict-free 32-bit LDS).
+// A: [M][ld] and Bm: [N][ld] in shared memory, K zero-padded to Kp (a multiple of 16),
+// ld = srow(Kp).  A rows are the m16 side, Bm rows the n8 side ("col" B operand = Bm^T); rows
+// past M / N read row M-1 / N-1 and their results are dropped.  The output tiles go in groups
+// of 2 x 4 tiles ("wide", N > 24) or 2 x 1 tiles with 4 accumulators each on interleaved K
+// steps ("tall", N <= 24: shorter dependent mma chains, summed in registers at the end),
+// kAccTiles accumulators per warp; the K steps are dealt round-robin to the warps, and the
+// warps' partial tiles are added in a fixed order through `red` (kMmaRedFloats floats), so
+// the result is deterministic.  Called by all
+// threads; ends with a __syncthreads.
+template <typename T>
+__device__ void block_mma(const T* __restrict__ A, int M, const T* __restrict__ Bm, int N,
+                          int ld, int Kp, float* __restrict__ out, int ldo,
+                          float* __restrict__ red) {
+  const int warp = threadIdx.x / 32;
+  const int MT = (M + 15) / 16, NT = (N + 7) / 8;
+  const int ksteps = Kp / Frag<T>::KS;
+  const int nw = ksteps < kWarps ? ksteps : kWarps;
+  const int mtg = 2, ntg = NT >= 4 ? 4 : 1, tiles = mtg * ntg;
+  // K steps of this warp's loop in the chosen group shape (0 for the other one), so that each
+  // loop's bound says whether it runs (the static profile reads the loop headers).
+  const int ks_wide = warp < nw && ntg == 4 ? ksteps : 0;
+  const int ks_tall = warp < nw && ntg == 1 ? ksteps : 0;
+  for (int mt0 = 0; mt0 < MT; mt0 += mtg) {
+    for (int nt0 = 0; nt0 < NT; nt0 += ntg) {
+      if (ks_wide > 0) {
+        int ao[2], ao8[2], bo[4];
+        frag_offsets<T, 2, 4>(ao, ao8, bo, M, N, ld, mt0, nt0);
+        float acc[2][4][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+        for (int ks = warp; ks < ks_wide; ks += nw)
+          mma_kstep<T, 2, 4>(acc, A, Bm, ao, ao8, bo, ks * Frag<T>::KS);
+        store_partials<8>(reinterpret_cast<const float(&)[8][4]>(acc), red);
+      }
+      if (ks_tall > 0) {
+        int ao[2], ao8[2], bo[1];
+        frag_offsets<T, 2, 1>(ao, ao8, bo, M, N, ld, mt0, nt0);
+        float acc[4][2][1][4];  // [K interleave][mt][nt][4]
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[r][i][0][e] = 0.f;
+        for (int ks = warp; ks < ks_tall; ks += 4 * nw) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+            if (r == 0 || ks + r * nw < ksteps)
+              mma_kstep<T, 2, 1>(acc[r], A, Bm, ao, ao8, bo, (ks + r * nw) * Frag<T>::KS);
+        }
+#pragma unroll
+        for (int r = 1; r < 4; ++r)  // the K interleaves, in a fixed order
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[0][i][0][e] += acc[r][i][0][e];
+        store_partials<2>(reinterpret_cast<const float(&)[2][4]>(acc[0]), red);
+      }
+      __syncthreads();
+      // One (tile, lane) float4 per thread: the sum over the warps, in a fixed order.
+      for (int idx = threadIdx.x; idx < tiles * 32; idx += kThreads) {
+        const int t = idx / 32, l = idx % 32;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4* part = reinterpret_cast<const float4*>(red) + t * 32 + l;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          if (w < nw) {
+            const float4 v = part[w * kAccTiles * 32];
+            sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+          }
+        }
+        const int m = (mt0 + t / ntg) * 16 + l / 4, n = (nt0 + t % ntg) * 8 + 2 * (l % 4);
+        const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int mm = m + 8 * (i >> 1), nn = n + (i & 1);
+          if (mm < M && nn < N) out[(size_t)mm * ldo + nn] = vals[i];
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The step product of both kernels: out[m * ldo + n] = sum_k X[m][k] W[n][k] for the M staged
+// rows X ([M][ld], dtype T) and the block's N resident rows W ([N][ld]), K padded to Kp =
+// xrow(K) with zeros.  bf16/fp16: tensor cores (block_mma).  fp32: TF32 tensor cores when
+// `tf32` (Spec.allow_tf32), else FP32 FMAs (block_matvec: exact fp32 products and sums).
+// Ends with the outputs written and a __syncthreads.
+template <typename T>
+__device__ __forceinline__ void step_product(const T* X, int M, const T* W, int N, int ld, int Kp,
+                                             bool tf32, float* out, int ldo, float* red) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (tf32) {
+      block_mma<float>(X, M, W, N, ld, Kp, out, ldo, red);
+    } else {
+      block_matvec<float>(W, N, X, M, ld, out, ldo, red);
+      __syncthreads();
+    }
+  } else {
+    block_mma<T>(X, M, W, N, ld, Kp, out, ldo, red);
+  }
+}
+
+// Issues the copies of rows [b0, b0 + nb) of an exchange buffer (rows of `ldg` elements, a
+// multiple of 16 bytes) into shared rows of `lds` elements: 16-byte cp.async chunks, every
+// chunk of the tile in flight at once.  Complete them with cp_async_wait_all + __syncthreads.
+template <typename T>
+__device__ __forceinline__ void stage_rows(T* dst, int lds, const T* src, int ldg, int b0,
+                                           int nb) {
+  const int cpr = ldg * (int)sizeof(T) / 16;  // chunks per row
+  const int dbl = kThreads / cpr, dc = kThreads - dbl * cpr;  // stride kThreads in (row, chunk)
+  const int tid = threadIdx.x;
+  const unsigned char* g = reinterpret_cast<const unsigned char*>(src + (size_t)b0 * ldg);
+  unsigned char* d = reinterpret_cast<unsigned char*>(dst);
+  const size_t srb = (size_t)lds * sizeof(T), grb = (size_t)ldg * sizeof(T);  // row bytes
+  // Three shapes of the same copy; the bounds of the two not taken are 0 (so that each loop's
+  // header says whether it runs: the static profile reads them).
+  // (1) kThreads a multiple of cpr: a fixed chunk per thread, every dbl-th row.
+  const int rows_fixed = dc == 0 ? nb : 0;
+  // (2) cpr a multiple of kThreads: every row, a fixed set of chunks per thread.
+  const int rows_wide = dc != 0 && cpr % kThreads == 0 ? nb : 0;
+  // (3) otherwise: chunk index i = tid + n * kThreads over the tile.
+  const int chunks_any = dc != 0 && cpr % kThreads != 0 ? nb * cpr : 0;
+  if (rows_fixed > 0) {
+    const int c = tid - (tid / cpr) * cpr;
+    for (int r = tid / cpr; r < rows_fixed; r += dbl)
+      cp_async16(d + r * srb + (size_t)c * 16, g + r * grb + (size_t)c * 16);
+  }
+#pragma unroll 1
+  for (int r = 0; r < rows_wide; ++r)
+#pragma unroll 1
+    for (int cc = tid; cc < cpr; cc += kThreads)
+      cp_async16(d + r * srb + (size_t)cc * 16, g + r * grb + (size_t)cc * 16);
+  int bl = tid / cpr, c = tid - bl * cpr;
+  for (int i = tid; i < chunks_any; i += kThreads) {
+    cp_async16(d + bl * srb + (size_t)c * 16, g + bl * grb + (size_t)c * 16);
+    bl += dbl;
+    c += dc;
+    if (c >= cpr) {
+      c -= cpr;
+      ++bl;
+    }
   }
 }
 

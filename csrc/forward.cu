@@ -1,12 +1,14 @@
 // Forward of the recurrence: one persistent cooperative launch for all T steps.
 //
 // Block `blk` owns hidden units [blk*units, blk*units + nu) and keeps the G*units rows of w_hh
-// for them in shared memory for the whole sequence.  Per step it stages h_{k-1} (fp32, from a
-// double-buffered global exchange buffer) for a tile of batch rows, computes its slice of
-// z = x_k + h_{k-1} W^T, applies the cell, publishes its slice of h_k, and writes its partial
-// sum of squares of h_k per batch row.  A grid-wide barrier ends the step.  The norms of step
-// k-1 are reduced (in a fixed order, so deterministically) at the start of step k by the block
-// that owns the batch row (b % blocks); TAR/AR/NS sums stay in registers until the end.
+// for them in shared memory for the whole sequence.  Per step it stages h_{k-1} (input dtype,
+// from a double-buffered global exchange buffer, 16-byte cp.async chunks all in flight) for a
+// tile of batch rows, computes its slice of z = x_k + h_{k-1} W^T (tensor cores for
+// bf16/fp16, FP32 FMAs for fp32: step_product in common.cuh), applies the cell, publishes its
+// slice of h_k, and writes its partial sum of squares of h_k per batch row.  A grid-wide
+// barrier ends the step.  The norms of step k-1 are reduced (in a fixed order, so
+// deterministically) by the block that owns the batch row (b % blocks) while the copies of the
+// first h tile of step k are in flight; TAR/AR/NS sums stay in registers until the end.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -39,6 +41,41 @@ __device__ __forceinline__ void reduce_norms(const FwdArgs& a, const float* part
   }
 }
 
+// The inputs of one (b, j) cell update that do not depend on the exchange: x_k for the G
+// gates, c_{k-1} (LSTM), the fp32 h_{k-1} for TAR (bf16/fp16: the saved state; fp32 reads the
+// staged copy) and the AR mask.  Fetched for a thread's first item before the step product,
+// so that their global-memory latency overlaps the h copies and the product.
+struct CellIn {
+  float x[4];
+  float cp, hp, m;
+};
+
+template <typename T>
+__device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, int j) {
+  const Scalars& s = a.s;
+  const int B = s.B, H = s.H, G = s.cell == kLSTM ? 4 : 1;
+  const int L = row_length(a.lengths, b, s.T);
+  const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;
+  CellIn in;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) in.x[g] = 0.f;
+  in.cp = in.hp = 0.f;
+  in.m = 1.f;
+  if (k <= L) {
+    if (a.hsave && s.w_tar != 0.f && k >= 2) in.hp = a.hsave[sidx - (size_t)B * H];
+    if (a.mask && s.w_ar != 0.f) in.m = to_f(static_cast<const T*>(a.mask)[(size_t)b * H + j]);
+    const T* xr = static_cast<const T*>(a.x) +
+                  ((size_t)position(k, L, s.reverse) * B + b) * (size_t)(G * H);
+#pragma unroll
+    for (int g = 0; g < 4; ++g)
+      if (g < G) in.x[g] = to_f(xr[(size_t)g * H + j]);
+  }
+  if (s.cell == kLSTM)
+    in.cp = k == 1 ? to_f(static_cast<const T*>(a.c0)[(size_t)b * H + j])
+                   : a.cs[sidx - (size_t)B * H];
+  return in;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   cg::grid_group grid = cg::this_grid();
@@ -46,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
   const int G = cell == kLSTM ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_fwd;
-  const int Hp = round_up(H, kVec), R = G * units;
+  const int Hx = xrow(H), ld = srow(H, (int)sizeof(T)), R = G * units;
   const int blk = blockIdx.x, nblk = gridDim.x;
   const int j0 = blk * units, nu = min(units, H - j0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -54,37 +91,39 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   unsigned char* smem = dynamic_smem();
   const Layout lay = fwd_layout(G, H, units, bs, (int)sizeof(T));
   T* ws = reinterpret_cast<T*>(smem + lay.w);
-  float* hs = reinterpret_cast<float*>(smem + lay.a);
+  T* hs = reinterpret_cast<T*>(smem + lay.a);
   float* zs = reinterpret_cast<float*>(smem + lay.z);
   float* hn = reinterpret_cast<float*>(smem + lay.hn);
   float* red = reinterpret_cast<float*>(smem + lay.red);
 
-  const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  const T* mask = static_cast<const T*>(a.mask);
   T* out = static_cast<T*>(a.out);
   T* hn_out = static_cast<T*>(a.hn);
   T* cn_out = static_cast<T*>(a.cn);
-  float* hbuf = a.scratch;                         // [2][B][H]
-  float* part = hbuf + 2 * (size_t)B * H;          // [2][B][blocks]
+  T* hbuf = reinterpret_cast<T*>(a.scratch);       // [2][B][Hx] h exchange, input dtype
+  float* part = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(a.scratch) +
+                                         align16(2 * (size_t)B * Hx * sizeof(T)));  // [2][B][blocks]
   float* bpart = part + 2 * (size_t)B * nblk;      // [blocks][3]
 
   // This block's rows of w_hh: local row r = g*units + jl is global row g*H + j0 + jl.
-  for (int idx = tid; idx < R * Hp; idx += kThreads) {
-    const int r = idx / Hp, kk = idx % Hp, g = r / units, jl = r % units;
+  for (int idx = tid; idx < R * ld; idx += kThreads) {
+    const int r = idx / ld, kk = idx % ld, g = r / units, jl = r % units;
     T v = from_f<T>(0.f);
     if (jl < nu && kk < H) v = w[(size_t)(g * H + j0 + jl) * H + kk];
     ws[idx] = v;
   }
+  // The exchange rows' padding columns [H, Hx) are zero in both buffers (never rewritten).
+  if (blk == 0)
+    for (int idx = tid; idx < 2 * B * (Hx - H); idx += kThreads)
+      hbuf[(size_t)(idx / (Hx - H)) * Hx + H + idx % (Hx - H)] = from_f<T>(0.f);
 
   // Step 0: publish h0 and its partial sums of squares.
   for (int b = warp; b < B; b += kWarps) {
     float sq = 0.f;
     for (int jl = lane; jl < nu; jl += 32) {
       const float h = to_f(h0[(size_t)b * H + j0 + jl]);
-      __stcg(hbuf + (size_t)b * H + j0 + jl, h);
+      __stcg(hbuf + (size_t)b * Hx + j0 + jl, h0[(size_t)b * H + j0 + jl]);
       sq += h * h;
     }
     sq = warp_sum(sq);
@@ -94,39 +133,38 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   grid.sync();
 
   for (int k = 1; k <= T_; ++k) {
-    reduce_norms(a, part, k - 1, acc_ns);
-    const float* hprev = hbuf + (size_t)((k - 1) & 1) * B * H;
-    float* hcur = hbuf + (size_t)(k & 1) * B * H;
+    const T* hprev = hbuf + (size_t)((k - 1) & 1) * B * Hx;
+    T* hcur = hbuf + (size_t)(k & 1) * B * Hx;
     float* part_k = part + (size_t)(k & 1) * B * nblk;
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
-      for (int idx = tid; idx < nb * Hp; idx += kThreads) {
-        const int bl = idx / Hp, kk = idx % Hp;
-        hs[idx] = kk < H ? __ldcg(hprev + (size_t)(b0 + bl) * H + kk) : 0.f;
-      }
-#ifdef RNNREG_PLANT_BUG
-      if (s.plant != 1)  // planted race for the compute-sanitizer test
-#endif
-        __syncthreads();
-      block_matvec<T>(ws, R, hs, nb, Hp, zs, R, red);
+      stage_rows<T>(hs, ld, hprev, Hx, b0, nb);
+      CellIn first{};  // inputs of this thread's first item, fetched while the copies fly
+      if (tid < nb * nu) first = cell_inputs<T>(a, k, b0 + tid / nu, j0 + tid % nu);
+      if (b0 == 0) reduce_norms(a, part, k - 1, acc_ns);  // also while the copies are in flight
+      cp_async_wait_all();
       __syncthreads();
+      step_product<T>(hs, nb, ws, R, ld, Hx, s.tf32 != 0, zs, R, red);
 
+      // One item per thread and nu a power of two <= 32: the row's nu items sit in aligned
+      // groups of nu lanes, so the partial sums of squares are a segmented butterfly.
+      const bool seg = nb * nu <= kThreads && nu <= 32 && (nu & (nu - 1)) == 0;
+      float my_sq = 0.f;
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
         const int L = row_length(a.lengths, b, T_);
         const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;  // step-indexed [T, B, H]
+        const CellIn in = q == tid ? first : cell_inputs<T>(a, k, b, j);
         float h, c = 0.f;
         if (k <= L) {
           const int pos = position(k, L, s.reverse);
-          const T* xr = x + ((size_t)pos * B + b) * GH;
           const float* zr = zs + (size_t)bl * R;
           if (cell == kLSTM) {
-            const float ig = sigmoidf_(zr[jl] + to_f(xr[j]));
-            const float fg = sigmoidf_(zr[units + jl] + to_f(xr[H + j]));
-            const float gg = tanhf(zr[2 * units + jl] + to_f(xr[2 * H + j]));
-            const float og = sigmoidf_(zr[3 * units + jl] + to_f(xr[3 * H + j]));
-            const float cp = k == 1 ? to_f(c0[(size_t)b * H + j]) : a.cs[sidx - (size_t)B * H];
-            c = fg * cp + ig * gg;
+            const float ig = sigmoidf_(zr[jl] + in.x[0]);
+            const float fg = sigmoidf_(zr[units + jl] + in.x[1]);
+            const float gg = tanhf(zr[2 * units + jl] + in.x[2]);
+            const float og = sigmoidf_(zr[3 * units + jl] + in.x[3]);
+            c = fg * in.cp + ig * gg;
             h = og * tanhf(c);
             float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
             gs[j] = ig;
@@ -135,49 +173,55 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
             gs[3 * H + j] = og;
             a.cs[sidx] = c;
           } else {
-            const float z = zr[jl] + to_f(xr[j]);
+            const float z = zr[jl] + in.x[0];
             if (cell == kReLU) h = z < 0.f ? 0.f : z;
             else if (cell == kTanh) h = tanhf(z);
             else h = z > s.theta ? z : 0.f;
           }
           out[((size_t)pos * B + b) * H + j] = from_f<T>(h);
           if (a.hsave) a.hsave[sidx] = h;
+          if (s.w_tar != 0.f && k >= 2) {
+            const float d = h - (a.hsave ? in.hp : to_f(hs[(size_t)bl * ld + j]));
+            acc_tar += d * d;
+          }
+          if (s.w_ar != 0.f) acc_ar += (in.m * h) * (in.m * h);
         } else {  // past the row's length: state frozen, position k-1 is never reached
-          h = hs[(size_t)bl * Hp + j];
+          h = to_f(hs[(size_t)bl * ld + j]);
           if (cell == kLSTM) {
-            c = a.cs[sidx - (size_t)B * H];
+            c = in.cp;
             a.cs[sidx] = c;
           }
           out[((size_t)(k - 1) * B + b) * H + j] = from_f<T>(0.f);
           if (a.hsave) a.hsave[sidx] = 0.f;
         }
-        __stcg(hcur + (size_t)b * H + j, h);
+        __stcg(hcur + (size_t)b * Hx + j, from_f<T>(h));
         hn[bl * units + jl] = h;
+        my_sq = h * h;
         if (k == T_) {
           hn_out[(size_t)b * H + j] = from_f<T>(h);
           if (cell == kLSTM) cn_out[(size_t)b * H + j] = from_f<T>(c);
         }
       }
-      __syncthreads();
-
-      for (int bl = warp; bl < nb; bl += kWarps) {
-        const int b = b0 + bl;
-        const bool valid = k <= row_length(a.lengths, b, T_);
-        float sq = 0.f;
-        for (int jl = lane; jl < nu; jl += 32) {
-          const float h = hn[bl * units + jl];
-          sq += h * h;
-          if (valid && s.w_tar != 0.f && k >= 2) {
-            const float d = h - hs[(size_t)bl * Hp + j0 + jl];
-            acc_tar += d * d;
+      if (seg) {
+        for (int o = nu / 2; o > 0; o >>= 1) my_sq += __shfl_xor_sync(0xffffffffu, my_sq, o);
+        if (tid < nb * nu && tid % nu == 0)
+          __stcg(part_k + (size_t)(b0 + tid / nu) * nblk + blk, my_sq);
+      } else {
+#ifdef RNNREG_PLANT_BUG
+        if (s.plant != 1)  // planted race (hn written above, read below) for compute-sanitizer
+#endif
+          __syncthreads();
+        const int nb_slow = seg ? 0 : nb;  // (a bound of 0 when not taken: for the profile)
+        for (int bl = warp; bl < nb_slow; bl += kWarps) {  // partial sums of squares per row
+          const int b = b0 + bl;
+          float sq = 0.f;
+          for (int jl = lane; jl < nu; jl += 32) {
+            const float h = hn[bl * units + jl];
+            sq += h * h;
           }
-          if (valid && s.w_ar != 0.f) {
-            const float m = mask ? to_f(mask[(size_t)b * H + j0 + jl]) : 1.f;
-            acc_ar += (m * h) * (m * h);
-          }
+          sq = warp_sum(sq);
+          if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
         }
-        sq = warp_sum(sq);
-        if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
       }
       __syncthreads();
     }

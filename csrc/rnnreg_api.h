@@ -39,6 +39,7 @@ struct Scalars {
   float theta = 1.f, w_ns = 0.f, w_tar = 0.f, w_ar = 0.f;
   float heps = 0.f;  // H * ns_eps (added to the sum of squares of a norm)
   int ns_include_initial = 0, reverse = 0;
+  int tf32 = 0;   // float32 only: step product on TF32 tensor cores (Spec.allow_tf32), else FFMA
   int plant = 0;  // test-only planted bug (1 race, 2 out-of-bounds); needs -DRNNREG_PLANT_BUG
 };
 
@@ -86,11 +87,14 @@ struct BwdArgs {
   float* scratch = nullptr;         // bwd_scratch_floats(...) floats
 };
 
+// Scratch (float32 elements, 16-byte aligned): the double-buffered exchange of h (forward) or
+// dz (backward) in the input dtype, rows padded to a multiple of 16 elements, then floats.
+inline size_t round16_(int K) { return (size_t)(K + 15) / 16 * 16; }
 inline size_t fwd_scratch_floats(int B, int H, int blocks) {
-  return 2 * (size_t)B * H + 2 * (size_t)B * blocks + 3 * (size_t)blocks;
+  return 2 * (size_t)B * round16_(H) + 2 * (size_t)B * blocks + 3 * (size_t)blocks + 4;
 }
 inline size_t bwd_scratch_floats(int B, int H, int G) {
-  return 2 * (size_t)B * G * H + 2 * (size_t)B * H;
+  return 2 * (size_t)B * round16_(G * H) + 2 * (size_t)B * H + 4;
 }
 
 // Chooses the split for (cell, dtype, B, H) on `device` and checks that the grid of both

@@ -30,7 +30,7 @@ SAVE_X_PROJ = False
 _CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
-_HEADERS = ("common.cuh", "rnnreg_api.h")
+_HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
 _JIT_NAME = "rnnreg_kernels_cuda_jit"
 
 _ext = None
@@ -194,7 +194,8 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
 
 def _scalars(spec: Spec):
     return (_CELL_CODE[spec.cell], spec.theta, spec.w_ns, spec.w_tar, spec.w_ar,
-            spec.ns_include_initial, spec.ns_eps, spec.reverse, _units(), _poison())
+            spec.ns_include_initial, spec.ns_eps, spec.reverse, bool(spec.allow_tf32), _units(),
+            _poison())
 
 
 def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, *, plant: int = 0):

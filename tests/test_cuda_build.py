@@ -3,6 +3,8 @@ run on a CPU emulation of CUDA (csrc/emu/) against the float64 reference.
 
 * every ``csrc/*.cu`` compiles for sm_90 with plain nvcc (torch's extension flags); registers
   and spills are printed and any spill fails (skipped with a message where nvcc is missing);
+  the SASS (cuobjdump from the triton wheel) must have the tensor-core step products and the
+  cp.async staging, and stay within 5 % of the committed static instruction counts;
 * ``csrc/binding.cpp`` passes ``g++ -fsyntax-only`` against the installed torch headers;
 * ``forward.cu`` / ``backward.cu`` / ``plan.cu`` compiled with g++ over ``csrc/emu`` (each CUDA
   thread an OS thread, barriers for __syncthreads / shuffles / grid.sync) run through
@@ -44,6 +46,51 @@ def _nvcc():
 
 # ----------------------------------------------------------------------------- compile checks
 
+# The CI gate on the SASS of the kernels (sm_90, nvcc 13.0): every step product on tensor cores
+# where the dtype allows (bf16/fp16 HMMA.16816 always, fp32 HMMA.1688.TF32 for
+# Spec.allow_tf32 next to the FFMA path), the exchange staged with 16-byte cp.async
+# (LDGSTS.128), and no kernel above its committed static instruction count by more than 5 %.
+# Static counts of this version (before the tensor-core rewrite: forward 4496-4536, backward
+# 5432-5544, no HMMA, no LDGSTS; docs/cuda.md).  Update together with a kernel change.
+SASS_BASELINE = {
+    "forward_kernel<bf16>": 3864, "forward_kernel<fp16>": 3864, "forward_kernel<fp32>": 5432,
+    "backward_kernel<bf16>": 4216, "backward_kernel<fp16>": 4216, "backward_kernel<fp32>": 7416,
+}
+_MANGLED = {"I13__nv_bfloat16E": "bf16", "I6__halfE": "fp16", "IfE": "fp32"}
+
+
+def _cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.exists() else shutil.which("cuobjdump")
+
+
+def sass_stats(obj):
+    """kernel -> {"instructions", "HMMA16816", "HMMA1688", "LDGSTS128", "LDSM"} from an object."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    res = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    stats = {}
+    for chunk in re.split(r"\n\s*Function : ", res.stdout)[1:]:
+        mangled = chunk.split("\n", 1)[0].strip()
+        kind = next((v for k, v in _MANGLED.items() if k in mangled), "?")
+        base = "forward_kernel" if "forward_kernel" in mangled else "backward_kernel"
+        ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", chunk)
+        stats[f"{base}<{kind}>"] = {
+            "instructions": len(ins),
+            "HMMA16816": sum("HMMA.16816.F32" in i for i in ins),
+            "HMMA1688": sum("HMMA.1688.F32.TF32" in i for i in ins),
+            "LDGSTS128": sum("LDGSTS.E.BYPASS.128" in i for i in ins),
+            "LDSM": sum(i.lstrip("@!P0123456789T ").startswith("LDSM") for i in ins),
+        }
+    return stats
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CSRC.glob("*.cu")))
 def test_nvcc_sm90_compiles_without_spills(name, tmp_path):
     nvcc = _nvcc()
@@ -63,6 +110,25 @@ def test_nvcc_sm90_compiles_without_spills(name, tmp_path):
     if name != "plan.cu":
         assert entries, f"no kernels compiled in {name}:\n{log[-2000:]}"
     assert all(st == 0 and ld == 0 for st, ld in spills), f"register spills in {name}:\n{log}"
+    if name == "plan.cu":
+        return
+    stats = sass_stats(tmp_path / "k.o")
+    if stats is None:
+        pytest.skip("cuobjdump not found (it ships in the triton wheel); SASS gate skipped")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    assert len(stats) == 3, stats
+    for kernel, st in sorted(stats.items()):
+        print(kernel, st)
+        if kernel.endswith("<fp32>"):
+            assert st["HMMA1688"] > 0, (kernel, "no TF32 tensor-core product", st)
+        else:
+            assert st["HMMA16816"] > 0 and st["LDSM"] > 0, (kernel, "no tensor-core product", st)
+        assert st["LDGSTS128"] > 0, (kernel, "exchange not staged with 16-byte cp.async", st)
+        if "release 13.0" in version:
+            base = SASS_BASELINE[kernel]
+            assert st["instructions"] <= base * 1.05, (
+                f"{kernel}: {st['instructions']} SASS instructions, committed baseline {base} "
+                "(+5 %); update SASS_BASELINE with the kernel change if intended")
 
 
 def test_binding_passes_syntax_check(tmp_path):
@@ -125,21 +191,27 @@ def test_build_ext_skips_with_one_line(capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- CPU emulation
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(out_dir, *defines):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found; the CPU emulation of the kernels needs it")
-    lib = tmp_path_factory.mktemp("emu") / "libemu.so"
+    lib = out_dir / "libemu.so"
     cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DRNNREG_EMULATE",
-           f"-DRNNREG_THREADS={EMU_THREADS}", f"-I{CSRC / 'emu'}", f"-I{CSRC}",
-           str(CSRC / "emu" / "emu_driver.cpp"), "-o", str(lib)]
+           f"-DRNNREG_THREADS={EMU_THREADS}", *[f"-D{d}" for d in defines], f"-I{CSRC / 'emu'}",
+           f"-I{CSRC}", str(CSRC / "emu" / "emu_driver.cpp"), "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"emulation build failed:\n{res.stderr[-4000:]}"
     dll = ctypes.CDLL(str(lib))
     for f in (dll.emu_forward, dll.emu_backward, dll.emu_plan):
         f.restype = ctypes.c_char_p
+    dll.emu_to_tf32.restype = ctypes.c_uint
+    dll.emu_to_tf32.argtypes = [ctypes.c_float]
     return dll
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build_emu(tmp_path_factory.mktemp("emu"))
 
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -160,11 +232,12 @@ class EmulatedExtension:
     def __init__(self, dll, sms=4):
         self.dll, self.sms = dll, sms
 
-    def _ia(self, T, B, H, cell, incl, rev, units, dtype):
-        return (ctypes.c_int * 9)(T, B, H, cell, int(incl), int(rev), units, self.sms, _DT[dtype])
+    def _ia(self, T, B, H, cell, incl, rev, tf32, units, dtype):
+        return (ctypes.c_int * 10)(T, B, H, cell, int(incl), int(rev), units, self.sms,
+                                   _DT[dtype], int(tf32))
 
     def forward(self, x, w, h0, c0, mask, lengths, cell, theta, w_ns, w_tar, w_ar, incl, eps,
-                rev, units, poison, plant):
+                rev, tf32, units, poison, plant):
         T, B, _ = x.shape
         H = w.shape[1]
         lstm = cell == 0
@@ -174,21 +247,22 @@ class EmulatedExtension:
         hs = _nan(T, B, H) if x.dtype != torch.float32 else None
         gates, cs = (_nan(T, B, 4 * H), _nan(T, B, H)) if lstm else (None, None)
         fa = (ctypes.c_float * 5)(theta, w_ns, w_tar, w_ar, H * eps)
-        err = self.dll.emu_forward(self._ia(T, B, H, cell, incl, rev, units, x.dtype), fa,
+        err = self.dll.emu_forward(self._ia(T, B, H, cell, incl, rev, tf32, units, x.dtype), fa,
                                    _ptrs(x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms,
                                          hs, gates, cs))
         assert not err, err.decode()
         return [out, hn, cn, terms, norms, hs, gates, cs]
 
     def backward(self, w, h0, c0, mask, lengths, out, norms, hs, gates, cs, g_out, g_hn, g_cn,
-                 g_terms, cell, theta, w_ns, w_tar, w_ar, incl, eps, rev, units, poison, plant):
+                 g_terms, cell, theta, w_ns, w_tar, w_ar, incl, eps, rev, tf32, units, poison,
+                 plant):
         T, B, H = out.shape
         G = 4 if cell == 0 else 1
         gx, gh0 = _nan(T, B, G * H, dtype=out.dtype), _nan(B, H, dtype=out.dtype)
         gc0 = _nan(B, H, dtype=out.dtype) if cell == 0 else None
         dz = _nan(T, B, G * H) if out.dtype != torch.float32 else None
         fa = (ctypes.c_float * 5)(theta, w_ns, w_tar, w_ar, H * eps)
-        err = self.dll.emu_backward(self._ia(T, B, H, cell, incl, rev, units, out.dtype), fa,
+        err = self.dll.emu_backward(self._ia(T, B, H, cell, incl, rev, tf32, units, out.dtype), fa,
                                     _ptrs(w, h0, c0, mask, lengths, out, norms, hs, gates, cs,
                                           g_out, g_hn, g_cn, g_terms, gx, dz, gh0, gc0))
         assert not err, err.decode()
@@ -304,3 +378,197 @@ def test_emulated_plan_reports_what_fits(emu):
     assert emu.emu_max_hidden(0, 1, 132, 227 * 1024) > hmax  # bf16 weights take half the room
     msg = emu.emu_plan(0, 0, 32, 4096, 0, 132, 227 * 1024, out).decode()
     assert "H=4096" in msg and f"fit H <= {hmax}" in msg and "backend='triton'" in msg
+
+
+def test_emulated_kernels_half_multi_tile(emu, monkeypatch):
+    """bf16 with more output tiles than accumulators (two tile groups), split K over both warps
+    and several accumulators per tile in the backward."""
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "5")
+    dtype = torch.bfloat16
+    spec, inp, mask, L, grads = make_case("lstm", 3, 40, 40, PEN_ALL, None, False, seed=5)
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
+    mask_r = mask.to(dtype).double()
+    ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)
+    got = rel_errors(run_backend(cuda, spec, rounded, mask_r, L, grads, dtype), ref)
+    naive = rel_errors(run_backend(reference, spec, rounded, mask_r, L, grads, dtype), ref)
+    print({k: f"{got[k]:.1e}/{naive[k]:.1e}" for k in got})
+    for k in got:
+        assert got[k] <= 4 * naive[k] + torch.finfo(dtype).eps / 4, (k, got[k], naive[k])
+
+
+@pytest.mark.parametrize("cell,H,dtype", [("lstm", 128, torch.bfloat16),
+                                           ("lstm", 64, torch.float32)])
+def test_emulated_kernels_wide_rows(emu, cell, H, dtype, monkeypatch):
+    """Exchange rows of a multiple of the block's threads in 16-byte chunks (the staging path
+    with a fixed set of columns per thread): LSTM backward, G*H = 512 (bf16) and 256 (fp32)."""
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    spec, inp, mask, L, grads = make_case(cell, 2, 2, H, PEN_ALL, [2, 1], False, seed=H)
+    if dtype == torch.float32:
+        ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
+        errs = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, dtype), ref)
+        assert all(e < 2e-5 for e in errs.values()), errs
+        return
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
+    mask_r = mask.to(dtype).double()
+    ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)
+    got = rel_errors(run_backend(cuda, spec, rounded, mask_r, L, grads, dtype), ref)
+    naive = rel_errors(run_backend(reference, spec, rounded, mask_r, L, grads, dtype), ref)
+    for k in got:
+        assert got[k] <= 4 * naive[k] + torch.finfo(dtype).eps / 4, (k, got[k], naive[k])
+
+
+# The fragment maps of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
+# type"), written out here independently of csrc/emu/emu_mma.h.  groupID = lane >> 2,
+# threadID_in_group = lane % 4; element pairs (e = 0 low half, 1 high half of a register).
+def _a_elem(lane, reg, e):  # A 16x16 row-major: a0..a7, two per register
+    g, t = lane >> 2, lane % 4
+    i = 2 * reg + e
+    return g + 8 * ((i // 2) % 2), 2 * t + (i % 2) + 8 * (i // 4)
+
+
+def _b_elem(lane, reg, e):  # B 16x8 (k, n): b0..b3
+    g, t = lane >> 2, lane % 4
+    i = 2 * reg + e
+    return 2 * t + (i % 2) + 8 * (i // 2), g
+
+
+def _c_elem(lane, i):  # C/D 16x8 fp32: c0..c3
+    g, t = lane >> 2, lane % 4
+    return g + 8 * (i // 2), 2 * t + (i % 2)
+
+
+def _bits(x, dtype):
+    return x.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_fragments_follow_the_ptx_tables(emu, dtype):
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(16, 16, generator=g).to(dtype)
+    Bk = torch.randn(16, 8, generator=g).to(dtype)   # B[k][n]
+    C = torch.randn(16, 8, generator=g)
+    Ab, Bb = _bits(A, dtype), _bits(Bk, dtype)
+    a = torch.zeros(32, 4, dtype=torch.int64)
+    b = torch.zeros(32, 2, dtype=torch.int64)
+    c = torch.zeros(32, 4)
+    for lane in range(32):
+        for r in range(4):
+            lo, hi = _a_elem(lane, r, 0), _a_elem(lane, r, 1)
+            a[lane, r] = Ab[lo] | (Ab[hi] << 16)
+        for r in range(2):
+            lo, hi = _b_elem(lane, r, 0), _b_elem(lane, r, 1)
+            b[lane, r] = Bb[lo] | (Bb[hi] << 16)
+        for i in range(4):
+            c[lane, i] = C[_c_elem(lane, i)]
+    mat = torch.randn(32, 8, generator=g).to(dtype)  # 4 matrices of 8 rows x 8 elements
+    matb = _bits(mat, dtype).to(torch.int32).to(torch.int16).contiguous()
+    ld = torch.zeros(32, 4, dtype=torch.int32)
+    a32, b32 = _i32(a).contiguous(), _i32(b).contiguous()
+    d = torch.full((32, 4), float("nan"))
+    emu.emu_fragments(int(dtype == torch.bfloat16), ctypes.c_void_p(matb.data_ptr()),
+                      ctypes.c_void_p(ld.data_ptr()), ctypes.c_void_p(a32.data_ptr()),
+                      ctypes.c_void_p(b32.data_ptr()), ctypes.c_void_p(c.data_ptr()),
+                      ctypes.c_void_p(d.data_ptr()))
+    want = C.double() + A.double() @ Bk.double()
+    got = torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i in range(4):
+            got[_c_elem(lane, i)] = d[lane, i].item()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+    # ldmatrix.x4: lane l, register j = row l // 4 of matrix j, elements 2 (l % 4) and +1.
+    mb = _bits(mat, dtype)
+    for lane in range(32):
+        for j in range(4):
+            row = 8 * j + lane // 4
+            word = mb[row, 2 * (lane % 4)] | (mb[row, 2 * (lane % 4) + 1] << 16)
+            assert ld[lane, j].item() & 0xFFFFFFFF == word.item(), (lane, j)
+
+
+def _i32(t):
+    """int64 bit patterns (0 .. 2^32 - 1) as int32 with the same bits."""
+    return torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32)
+
+
+def _tf32(x):
+    """fp32 -> tf32 (round to nearest, ties away from zero), as float32 values."""
+    u = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    u = torch.where(finite, u + 0x1000, u) & 0xFFFFE000
+    return _i32(u).view(torch.float32)
+
+
+def test_emulated_tf32_fragments_follow_the_ptx_tables(emu):
+    # cvt.rna.tf32.f32: 1 + 2^-11 is a tie (rounds away: 1 + 2^-10); just below rounds down.
+    for x, want in [(1.0 + 2.0 ** -11, 1.0 + 2.0 ** -10), (1.0 + 2.0 ** -11 - 2.0 ** -23, 1.0),
+                    (-(1.0 + 2.0 ** -11), -(1.0 + 2.0 ** -10)), (3.0, 3.0)]:
+        bits = emu.emu_to_tf32(x)
+        got = _i32(torch.tensor([bits])).view(torch.float32).item()
+        assert got == want, (x, got, want)
+    g = torch.Generator().manual_seed(12)
+    A = _tf32(torch.randn(16, 8, generator=g))
+    Bk = _tf32(torch.randn(8, 8, generator=g))  # B[k][n]
+    C = torch.randn(16, 8, generator=g)
+    Ab = A.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    Bb = Bk.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    a = torch.zeros(32, 4, dtype=torch.int64)
+    b = torch.zeros(32, 2, dtype=torch.int64)
+    c = torch.zeros(32, 4)
+    for lane in range(32):
+        gid, t = lane >> 2, lane % 4
+        for r in range(4):  # a_r: row groupID + 8 (r & 1), col tig + 4 (r >> 1)
+            a[lane, r] = Ab[gid + 8 * (r & 1), t + 4 * (r >> 1)]
+        for r in range(2):  # b_r: k = tig + 4 r, n = groupID
+            b[lane, r] = Bb[t + 4 * r, gid]
+        for i in range(4):
+            c[lane, i] = C[_c_elem(lane, i)]
+    a32, b32 = _i32(a).contiguous(), _i32(b).contiguous()
+    d = torch.full((32, 4), float("nan"))
+    emu.emu_fragments(-1, None, None, ctypes.c_void_p(a32.data_ptr()),
+                      ctypes.c_void_p(b32.data_ptr()), ctypes.c_void_p(c.data_ptr()),
+                      ctypes.c_void_p(d.data_ptr()))
+    want = C.double() + A.double() @ Bk.double()
+    got = torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i in range(4):
+            got[_c_elem(lane, i)] = d[lane, i].item()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "relu"])
+def test_emulated_kernels_tf32(emu, cell, monkeypatch):
+    """float32 with Spec.allow_tf32: the step product runs on (emulated) TF32 tensor cores:
+    within TF32 accuracy of the reference, and measurably different from the strict FFMA path
+    (which test_emulated_kernels_match_reference_float32 holds to 2e-5)."""
+    import dataclasses
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "3")
+    spec, inp, mask, L, grads = make_case(cell, 4, 18, 20, PEN_ALL, [4, 1] + [3] * 16, False,
+                                          seed=9)
+    ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
+    tf = rel_errors(run_backend(cuda, dataclasses.replace(spec, allow_tf32=True), inp, mask, L,
+                                grads, torch.float32), ref)
+    strict = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, torch.float32), ref)
+    print(cell, {k: f"{tf[k]:.1e}/{strict[k]:.1e}" for k in tf})
+    assert all(e < 5e-3 for e in tf.values()), tf
+    assert all(e < 2e-5 for e in strict.values()), strict
+    assert max(tf["output"], tf["grad_x_proj"]) > 1e-5, tf  # the TF32 path really ran
+
+
+def test_planted_fragment_off_by_one_fails_the_emulation(tmp_path, monkeypatch):
+    """-DRNNREG_PLANT_FRAG shifts the n index of the B fragment rows by one in block_mma: the
+    same bf16 check as test_emulated_kernels_half_within_naive_error must then fail."""
+    dll = _build_emu(tmp_path, "RNNREG_PLANT_FRAG")
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(dll))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "2")
+    dtype = torch.bfloat16
+    spec, inp, mask, L, grads = make_case("lstm", 6, 3, 9, PEN_ALL, [6, 2, 5], True, seed=3)
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
+    mask_r = mask.to(dtype).double()
+    ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)
+    got = rel_errors(run_backend(cuda, spec, rounded, mask_r, L, grads, dtype), ref)
+    naive = rel_errors(run_backend(reference, spec, rounded, mask_r, L, grads, dtype), ref)
+    bad = [k for k in got if got[k] > 4 * naive[k] + torch.finfo(dtype).eps / 4]
+    print({k: f"{got[k]:.1e}/{naive[k]:.1e}" for k in got})
+    assert {"output", "grad_x_proj"} <= set(bad), bad

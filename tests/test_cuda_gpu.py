@@ -2,7 +2,8 @@
 
 Skipped without a CUDA GPU or without the extension (prebuilt or JIT-buildable).  Every run
 sets ``RNNREG_CUDA_POISON=1`` so outputs start as NaN and an unwritten element fails.
-float32 is compared with the float64 reference tightly (IEEE fp32 products, no TF32);
+float32 is compared with the float64 reference tightly (IEEE fp32 products, no TF32; one test
+runs the TF32 tensor-core path of Spec.allow_tf32);
 bfloat16/float16 against the error of the naive PyTorch path in the same dtype.
 compute-sanitizer (when on PATH) checks a tiny case clean, and catches a planted race and a
 planted out-of-bounds write in a build with -DRNNREG_PLANT_BUG.
@@ -86,6 +87,19 @@ def test_float32_large_hidden_multiblock(cell, T, B, H, dtype):
         pytest.skip(f"does not fit this GPU: {why}")
     lengths = [T - (b % 4) for b in range(B)]
     _check_f32((cell, PEN_ALL, (T, B, H, lengths, True, 0)), tol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "relu"])
+def test_float32_tf32_tensor_cores(cell):
+    """Spec.allow_tf32: the fp32 step product on TF32 mma (within TF32 accuracy, and not the
+    strict FFMA path's result)."""
+    import dataclasses
+    spec, inp, mask, L, grads = make_case(cell, 12, 32, 256, PEN_ALL, None, False, seed=4)
+    ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64, DEV)
+    tf = rel_errors(run_backend(cuda, dataclasses.replace(spec, allow_tf32=True), inp, mask, L,
+                                grads, torch.float32, DEV), ref)
+    assert all(e < 5e-3 for e in tf.values()), tf
+    assert max(tf["output"], tf["grad_x_proj"]) > 1e-5, tf
 
 
 def _naive(cell, pen, inp, mask, L, grads, dtype, spec):

@@ -28,8 +28,8 @@ import pytest
 from rnnreg_kernels.profile import baseline, model, sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one-line switch per backend: the CUDA kernels have no tensor-core step product yet (issue 9)
-TENSOR_CORES_REQUIRED = {"triton": True, "cuda": False}
+# one-line switch per backend (the CUDA step product is on tensor cores since issue 9)
+TENSOR_CORES_REQUIRED = {"triton": True, "cuda": True}
 TC_DTYPES = ("bf16", "fp16")
 RECORD_KEYS = ("name", "direction", "plan", "registers", "spill_bytes", "shared_bytes",
                "tensor_core_ops_per_step", "fma_ops_per_step",

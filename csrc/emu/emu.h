@@ -28,6 +28,7 @@ struct dim3 {
 };
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct uint4 { unsigned x, y, z, w; };
 
 inline thread_local dim3 threadIdx, blockIdx, gridDim, blockDim;
@@ -53,10 +54,13 @@ struct Grid {
   std::barrier<> grid_bar;
   std::vector<std::unique_ptr<std::barrier<>>> block_bar, warp_bar;
   std::vector<float> lanes;
+  std::vector<uint64_t> slots;  // per lane kSlots words: warp-wide exchanges (emu_mma.h)
   std::vector<std::vector<unsigned char>> smem;
+  static constexpr int kSlots = 8;
   Grid(int nb, int nt, size_t bytes)
       : blocks(nb), threads(nt), warps(nt / 32), grid_bar(nb * nt),
-        lanes((size_t)nb * nt), smem(nb, std::vector<unsigned char>(bytes + 16, 0xff)) {
+        lanes((size_t)nb * nt), slots((size_t)nb * nt * kSlots),
+        smem(nb, std::vector<unsigned char>(bytes + 16, 0xff)) {
     for (int b = 0; b < nb; ++b) block_bar.emplace_back(new std::barrier<>(nt));
     for (int w = 0; w < nb * warps; ++w) warp_bar.emplace_back(new std::barrier<>(32));
   }
@@ -85,7 +89,7 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 
 inline float __ldcg(const float* p) { return *p; }
-inline void __stcg(float* p, float v) { *p = v; }
+template <class V> inline void __stcg(V* p, V v) { *p = v; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 

@@ -33,7 +33,7 @@ void run_grid(void (*kernel)(Args), const Args& a, int blocks, size_t smem) {
   for (auto& th : threads) th.join();
 }
 
-// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype
+// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32
 // fargs: theta, w_ns, w_tar, w_ar, heps
 rnnreg::Scalars scalars(const int* ia, const float* fa) {
   rnnreg::Scalars s;
@@ -43,6 +43,7 @@ rnnreg::Scalars scalars(const int* ia, const float* fa) {
   s.cell = ia[3];
   s.ns_include_initial = ia[4];
   s.reverse = ia[5];
+  s.tf32 = ia[9];
   s.theta = fa[0];
   s.w_ns = fa[1];
   s.w_tar = fa[2];
@@ -57,9 +58,55 @@ bool plan_for(const int* ia, rnnreg::Plan* p) {
   return g_err.empty();
 }
 
+// One warp runs one emulated ldmatrix.x4 and one mma.m16n8k16 on operands given lane by lane
+// (tests/test_cuda_build.py checks them against the PTX fragment tables).
+struct FragArgs {
+  int bf16 = 0;  // 1 bf16, 0 fp16, -1 tf32 (m16n8k8, no ldmatrix)
+  const uint16_t* mat = nullptr;  // 32 rows of 8 elements: row r of matrix r / 8
+  uint32_t* ld_regs = nullptr;    // [32][4] ldmatrix.x4 result per lane
+  const uint32_t* a = nullptr;    // [32][4] A fragment per lane
+  const uint32_t* b = nullptr;    // [32][2] B fragment per lane
+  const float* c = nullptr;       // [32][4]
+  float* d = nullptr;             // [32][4]
+};
+
+void frag_kernel(FragArgs f) {
+  if (threadIdx.x >= 32) return;  // one warp
+  const int lane = threadIdx.x;
+  if (f.bf16 < 0) {
+    uint32_t a[4], b[2];
+    float d[4];
+    for (int j = 0; j < 4; ++j) a[j] = f.a[4 * lane + j], d[j] = f.c[4 * lane + j];
+    for (int j = 0; j < 2; ++j) b[j] = f.b[2 * lane + j];
+    rnnreg::mma_1688_tf32(d, a, b);
+    for (int j = 0; j < 4; ++j) f.d[4 * lane + j] = d[j];
+    return;
+  }
+  uint32_t r[4];
+  rnnreg::ldmatrix_x4(r, f.mat + 8 * lane);  // lane l gives the address of row l
+  for (int j = 0; j < 4; ++j) f.ld_regs[4 * lane + j] = r[j];
+  uint32_t a[4], b[2];
+  float d[4];
+  for (int j = 0; j < 4; ++j) a[j] = f.a[4 * lane + j], d[j] = f.c[4 * lane + j];
+  for (int j = 0; j < 2; ++j) b[j] = f.b[2 * lane + j];
+  if (f.bf16) rnnreg::mma_16816<__nv_bfloat16>(d, a, b);
+  else rnnreg::mma_16816<__half>(d, a, b);
+  for (int j = 0; j < 4; ++j) f.d[4 * lane + j] = d[j];
+}
+
 }  // namespace
 
 extern "C" {
+
+unsigned emu_to_tf32(float x) { return rnnreg::to_tf32(x); }
+
+void emu_fragments(int bf16, const uint16_t* mat, uint32_t* ld_regs, const uint32_t* a,
+                   const uint32_t* b, const float* c, float* d) {
+  FragArgs f;
+  f.bf16 = bf16; f.mat = mat; f.ld_regs = ld_regs; f.a = a; f.b = b; f.c = c; f.d = d;
+  run_grid(&frag_kernel, f, 1, 0);
+}
+
 
 // ptrs: x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms, hsave, gates, cs
 const char* emu_forward(const int* ia, const float* fa, void** p) {

@@ -6,14 +6,18 @@ bfloat16 instantiations; the profile picks the dtype's).  The plan is the one
 ``csrc/plan.cu`` makes, replicated here for a device with ``sm_count`` SMs and the H100's
 227 KiB of opt-in shared memory per block (``SMEM_OPTIN``): units per block
 ``max(ceil(H / SMs), ceil(kRG / G))``, blocks ``ceil(H / units)``, and the largest batch tile
-whose shared-memory layout (``fwd_layout`` / ``bwd_layout`` of ``common.cuh``) fits.  The
-occupancy check (one block per SM) is not repeated: it needs the driver.  Constants
-(``kThreads``, ``kVec``, ``kRG``, ``kBG``) are read from ``common.cuh``.
+whose shared-memory layout (``fwd_layout`` / ``bwd_layout`` of ``common.cuh``: rows of
+``srow(K) = round16(K) + 8`` elements for bf16/fp16, ``+ 4`` for fp32, and the reduction
+scratch of the tensor-core product) fits.  The occupancy check (one block per SM) is not
+repeated: it needs the driver.  Constants (``kThreads``, ``kVec``, ``kRG``, ``kBG``,
+``kAccTiles``) are read from ``common.cuh``.
 
 Loop trip counts inside the time loop come from each loop's ``for (...)`` header (found through
 the SASS line information), evaluated with the plan's values for thread 0 / warp 0 / block 0
-(the thread with the most iterations); ``block_matvec``'s locals are derived from the
-arguments each kernel passes.  The kernels take the cell as a runtime argument, so every
+(the thread with the most iterations); the locals of ``stage_rows`` (which of its three copy
+loops runs), ``block_mma`` (bf16/fp16: which tile-group loop runs, K steps per warp) and
+``block_matvec`` (strict fp32) are derived from the arguments each kernel passes.  Loops of a
+path not taken have a bound of 0 in the source, so they weigh nothing here.  The kernels take the cell as a runtime argument, so every
 cell's code is counted (the counts are an upper bound for non-LSTM cells).
 
 This file is the CUDA backend's only coupling to the profile: when ``csrc/`` changes, adapt
@@ -64,9 +68,11 @@ def constants() -> Dict[str, int]:
     c = {"kThreads": grab(r"#define RNNREG_THREADS (\d+)"),
          "kVec": grab(r"constexpr int kVec = (\d+);"),
          "kRG": grab(r"constexpr int kRG = (\d+);"),
-         "kBG": grab(r"constexpr int kBG = (\d+);")}
+         "kBG": grab(r"constexpr int kBG = (\d+);"),
+         "kAccTiles": grab(r"constexpr int kAccTiles = (\d+);")}
     c["kWarps"] = c["kThreads"] // 32
     c["kRedFloats"] = c["kWarps"] * c["kRG"] * c["kBG"]
+    c["kMmaRedFloats"] = c["kWarps"] * c["kAccTiles"] * 128
     return c
 
 
@@ -78,20 +84,31 @@ def _align16(x: int) -> int:
     return (x + 15) // 16 * 16
 
 
+def xrow(K: int) -> int:
+    """Exchange row length (elements) of common.cuh's ``xrow``."""
+    return _round_up(K, 16)
+
+
+def srow(K: int, es: int) -> int:
+    """Shared-memory row stride (elements) of common.cuh's ``srow``."""
+    return xrow(K) + (8 if es == 2 else 4)
+
+
 def _layout_total(direction: str, G: int, H: int, units: int, bs: int, es: int) -> int:
     k = constants()
+    red_floats = max(k["kMmaRedFloats"], k["kRedFloats"])
     if direction == "forward":
-        Hp, R = _round_up(H, k["kVec"]), G * units
-        a = _align16(R * Hp * es)
-        z = _align16(a + bs * Hp * 4)
+        ld, R = srow(H, es), G * units
+        a = _align16(R * ld * es)
+        z = _align16(a + bs * ld * es)
         hn = _align16(z + bs * R * 4)
         red = _align16(hn + bs * units * 4)
     else:
-        Kp = _round_up(G * H, k["kVec"])
-        a = _align16(units * Kp * es)
-        z = _align16(a + bs * Kp * 4)
+        ld = srow(G * H, es)
+        a = _align16(units * ld * es)
+        z = _align16(a + bs * ld * es)
         red = _align16(z + bs * units * 4)
-    return _align16(red + k["kRedFloats"] * 4)
+    return _align16(red + red_floats * 4)
 
 
 def _largest_tile(direction, G, H, units, B, es, limit) -> int:
@@ -192,10 +209,35 @@ def _matvec(R: int, NB: int, Kp: int) -> Dict[str, int]:
             "ks": 0}
 
 
-def _namespace(direction: str, cell: str, B: int, H: int, p: dict) -> Dict[str, Dict]:
-    """Values for the loop headers, per source file (block_matvec's locals in common.cuh)."""
+def _staging(nb: int, cpr: int) -> Dict[str, int]:
+    """stage_rows' locals for thread 0: which of its three copy loops runs."""
+    k = constants()
+    dbl = k["kThreads"] // cpr
+    dc = k["kThreads"] - dbl * cpr
+    return {"cpr": cpr, "dbl": dbl, "dc": dc, "rows_fixed": nb if dc == 0 else 0,
+            "rows_wide": nb if dc != 0 and cpr % k["kThreads"] == 0 else 0,
+            "chunks_any": nb * cpr if dc != 0 and cpr % k["kThreads"] != 0 else 0}
+
+
+def _mma(M: int, N: int, Kx: int, ks_per_mma: int) -> Dict[str, int]:
+    """block_mma's locals for warp 0 (bf16/fp16: 16-wide K steps)."""
+    k = constants()
+    ksteps = Kx // ks_per_mma
+    nw = min(ksteps, k["kWarps"])
+    MT, NT = -(-M // 16), -(-N // 8)
+    ntg = 4 if NT >= 4 else 1
+    return {"M": M, "N": N, "Kp": Kx, "MT": MT, "NT": NT, "ksteps": ksteps, "nw": nw,
+            "mtg": 2, "ntg": ntg, "kr": 1 if ntg == 4 else 4, "tiles": 2 * ntg,
+            "ks_wide": ksteps if ntg == 4 else 0, "ks_tall": ksteps if ntg == 1 else 0}
+
+
+def _namespace(direction: str, cell: str, B: int, H: int, p: dict,
+               dtype: str = "bf16") -> Dict[str, Dict]:
+    """Values for the loop headers, per source file (stage_rows' / block_mma's /
+    block_matvec's locals in common.cuh)."""
     k = constants()
     G = 4 if cell == "lstm" else 1
+    es = DTYPE_SIZE[dtype]
     units = p["units"]
     bs = p["bs_fwd"] if direction == "forward" else p["bs_bwd"]
     nb = min(bs, B)
@@ -203,16 +245,18 @@ def _namespace(direction: str, cell: str, B: int, H: int, p: dict) -> Dict[str, 
     base = dict(k, B=B, H=H, G=G, GH=G * H, units=units, bs=bs, nb=nb, nu=nu, blk=0,
                 nblk=p["blocks"], j0=0, tid=0, warp=0, lane=0, b0=0, T_=None, k=None)
     base["threadIdx.x"] = 0
-    if direction == "forward":
-        Hp = _round_up(H, k["kVec"])
-        base.update(Hp=Hp, R=G * units)
-        mv = _matvec(G * units, nb, Hp)
-    else:
-        Kp = _round_up(G * H, k["kVec"])
-        base.update(Kp=Kp)
-        mv = _matvec(nu, nb, Kp)
+    K = H if direction == "forward" else G * H
+    Kx, ld = xrow(K), srow(K, es)
+    N = G * units if direction == "forward" else nu
+    seg = nb * nu <= k["kThreads"] and nu <= 32 and (nu & (nu - 1)) == 0
+    base.update(Hx=Kx, Kx=Kx, ld=ld, R=G * units, nb_slow=0 if seg else nb,
+                Hp=_round_up(H, k["kVec"]))  # (the padded row of the earlier kernels)
+    if es == 2:
+        prod = _mma(nb, N, Kx, 16)
+    else:  # strict fp32: block_matvec (the profile runs fp32 without TF32)
+        prod = _matvec(N, nb, ld)
     kernel = dict(base)
-    common = dict(base, **mv)
+    common = dict(base, **_staging(nb, Kx * es // 16), **prod)
     return {"forward.cu": kernel, "backward.cu": kernel, "common.cuh": common}
 
 
@@ -234,8 +278,8 @@ def _c_eval(expr: str, env: dict) -> int:
     return int(eval(e, {"__builtins__": {}, "min": min, "max": max}, names))  # noqa: S307
 
 
-def trip_rule(direction: str, cell: str, B: int, H: int, p: dict):
-    spaces = _namespace(direction, cell, B, H, p)
+def trip_rule(direction: str, cell: str, B: int, H: int, p: dict, dtype: str = "bf16"):
+    spaces = _namespace(direction, cell, B, H, p, dtype)
 
     def trip_of(fn, loop):
         st = sass.loop_statement(fn, loop)
@@ -303,7 +347,8 @@ def kernels(cell: str, H: int, B: int, dtype: str, tf32: bool, sm_count: int,
         out.append({"record_args": dict(
             name=kname, direction=direction, plan=dict(p), cubin=cubin,
             warps=k["kWarps"], shared_dynamic=smem, programs=p["blocks"],
-            trip_of=trip_rule(direction, cell, B, H, p), function=names[0], sass_text=text,
+            trip_of=trip_rule(direction, cell, B, H, p, dtype), function=names[0],
+            sass_text=text,
             extra={"grid": [p["blocks"]],
                    "note": "the cell is a runtime argument: every cell's code is counted"})})
     return out
