@@ -19,6 +19,14 @@ generator and redrawn until every pre-activation a row actually computes is at l
 ``KINK_MARGIN`` away from the kink (and every state norm is well away from 0), so finite
 differences never cross a kink and the check is deterministic, not flaky.
 
+The ``native`` backend (PyTorch's own RNN kernels + the fused penalty pass) runs every cell
+but ``trec`` (no PyTorch kernel), which the plan leaves out for it.  The fused penalty op
+itself (``activation_penalties``, and the in-place reverse route the native backend uses) is
+checked as backend ``penalty-op`` (cell ``-``): gradcheck and finite differences of its three
+terms with respect to the states and h0, and values, norms and gradients against the
+published post-hoc formulas (``penalties.posthoc_terms``), with its CPU code and, where Triton
+runs (a GPU, or ``--interpret``), with its Triton kernels (``penalty-op:triton``).
+
 Fused backends that do not take float64 for a case (``unsupported_reason``) are compared
 with the float64 naive backend in float32 instead (no gradcheck; tolerance ``FP32_TOL``).
 The Triton backend runs on CPU tensors only under ``TRITON_INTERPRET=1`` (``--interpret``),
@@ -282,8 +290,91 @@ def _unsupported_float64(backend, cell, pen, x_proj, w_hh, lengths, reverse) -> 
     return mod.unsupported_reason(spec, x_proj, w_hh)
 
 
+def _penalty_op(impl: str, pen, lengths, reverse):
+    """f(states, h0) -> (terms [3], norms) of the fused penalty pass with implementation
+    ``impl`` ("torch" or "triton"); the public ``activation_penalties`` when not reverse."""
+    from rnnreg_kernels import native
+
+    def run(states, h0):
+        old, native.FORCE_IMPL = native.FORCE_IMPL, impl
+        try:
+            if not reverse:
+                _, terms, norms = native.activation_penalties(states, pen, h0, lengths)
+                return torch.stack(list(terms)), norms
+            return native.penalty_pass(states, h0, pen, lengths, reverse=True)
+        finally:
+            native.FORCE_IMPL = old
+    return run
+
+
+def _posthoc(pen, lengths, reverse):
+    """The published formulas: f(states, h0) -> (terms [3], norms [T+1, B])."""
+    from rnnreg_kernels.penalties import hidden_norms, posthoc_terms, step_mask, \
+        to_processing_order
+
+    def run(states, h0):
+        proc = to_processing_order(states, lengths, reverse)
+        terms = posthoc_terms(h0, proc, pen, lengths)
+        with torch.no_grad():
+            n = hidden_norms(torch.cat([h0.unsqueeze(0), proc], 0), pen.ns_eps)
+            valid = step_mask(states.shape[0], lengths, states.shape[1], states.device)
+            n[1:] = torch.where(valid, n[1:], 0.0)
+        return terms, n
+    return run
+
+
+def run_penalty_case(case: Case, seed: int, full: bool) -> Case:
+    """``penalty-op`` rows: the fused penalty pass against the post-hoc formulas."""
+    dev = torch.device(case.device)
+    _, _, _, _, pen, lengths, reverse = make_inputs("lstm", case.steps, case.config, dev, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    states = torch.randn(case.steps, B, H, generator=g, dtype=torch.float64).to(dev)
+    h0 = (torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5).to(dev)
+    upstream = torch.randn(3, generator=g, dtype=torch.float64).to(dev)
+    impl = case.backend.split(":", 1)[1] if ":" in case.backend else "torch"
+    f = _penalty_op(impl, pen, lengths, reverse)
+    oracle = _posthoc(pen, lengths, reverse)
+
+    def scalar(fn, *args):
+        return (fn(*args)[0].double() * upstream).sum()
+
+    try:
+        ins = [states.clone().requires_grad_(True), h0.clone().requires_grad_(True)]
+        terms, norms = f(*ins)
+        grads = torch.autograd.grad((terms * upstream).sum(), ins, allow_unused=True)
+        grads = [torch.zeros_like(i) if gr is None else gr for i, gr in zip(ins, grads)]
+        ins_o = [states.clone().requires_grad_(True), h0.clone().requires_grad_(True)]
+        terms_o, norms_o = oracle(*ins_o)
+        grads_o = torch.autograd.grad((terms_o * upstream).sum(), ins_o)
+        errs = [_rel_err(terms, terms_o), _rel_err(norms, norms_o)]
+        errs += [_rel_err(a, b) for a, b in zip(grads, grads_o)]
+        case.naive_err = max(errs)
+        dirs = [torch.randn(i.shape, generator=g, dtype=torch.float64).to(dev) for i in ins]
+        scale = math.sqrt(sum(float((d * d).sum()) for d in dirs))
+        with torch.no_grad():
+            plus = float(scalar(f, *[i + FD_EPS * d / scale for i, d in zip(ins, dirs)]))
+            minus = float(scalar(f, *[i - FD_EPS * d / scale for i, d in zip(ins, dirs)]))
+        analytical = sum(float((gr * d).sum()) / scale for gr, d in zip(grads, dirs))
+        gnorm = math.sqrt(sum(float((gr ** 2).sum()) for gr in grads))
+        case.fd_err = abs((plus - minus) / (2 * FD_EPS) - analytical) / max(gnorm, 1e-12)
+        try:
+            torch.autograd.gradcheck(lambda a, b: scalar(f, a, b),
+                                     tuple(i.detach().clone().requires_grad_(True)
+                                           for i in ins),
+                                     eps=FD_EPS, atol=1e-7, rtol=1e-5, fast_mode=not full)
+            case.gradcheck = "ok"
+        except GradcheckError as exc:
+            case.gradcheck = "FAIL"
+            case.notes.append(str(exc).strip().splitlines()[0])
+    except Exception as exc:  # a crash is a failed case, reported in the table
+        case.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    return case
+
+
 def run_case(case: Case, seed: int, full: bool) -> Case:
     """Fill in ``case`` (gradcheck, fd_err, naive_err, error) by running it."""
+    if case.backend.startswith("penalty-op"):
+        return run_penalty_case(case, seed, full)
     dev = torch.device(case.device)
     x_proj, w_hh, h0, c0, pen, lengths, reverse = make_inputs(
         case.cell, case.steps, case.config, dev, seed)
@@ -336,15 +427,18 @@ def available_backends(only: Optional[list] = None) -> tuple:
     """([(backend, device)], [skip messages]) for this machine, optionally filtered."""
     runs, skipped = [], []
     cpu = torch.device("cpu")
-    for name in ("reference", "naive"):
+    for name in ("reference", "naive", "native", "penalty-op"):
         runs.append((name, "cpu"))
     reason = _fused_reason("triton", cpu)
     if reason is None:
         runs.append(("triton", "cpu"))
+        runs.append(("penalty-op:triton", "cpu"))
     else:
         skipped.append(f"triton on cpu: {reason} (on CPU it runs only under "
                        "TRITON_INTERPRET=1: pass --interpret)")
     gpu = torch.device("cuda")
+    if torch.cuda.is_available():
+        runs.append(("native", "cuda"))
     for name in FUSED:  # each fused backend's GPU status, with its own reason when it cannot
         reason = _fused_reason(name, gpu)
         if reason is None and not torch.cuda.is_available():
@@ -353,8 +447,10 @@ def available_backends(only: Optional[list] = None) -> tuple:
             runs.append((name, "cuda"))
         else:
             skipped.append(f"{name} on cuda: {reason}")
+    if torch.cuda.is_available() and _fused_reason("triton", gpu) is None:
+        runs.append(("penalty-op:triton", "cuda"))
     if only:
-        runs = [r for r in runs if r[0] in only]
+        runs = [r for r in runs if r[0] in only or r[0].split(":")[0] in only]
         skipped = [s for s in skipped if s.split()[0] in only]
     return runs, skipped
 
@@ -362,9 +458,12 @@ def available_backends(only: Optional[list] = None) -> tuple:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", action="append", choices=("reference", "naive", "triton",
-                                                                "cuda"),
-                        help="check only this backend (repeatable); default: all that can run")
+    parser.add_argument("--backend", action="append",
+                        choices=("reference", "naive", "native", "triton", "cuda",
+                                 "penalty-op"),
+                        help="check only this backend (repeatable; 'penalty-op' = the fused "
+                             "penalty op, CPU code and Triton kernels); default: all that can "
+                             "run")
     parser.add_argument("--cell", action="append", choices=contract.CELLS,
                         help="check only this cell (repeatable); default: all")
     parser.add_argument("--quick", action="store_true",
@@ -382,13 +481,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def plan(backends: list, cells, quick: bool) -> list:
     """All cases to run, in table order."""
     steps_configs = QUICK_PLAN if quick else FULL_PLAN
-    return [Case(b, d, cell, t, cfg) for b, d in backends for cell in cells
-            for t, cfg in steps_configs]
+    cases = []
+    for b, d in backends:
+        if b.startswith("penalty-op"):
+            cases += [Case(b, d, "-", t, cfg) for t, cfg in steps_configs]
+            continue
+        cases += [Case(b, d, cell, t, cfg) for cell in cells for t, cfg in steps_configs
+                  if not (b == "native" and cell == "trec")]
+    return cases
 
 
 def case_seed(seed: int, case: Case) -> int:
     """Same inputs for a (cell, T, config) on every backend; different across them."""
-    return (seed * 100003 + contract.CELLS.index(case.cell) * 10007 + case.steps * 101
+    cell = contract.CELLS.index(case.cell) if case.cell in contract.CELLS else 0
+    return (seed * 100003 + cell * 10007 + case.steps * 101
             + list(CONFIGS).index(case.config) + 1)
 
 

@@ -39,11 +39,17 @@ in awd-lstm-lm (``F.dropout`` on the weight, one mask per forward and weight, sc
 ``output_dropout`` is awd-lstm-lm's final locked dropout on the returned output (one ``[B, D*H]``
 mask per forward, ``output_dropout_mask``; AR on the dropped output, TAR and the norm-stabilizer
 on the raw one) and ``dropout_mode="locked"`` makes ``dropout`` between layers locked too
-(awd's ``dropouth``); ``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference", "naive", "triton",
-"cuda") may be changed after construction.  ``proj_size > 0`` is not supported (``ValueError``;
-``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).  ``_flat_weights`` lists
-the weights in ``_flat_weights_names`` order, read by name at each access.  Before the first
-forward ``penalty`` is a 0-dim zero tensor and ``penalty_terms`` holds zeros.
+(awd's ``dropouth``); ``flatten_parameters()`` is a no-op; ``backend`` ("auto", "reference",
+"naive", "triton", "cuda", "native") may be changed after construction.  When it resolves to
+``native`` (``auto`` on the CPU), :mod:`rnnreg_kernels.native_modules` runs whole layers through
+PyTorch's own RNN kernels instead of one ``recurrence`` per layer and direction; a stack with
+``penalty_layers="last"`` is then one call, and ``hidden_norms`` is ``None`` for its inner
+layers (with ``output_dropout`` active, ``dropout_mode="locked"`` or under ``torch.compile``,
+the layers go through ``recurrence`` one by one instead).  ``proj_size > 0`` is not supported
+(``ValueError``; ``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).
+``_flat_weights`` lists the weights in ``_flat_weights_names`` order, read by name at each
+access.  Before the first forward ``penalty`` is a 0-dim zero tensor and ``penalty_terms``
+holds zeros.
 ``dropout`` is as in ``nn.LSTM``: ``F.dropout`` on every layer's output but the last, in
 training mode.  The classes derive from ``nn.Module``, not ``nn.RNNBase``: TorchDynamo graph-breaks
 on every ``nn.RNNBase``, and nothing here needs cuDNN's flat weight buffer.
@@ -69,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import native_modules
 from .contract import acc_dtype_of
 from .nn.dropout import check_probability, locked_mask
 from .ops import recurrence
@@ -418,7 +425,8 @@ class _RecurrentBase(nn.Module):
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
             c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
-            self.hidden_norms = [n.index_select(1, unsorted_indices) for n in self.hidden_norms]
+            self.hidden_norms = [None if n is None else n.index_select(1, unsorted_indices)
+                                 for n in self.hidden_norms]
         hidden_out = (h_n, c_n) if is_lstm else h_n
         if packed:
             flat = out.reshape(steps * batch, out.shape[-1]).index_select(0, positions)
@@ -443,6 +451,13 @@ class _RecurrentBase(nn.Module):
 
         ``masks``: the per-direction AR masks of the penalized layers; ``last_masks``, when
         given, replaces them in the last layer (the output-dropout mask)."""
+        # --- native backend: whole layers / the whole stack through torch._VF (its own file);
+        # awd's output dropout and locked dropout between layers, and traced graphs, take the
+        # per-layer path below
+        if (last_masks is None and self.dropout_mode == "standard"
+                and not torch.compiler.is_compiling() and native_modules.use_native(self, x)):
+            return native_modules.run_layers(self, x, h0, c0, lengths, masks)
+        # --- every other backend: one recurrence() per layer and direction
         is_lstm = self._cell == "lstm"
         directions = self.num_directions
         terms = dict.fromkeys(TERM_NAMES)
@@ -530,7 +545,8 @@ _EXTRAS_DOC = """
             the dropped output, TAR and the norm-stabilizer on the raw one.
         dropout_mode: "standard" (``nn.LSTM``'s elementwise ``dropout`` between layers) or
             "locked" (one mask per sequence and layer, awd-lstm-lm's ``dropouth``).
-        backend: "auto", "reference", "naive", "triton" or "cuda"; may be changed later.
+        backend: "auto", "reference", "naive", "triton", "cuda" or "native"; may be changed
+            later.
 """
 
 

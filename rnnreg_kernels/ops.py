@@ -17,10 +17,13 @@ from .contract import CELLS, Spec, gates_of
 from .library import RawSpec
 from .penalties import Penalties, penalty_weights
 
-BACKENDS = ("auto", "reference", "naive", "triton", "cuda")
+BACKENDS = ("auto", "reference", "naive", "triton", "cuda", "native")
 _FUSED = ("triton", "cuda")  # auto's order of preference on CUDA tensors
+# auto's choice after the fused backends (CUDA) / on the CPU: PyTorch's own recurrence where it
+# runs the case (every cell but trec), else the reference loop.  Measured: docs/native.md.
+_FALLBACK = ("native", "reference")
 _MODULES = {"reference": "rnnreg_kernels.reference", "triton": "rnnreg_kernels.triton",
-            "cuda": "rnnreg_kernels.cuda"}
+            "cuda": "rnnreg_kernels.cuda", "native": "rnnreg_kernels.native"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -75,9 +78,11 @@ def backend_problem(name: str, spec: Optional[Spec], x_proj: torch.Tensor,
 def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> str:
     """The backend that will run: ``backend`` itself, or auto's choice.
 
-    ``auto`` honours the environment variable ``RNNREG_BACKEND``; then CPU tensors use
-    ``reference`` and CUDA tensors the first fused backend of ``("triton", "cuda")`` that
-    supports the case, else ``reference``.
+    ``auto`` honours the environment variable ``RNNREG_BACKEND``; then CUDA tensors use the
+    first fused backend of ``("triton", "cuda")`` that supports the case (no GPU measurement
+    is committed yet to say where ``native`` is faster), and every other case ``native``
+    (PyTorch's own recurrence + the fused penalty pass; measured faster than ``reference`` on
+    the CPU, docs/native.md) where it runs the cell, else ``reference`` (``trec``).
     """
     name = backend
     if name == "auto":
@@ -95,6 +100,9 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
         for cand in _FUSED:
             if backend_problem(cand, spec, x_proj, w_hh) is None:
                 return cand
+    for cand in _FALLBACK:
+        if backend_problem(cand, spec, x_proj, w_hh) is None:
+            return cand
     return "reference"
 
 
@@ -378,7 +386,8 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         penalties: :class:`Penalties` (None = all off).
         lengths: ``[B]`` valid steps per row, each in 1..T, or None (all T).
         reverse: run time backwards (each row from its own last valid position).
-        backend: ``"auto"``, ``"reference"``, ``"naive"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"reference"``, ``"naive"``, ``"triton"``, ``"cuda"`` or
+            ``"native"`` (PyTorch's own RNN kernels + the fused penalty pass; no ``trec``).
         theta: threshold of the ``trec`` cell.
 
     Returns:
@@ -464,6 +473,10 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         output, h_n, c_n, terms, norms = naive(
             x_proj, w_hh, h0, c0, cell=cell, theta=float(theta), penalties=penalties,
             lengths=lengths, reverse=bool(reverse))
+    elif name == "native":
+        from .native import recurrence as _native
+        output, h_n, c_n, terms, norms = _native(x_proj, w_hh, h0, c0, spec, penalties,
+                                                 lengths)
     else:
         raw = RawSpec(backend=name, cell=cell, theta=float(theta),
                       norm_stabilizer=float(penalties.norm_stabilizer),
@@ -490,4 +503,15 @@ def _compile_time_backend(backend: str, device_type: str, dtype: torch.dtype, ce
     w = torch.zeros(G * H, H, dtype=dtype, device=dev)
     spec = Spec(cell=cell, theta=1.0, w_ns=0.0, w_tar=0.0, w_ar=0.0,
                 ns_include_initial=False, ns_eps=1e-9, reverse=reverse, allow_tf32=tf32)
-    return resolve_backend(backend, spec, x, w)
+    name = resolve_backend(backend, spec, x, w)
+    # native's recurrence() path computes the penalty divisors from T in Python, which a
+    # traced graph would freeze; under torch.compile auto takes the reference custom ops
+    # instead (the modules' native whole-layer path compiles on its own, docs/integration.md)
+    if name == "native" and backend == "auto":
+        name = "reference"
+    if name == "native":
+        raise BackendUnavailableError(
+            "backend 'native': recurrence() under torch.compile is not supported with the "
+            "native backend (its penalty divisors depend on T); use backend='reference' or "
+            "'auto' there, or call the modules")
+    return name

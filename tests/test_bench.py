@@ -49,7 +49,7 @@ def test_smoke_json_schema_and_values(smoke, capsys):
     assert doc["args"]["set"] == "smoke" and doc["command"]
     shapes = {s.name for s in SETS["smoke"].shapes}
     expected = {(s, m, c) for s in shapes for m in ("forward", "train")
-                for c in ("nn+eager", "ours:reference")}
+                for c in ("nn+eager", "ours:native", "ours:reference")}
     got = {(r["shape"]["name"], r["mode"], r["contender"]) for r in doc["rows"]}
     assert got == expected
     medians = {}
@@ -89,6 +89,7 @@ def test_wrong_contender_is_reported_not_timed(tmp_path, monkeypatch):
     rc, doc = _run(tmp_path, "--shapes", "lstm-h8", "--modes", "train")
     assert rc == 1
     rows = {r["contender"]: r for r in doc["rows"]}
+    assert rows["ours:native"]["status"] == "wrong"
     assert rows["ours:reference"]["status"] == "wrong"
     assert rows["ours:reference"]["correct"] is False
     assert rows["ours:reference"]["time_ms"] is None
@@ -195,3 +196,14 @@ def test_gpu_bench_word_set(tmp_path):
     base = [r for r in rows if r["contender"] == "nn+eager"]
     assert base and all(r["status"] == "ok" for r in base)
     assert any(r["contender"].startswith("ours:") and r["status"] == "ok" for r in rows)
+
+
+def test_fused_posthoc_baseline_runs_and_passes_the_gate(tmp_path):
+    """nn.LSTM / nn.RNN + activation_penalties: a contender like the others, same gate."""
+    rc, doc = _run(tmp_path, "--shapes", "relu-h5", "--contenders", "eager,fused",
+                   "--modes", "train")
+    assert rc == 0
+    rows = {r["contender"]: r for r in doc["rows"]}
+    assert set(rows) == {"nn+eager", "nn+fused-posthoc"}
+    assert rows["nn+fused-posthoc"]["status"] == "ok" and rows["nn+fused-posthoc"]["correct"]
+    assert validate(doc, strict=True) == []

@@ -43,7 +43,8 @@ def test_charlm_quick_runs_and_beats_the_unigram_entropy(tmp_path):
     for row in trained:
         for key in ("valid_bpc", "test_bpc"):
             assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, row
-        assert row["curve"] and row["backend_used"] == "reference"
+        assert row["curve"] and row["backend_used"] == (
+            "reference" if row["model"] == "trec" else "native")  # auto on the CPU
         if row["beta"] == 0:
             assert row["test_bpc"] < unigram and row["valid_bpc"] < unigram, row
     assert min(r["test_bpc"] for r in trained) < unigram - 0.5

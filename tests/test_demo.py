@@ -42,7 +42,7 @@ def test_demo_json_has_every_seed_and_the_aggregate(tmp_path, capsys):
             assert model["beta"] == (0.0 if name == "plain" else 200.0)
             assert set(model["mse"]) == {str(L) for L in lengths}
             assert len(model["max_norm_curve"]) == max(lengths) + 1
-            assert model["backend_used"] == "reference"
+            assert model["backend_used"] == "native"  # auto on the CPU (relu)
             top = [v for v in model["max_norm_curve"][1:] if v is not None]
             if ratio is not None and model["first_non_finite_step"] is None:
                 # the ratio is the curve's own max after / max up to the horizon

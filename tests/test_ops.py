@@ -32,7 +32,7 @@ def test_public_api():
 
 @pytest.mark.parametrize("mutate, exc, match", [
     (lambda a: {**a, "cell": "gru"}, ValueError, "cell: expected one of lstm, relu, tanh, trec, got 'gru'"),
-    (lambda a: {**a, "backend": "cudnn"}, ValueError, "backend: expected one of auto, reference, naive, triton, cuda, got 'cudnn'"),
+    (lambda a: {**a, "backend": "cudnn"}, ValueError, "backend: expected one of auto, reference, naive, triton, cuda, native, got 'cudnn'"),
     (lambda a: {**a, "x_proj": a["x_proj"][0]}, ValueError, r"x_proj: expected 3 dimensions"),
     (lambda a: {**a, "x_proj": a["x_proj"].int()}, TypeError, r"x_proj: expected float16.*got torch.int32"),
     (lambda a: {**a, "x_proj": a["x_proj"][..., :-1]}, ValueError, r"x_proj: expected last dimension G\*H = 4\*5 = 20.*got 19"),
@@ -82,11 +82,13 @@ def test_named_backend_that_cannot_run_says_why(monkeypatch):
         recurrence(x, w, h0, c0, cell="lstm", backend="cuda")
 
 
-def test_resolve_backend_on_cpu_is_reference():
+def test_resolve_backend_on_cpu_is_native_except_trec():
     x, w, _, _ = _args()
     from rnnreg_kernels.contract import Spec
     spec = Spec("lstm", 1.0, 0.0, 0.0, 0.0, False, 1e-9, False)
-    assert resolve_backend("auto", spec, x, w) == "reference"
+    assert resolve_backend("auto", spec, x, w) == "native"
+    spec = Spec("trec", 1.0, 0.0, 0.0, 0.0, False, 1e-9, False)
+    assert resolve_backend("auto", spec, x[..., :w.shape[1]], w[:w.shape[1]]) == "reference"
 
 
 def test_outputs_are_fresh_and_inputs_untouched():

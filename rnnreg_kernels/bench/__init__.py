@@ -2,8 +2,10 @@
 
 Contenders (same weights, inputs and loss; each checked against a float64 run before it is
 timed): ``nn+eager`` = ``torch.nn.LSTM``/``nn.RNN`` + post-hoc penalties in eager PyTorch (the
-baseline), ``nn+compile`` = the same with the post-hoc penalties under ``torch.compile``, and
-``ours:<backend>`` = :class:`rnnreg_kernels.LSTM`/``RNN`` with fused penalties.
+baseline), ``nn+compile`` = the same with the post-hoc penalties under ``torch.compile``,
+``nn+fused-posthoc`` = the same RNN + :func:`rnnreg_kernels.activation_penalties` (the fused
+one-pass penalty op), and ``ours:<backend>`` = :class:`rnnreg_kernels.LSTM`/``RNN`` with fused
+penalties.
 
 Usage::
 
@@ -44,11 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="comma-separated forward (inference), train (forward + backward); "
                         "default: both")
     p.add_argument("--contenders", default=None,
-                   help="comma-separated eager, compile, ours (the nn+eager baseline always "
+                   help="comma-separated eager, compile, fused (nn + activation_penalties), "
+                        "ours (the nn+eager baseline always "
                         "runs); default: the set's")
     p.add_argument("--backends", default=None,
-                   help="backends for 'ours': reference, naive, triton, cuda, auto "
-                        "(default: reference on CPU, triton,cuda on GPU)")
+                   help="backends for 'ours': reference, naive, triton, cuda, native, auto "
+                        "(default: native,reference on CPU, where auto = native for lstm, "
+                        "relu, tanh; triton,cuda,native on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per contender")
     p.add_argument("--reps", type=int, default=None, help="timed calls per contender")
     p.add_argument("--penalties", default=_DEFAULT_PENALTIES,
@@ -132,14 +136,15 @@ def _options(args):
     contenders, backends = _split(args.contenders), _split(args.backends)
     _check_choice("--dtypes", dtypes, tuple(DTYPES))
     _check_choice("--modes", modes, MODES)
-    _check_choice("--contenders", contenders, ("eager", "compile", "ours"))
-    _check_choice("--backends", backends, ("reference", "naive", "triton", "cuda", "auto"))
+    _check_choice("--contenders", contenders, ("eager", "compile", "fused", "ours"))
+    _check_choice("--backends", backends,
+                  ("reference", "naive", "triton", "cuda", "native", "auto"))
     for flag, v in (("--warmup", args.warmup), ("--reps", args.reps)):
         if v is not None and v < (0 if flag == "--warmup" else 1):
             raise ValueError(f"{flag}: expected a count >= {0 if flag == '--warmup' else 1}, "
                              f"got {v}")
     if backends is None:
-        backends = ["reference"] if device == "cpu" else ["triton", "cuda"]
+        backends = ["native", "reference"] if device == "cpu" else ["triton", "cuda", "native"]
     return Options(sets=sets, device=torch.device(device), dtypes=dtypes, modes=modes,
                    contenders=contenders, backends=backends, warmup=args.warmup,
                    reps=args.reps, penalties=parse_penalties(args.penalties), tf32=args.tf32,

@@ -12,6 +12,9 @@ with the same weights and inputs.  Contenders:
 * ``nn+eager`` (the baseline): ``torch.nn.LSTM`` / ``nn.RNN`` (cuDNN on GPU, ATen/oneDNN on
   CPU) and :func:`rnnreg_kernels.penalties.posthoc_terms` in eager PyTorch;
 * ``nn+compile``: the same with the post-hoc penalty under ``torch.compile``;
+* ``nn+fused-posthoc``: the same RNN followed by :func:`rnnreg_kernels.activation_penalties`
+  (one fused pass over the output forward and one backward): the strongest alternative to
+  fusing the penalties into the recurrence;
 * ``ours:<backend>``: :class:`rnnreg_kernels.LSTM` / ``RNN`` with the penalties fused, on the
   named backend (``reference``, ``triton``, ``cuda``, ...), loaded from the same state_dict.
 """
@@ -31,6 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 BASELINE = "nn+eager"
 COMPILED = "nn+compile"
+FUSED_POSTHOC = "nn+fused-posthoc"
 
 
 class Unavailable(Exception):
@@ -120,6 +124,14 @@ def _eager_penalty(pen: Penalties) -> Callable:
     return penalty
 
 
+def _fused_posthoc_penalty(pen: Penalties) -> Callable:
+    from ..native import activation_penalties
+
+    def penalty(h0_last: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return activation_penalties(output, pen, h0_last)[0]
+    return penalty
+
+
 _COMPILED_CACHE: Dict[Penalties, Callable] = {}
 
 
@@ -169,16 +181,21 @@ class Instance:
 
 
 def build(contender: str, problem: Problem) -> Instance:
-    """Make contender ``"nn+eager"``, ``"nn+compile"`` or ``"ours:<backend>"`` for ``problem``.
+    """Make contender ``"nn+eager"``, ``"nn+compile"``, ``"nn+fused-posthoc"`` or
+    ``"ours:<backend>"`` for ``problem``.
 
     Raises :class:`Unavailable` (with the reason) when it cannot run here.
     """
     pen = problem.penalties
-    if contender in (BASELINE, COMPILED):
+    if contender in (BASELINE, COMPILED, FUSED_POSTHOC):
         mod = _torch_rnn(problem.shape).to(problem.device, problem.dtype)
         mod.load_state_dict(problem.state)
         if contender == BASELINE:
             return Instance(contender, mod, _eager_penalty(pen) if pen.active else None)
+        if contender == FUSED_POSTHOC:
+            if not pen.active:
+                raise Unavailable("no penalty is active: nothing to fuse")
+            return Instance(contender, mod, _fused_posthoc_penalty(pen))
         if not pen.active:
             raise Unavailable("no penalty is active: nothing to compile")
         fn = _compiled_penalty(pen)
@@ -193,8 +210,8 @@ def build(contender: str, problem: Problem) -> Instance:
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         return Instance(contender, mod, fn)
     if not contender.startswith("ours:"):
-        raise ValueError(f"contender: expected 'nn+eager', 'nn+compile' or 'ours:<backend>', "
-                         f"got {contender!r}")
+        raise ValueError(f"contender: expected 'nn+eager', 'nn+compile', 'nn+fused-posthoc' "
+                         f"or 'ours:<backend>', got {contender!r}")
     backend = contender.split(":", 1)[1]
     try:
         import rnnreg_kernels as rk

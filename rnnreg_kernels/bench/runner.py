@@ -21,7 +21,8 @@ import torch
 from ..penalties import Penalties
 from . import env as envmod
 from .check import evaluate, gate, oracle
-from .contenders import BASELINE, COMPILED, DTYPES, Problem, Unavailable, build
+from .contenders import BASELINE, COMPILED, DTYPES, FUSED_POSTHOC, Problem, Unavailable, \
+    build
 from .shapes import Shape, ShapeSet
 from .timing import cuda_step_peak, profile_step, rss_peak_mb_process, summarize, \
     time_interleaved
@@ -58,6 +59,8 @@ class Options:
         for c in wanted:
             if c == "compile":
                 names.append(COMPILED)
+            elif c == "fused":
+                names.append(FUSED_POSTHOC)
             elif c == "ours":
                 names.extend(f"ours:{b}" for b in self.backends)
         return list(dict.fromkeys(names))

@@ -67,7 +67,7 @@ class ShapeSet:
     description: str
     dtypes: Tuple[str, ...] = ("fp32",)
     modes: Tuple[str, ...] = ("forward", "train")
-    contenders: Tuple[str, ...] = ("eager", "compile", "ours")
+    contenders: Tuple[str, ...] = ("eager", "compile", "fused", "ours")
     warmup: int = 2
     reps: int = 10
     threads: Optional[int] = None  # CPU threads unless --threads says otherwise
@@ -78,7 +78,7 @@ def _lstm(h, b, t, layers=1):
 
 
 _GPU_DTYPES = ("fp32", "bf16", "fp16")
-_SWEEP = ("eager", "ours")  # sweeps skip nn+compile (a compile per shape and dtype) by default
+_SWEEP = ("eager", "fused", "ours")  # sweeps skip nn+compile (a compile per shape and dtype)
 
 SETS: Dict[str, ShapeSet] = {s.name: s for s in [
     ShapeSet("smoke", "cpu", (
@@ -96,8 +96,9 @@ SETS: Dict[str, ShapeSet] = {s.name: s for s in [
         _lstm(256, 8, 100),
         _lstm(256, 64, 100),
         Shape("relu", 256, 32, 100),
-    ), "CPU comparison (reference backend vs nn.LSTM + eager post-hoc penalties); the "
-       "headline is LSTM H=256, B=32, T=100, training step", warmup=2, reps=7),
+    ), "CPU comparison (native and reference backends vs nn.LSTM + eager post-hoc "
+       "penalties, nn.LSTM + torch.compile'd post-hoc and nn.LSTM + activation_penalties); "
+       "the headline is LSTM H=256, B=32, T=100, training step", warmup=3, reps=15),
     ShapeSet("char", "cuda", (_lstm(1000, 32, 100), _lstm(1000, 128, 100)),
              "character-level LM: LSTM H=1000, B=32/128, T=100", _GPU_DTYPES),
     ShapeSet("word", "cuda", (Shape("lstm", 650, 20, 35, layers=2),),
