@@ -44,8 +44,8 @@ on the raw one) and ``dropout_mode="locked"`` makes ``dropout`` between layers l
 ``native`` (``auto`` on the CPU), :mod:`rnnreg_kernels.native_modules` runs whole layers through
 PyTorch's own RNN kernels instead of one ``recurrence`` per layer and direction; a stack with
 ``penalty_layers="last"`` is then one call, and ``hidden_norms`` is ``None`` for its inner
-layers (with ``output_dropout`` active, ``dropout_mode="locked"`` or under ``torch.compile``,
-the layers go through ``recurrence`` one by one instead).  ``proj_size > 0`` is not supported
+layers (with ``output_dropout`` active, ``dropout_mode="locked"``, under ``torch.compile`` or a
+torch.func transform, the layers go through ``recurrence`` one by one instead).  ``proj_size > 0`` is not supported
 (``ValueError``; ``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).
 ``_flat_weights`` lists the weights in ``_flat_weights_names`` order, read by name at each
 access.  Before the first forward ``penalty`` is a 0-dim zero tensor and ``penalty_terms``
@@ -452,10 +452,12 @@ class _RecurrentBase(nn.Module):
         ``masks``: the per-direction AR masks of the penalized layers; ``last_masks``, when
         given, replaces them in the last layer (the output-dropout mask)."""
         # --- native backend: whole layers / the whole stack through torch._VF (its own file);
-        # awd's output dropout and locked dropout between layers, and traced graphs, take the
-        # per-layer path below
+        # awd's output dropout and locked dropout between layers, traced graphs and torch.func
+        # transforms take the per-layer path below
         if (last_masks is None and self.dropout_mode == "standard"
-                and not torch.compiler.is_compiling() and native_modules.use_native(self, x)):
+                and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()  # _VF has no vmap rule
+                and native_modules.use_native(self, x)):
             return native_modules.run_layers(self, x, h0, c0, lengths, masks)
         # --- every other backend: one recurrence() per layer and direction
         is_lstm = self._cell == "lstm"

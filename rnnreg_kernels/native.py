@@ -125,7 +125,8 @@ def _forward(states, h0, ar_mask, lengths, cfg: _Pass):
         nt = nt.masked_fill(~valid, 0.0)
     h0a = h0.to(acc)
     n0 = torch.sqrt(torch.linalg.vecdot(h0a, h0a) + eps_h)
-    terms = torch.zeros(3, dtype=acc, device=states.device)
+    zero = torch.zeros((), dtype=acc, device=states.device)
+    t_ns = t_tar = t_ar = zero
     dp = d0 = None
     first = None
     if cfg.w_ns:
@@ -138,11 +139,12 @@ def _forward(states, h0, ar_mask, lengths, cfg: _Pass):
             first = _first_positions(T, B, lengths, cfg.reverse, states.device)
             d0 = nt.gather(0, first.view(1, B)).squeeze(0) - n0
             ns = ns + (d0 * d0).sum()
-        terms[0] = cfg.w_ns * ns
+        t_ns = cfg.w_ns * ns
     if need_tar:
-        terms[1] = cfg.w_tar * tarp.sum()
+        t_tar = cfg.w_tar * tarp.sum()
     if cfg.w_ar:
-        terms[2] = cfg.w_ar * (arp if arp is not None else sq).sum()
+        t_ar = cfg.w_ar * (arp if arp is not None else sq).sum()
+    terms = torch.stack([t.to(acc) for t in (t_ns, t_tar, t_ar)])  # no in-place: vmap-safe
     norms = torch.cat([n0.unsqueeze(0), _to_steps(nt, lengths, cfg.reverse)], 0)
     return terms, norms, (nt, dp, d0, n0, first)
 
@@ -218,29 +220,51 @@ def _backward(states, h0, ar_mask, lengths, saved, g_terms, cfg: _Pass):
     return grad, grad_h0
 
 
+def _saved_of(rest, cfg: _Pass) -> tuple:
+    """``_forward``'s saved tuple ``(nt, dp, d0, n0, first)`` from the tensors that were not
+    None (which ones are None follows from ``cfg``)."""
+    it = iter(rest)
+    ns, init = bool(cfg.w_ns), bool(cfg.w_ns) and cfg.ns_include_initial
+    nt = next(it)
+    dp = next(it) if ns else None
+    d0 = next(it) if init else None
+    n0 = next(it)
+    first = next(it) if init else None
+    return nt, dp, d0, n0, first
+
+
 class _PenaltyPass(torch.autograd.Function):
-    """terms ``[3]`` and norms of ``states`` (time order); hand-written one-pass backward."""
+    """terms ``[3]`` and norms of ``states`` (time order); hand-written one-pass backward.
+
+    ``setup_context`` style with a generated vmap rule (forward and backward are plain torch
+    ops on the CPU), so torch.func transforms (grad, vmap, jacrev) accept it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, states, h0, ar_mask, lengths, cfg):
+    def forward(states, h0, ar_mask, lengths, cfg):
         terms, norms, saved = _forward(states, h0, ar_mask, lengths, cfg)
-        ctx.cfg = cfg
-        ctx.has_saved = tuple(t is not None for t in saved)
-        ctx.save_for_backward(states, h0, ar_mask, lengths, *[t for t in saved if t is not None])
-        ctx.mark_non_differentiable(norms)
-        return terms, norms
+        return terms, norms, *[t for t in saved if t is not None]
 
     @staticmethod
-    def backward(ctx, g_terms, _g_norms):
+    def setup_context(ctx, inputs, output):
+        states, h0, ar_mask, lengths, cfg = inputs
+        terms, norms, *saved = output
+        ctx.cfg = cfg
+        ctx.n_saved = len(saved)
+        ctx.save_for_backward(states, h0, ar_mask, lengths, *saved)
+        ctx.mark_non_differentiable(norms, *saved)
+
+    @staticmethod
+    def backward(ctx, g_terms, _g_norms, *_g_saved):
         states, h0, ar_mask, lengths, *rest = ctx.saved_tensors
         cfg = ctx.cfg
         if g_terms is None or not (cfg.w_ns or cfg.w_tar or cfg.w_ar):
             return None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph: differentiate the post-hoc formulas
             return _differentiable_grads(states, h0, lengths, g_terms, cfg)
-        it = iter(rest)
-        saved = tuple(next(it) if has else None for has in ctx.has_saved)
-        grad, grad_h0 = _backward(states, h0, ar_mask, lengths, saved, g_terms, cfg)
+        grad, grad_h0 = _backward(states, h0, ar_mask, lengths, _saved_of(rest, cfg), g_terms,
+                                  cfg)
         return grad, grad_h0, None, None, None
 
 
@@ -273,7 +297,9 @@ def penalty_pass(states: torch.Tensor, h0: torch.Tensor, penalties: Penalties,
     mask = penalties.ar_mask
     if mask is not None:
         mask = mask.detach().to(device=states.device)
-    return _PenaltyPass.apply(states, h0, mask, lengths, cfg)
+    # the pass accumulates in acc_dtype itself; autocast must not lower its sums
+    with torch.autocast(device_type=states.device.type, enabled=False):
+        return tuple(_PenaltyPass.apply(states, h0, mask, lengths, cfg)[:2])
 
 
 def activation_penalties(output: torch.Tensor, penalties: Optional[Penalties],

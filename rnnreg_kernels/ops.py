@@ -82,7 +82,8 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
     first fused backend of ``("triton", "cuda")`` that supports the case (no GPU measurement
     is committed yet to say where ``native`` is faster), and every other case ``native``
     (PyTorch's own recurrence + the fused penalty pass; measured faster than ``reference`` on
-    the CPU, docs/native.md) where it runs the cell, else ``reference`` (``trec``).
+    the CPU, docs/native.md) where it runs the cell, else ``reference`` (``trec``, and under
+    torch.func transforms, which PyTorch's RNN kernels do not support).
     """
     name = backend
     if name == "auto":
@@ -101,6 +102,8 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
             if backend_problem(cand, spec, x_proj, w_hh) is None:
                 return cand
     for cand in _FALLBACK:
+        if cand == "native" and torch._C._are_functorch_transforms_active():
+            continue  # PyTorch's RNN kernels have no vmap rule; the reference's Function has
         if backend_problem(cand, spec, x_proj, w_hh) is None:
             return cand
     return "reference"
