@@ -536,7 +536,9 @@ def main(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"  skipped: {s}")
     t0 = time.perf_counter()
-    bar = tqdm(cases, desc="check", unit="case", file=sys.stderr, disable=args.no_progress)
+    # a progress bar only on a terminal (a CI log would get one line per update)
+    bar = tqdm(cases, desc="check", unit="case", file=sys.stderr,
+               disable=args.no_progress or not sys.stderr.isatty())
     for case in bar:
         bar.set_postfix_str(f"{case.backend} {case.cell} T={case.steps} {case.config}")
         run_case(case, seed=case_seed(args.seed, case), full=args.full)
