@@ -36,7 +36,8 @@ from torch import _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .contract import Spec, acc_dtype_of
-from .penalties import Penalties, penalty_weights, posthoc_terms, to_processing_order
+from .penalties import (Penalties, as_penalties, penalty_weights, posthoc_terms,
+                        to_processing_order)
 
 SAVE_X_PROJ = False
 CELL_FUNCTIONS = {"lstm": "lstm", "relu": "rnn_relu", "tanh": "rnn_tanh"}
@@ -337,15 +338,8 @@ def activation_penalties(output: torch.Tensor, penalties: Optional[Penalties],
     T, B, H = output.shape
     if T < 1 or B < 1 or H < 1:
         raise ValueError(f"output: expected T, B, H >= 1, got shape {list(output.shape)}")
-    if penalties is None:
-        penalties = Penalties()
-    if not isinstance(penalties, Penalties):
-        raise TypeError(f"penalties: expected rnnreg_kernels.Penalties or None, got "
-                        f"{type(penalties).__name__}")
-    penalties.check_mask(B, H)
-    if penalties.ar_mask is not None and penalties.ar_mask.device != output.device:
-        raise ValueError(f"Penalties.ar_mask: expected device {output.device} (the device of "
-                         f"output), got {penalties.ar_mask.device}")
+    penalties = as_penalties(penalties)
+    penalties.check_mask(B, H, output.device, "output")
     if h0 is None:
         h0 = output.new_zeros(B, H)
     else:

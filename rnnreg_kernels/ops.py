@@ -15,7 +15,7 @@ import torch
 from . import library  # noqa: F401  (registers the rnnreg:: custom ops)
 from .contract import CELLS, Spec, gates_of
 from .library import RawSpec
-from .penalties import Penalties, penalty_weights
+from .penalties import Penalties, as_penalties, penalty_weights
 
 BACKENDS = ("auto", "reference", "naive", "triton", "cuda", "native")
 _FUSED = ("triton", "cuda")  # auto's order of preference on CUDA tensors
@@ -411,11 +411,7 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         raise ValueError(f"cell: expected one of {', '.join(CELLS)}, got {cell!r}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    if penalties is None:
-        penalties = Penalties()
-    if not isinstance(penalties, Penalties):
-        raise TypeError(f"penalties: expected rnnreg_kernels.Penalties or None, got "
-                        f"{type(penalties).__name__}")
+    penalties = as_penalties(penalties)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
         raise ValueError(f"theta: expected a finite number, got {theta!r}")
     T, B, GH = x_proj.shape
@@ -447,12 +443,9 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         if t.device != x_proj.device:
             raise ValueError(f"{name}: expected device {x_proj.device} (the device of x_proj), "
                              f"got {t.device}")
-    penalties.check_mask(B, H)
+    penalties.check_mask(B, H, x_proj.device, "x_proj")
     ar_mask = penalties.ar_mask
     if ar_mask is not None:
-        if ar_mask.device != x_proj.device:
-            raise ValueError(f"Penalties.ar_mask: expected device {x_proj.device} (the device "
-                             f"of x_proj), got {ar_mask.device}")
         ar_mask = ar_mask.detach().to(x_proj.dtype).contiguous()
     lengths = _check_lengths(lengths, T, B, x_proj.device)
     if lengths is not None and int(lengths.min()) == T:

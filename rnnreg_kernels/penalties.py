@@ -69,12 +69,27 @@ class Penalties:
     def active(self) -> bool:
         return self.norm_stabilizer > 0 or self.tar > 0 or self.ar > 0
 
-    def check_mask(self, batch: int, hidden: int) -> None:
-        """Raise ``ValueError`` when ``ar_mask`` does not match ``[batch, hidden]``."""
+    def check_mask(self, batch: int, hidden: int, device: Optional[torch.device] = None,
+                   of: str = "") -> None:
+        """Raise ``ValueError`` when ``ar_mask`` does not match ``[batch, hidden]`` (or, with
+        ``device``, is on another device than the tensor named ``of``)."""
         m = self.ar_mask
         if m is not None and tuple(m.shape) != (batch, hidden):
             raise ValueError(f"Penalties.ar_mask: expected shape [B, H] = [{batch}, {hidden}], "
                              f"got {list(m.shape)}")
+        if m is not None and device is not None and m.device != device:
+            raise ValueError(f"Penalties.ar_mask: expected device {device} (the device of "
+                             f"{of}), got {m.device}")
+
+
+def as_penalties(penalties: Optional["Penalties"]) -> "Penalties":
+    """``penalties``, or all off for None; ``TypeError`` for anything else."""
+    if penalties is None:
+        return Penalties()
+    if not isinstance(penalties, Penalties):
+        raise TypeError(f"penalties: expected rnnreg_kernels.Penalties or None, got "
+                        f"{type(penalties).__name__}")
+    return penalties
 
 
 class Weights(NamedTuple):

@@ -117,12 +117,12 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
     size = torch.empty(0, dtype=dtype).element_size()
     mma = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and tf32)
     n_co = sm_count or _co_resident(device)
+    tiles = _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b)
     if variant is None:
         variant = "step"
         if mma and G * hfull * hfull * size <= TILED_MAX_W:
             variant = "tiled"
-        elif ((mma or n_co == 1)
-              and _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b) is not None):
+        elif (mma or n_co == 1) and tiles is not None:
             variant = "persistent"
     if variant == "tiled":
         if block_h is not None and block_h < H:
@@ -131,7 +131,6 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
         BB = block_b or min(bb, 16 if G == 1 else 8)
         return Plan("tiled", BB, hfull, hfull, 1, triton.cdiv(B, BB), 1, 4, True, hfull)
     if variant == "persistent":
-        tiles = _persistent_tiles(G, B, H, size, mma, n_co, block_h, block_b)
         if tiles is None:
             raise ValueError(
                 f"variant 'persistent': no tiling of H = {H}, B = {B} fits the {n_co} "
