@@ -27,7 +27,7 @@ from .contract import Spec
 
 SAVE_X_PROJ = False
 
-_CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
+_CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3, "normprop": 4}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
 _HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
@@ -198,19 +198,27 @@ def _scalars(spec: Spec):
             _poison())
 
 
-def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, *, plant: int = 0):
+def _f32(t):
+    """An optional acc-dtype input as the contiguous float32 tensor the kernels read."""
+    return None if t is None else t.float().contiguous()
+
+
+def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, *, plant: int = 0):
     """Forward of the contract (see :mod:`rnnreg_kernels.contract`), one cooperative launch.
 
     Returns ``(output [T, B, H], h_n [B, H], c_n [B, H] or None, terms [3] fp32,
-    norms [T+1, B] fp32, saved)`` with ``saved = (hs, gates, cs)``: ``hs [T, B, H]`` fp32
-    states in processing order for bfloat16/float16 (None for float32, whose output holds
-    them), and for LSTM ``gates [T, B, 4H]`` (activated i, f, g, o) and ``cs [T, B, H]``
-    fp32, also in processing order.  ``plant`` is for the sanitizer test only.
+    norms [T+1, B] fp32, cell_norms [T+1, B] fp32 or None, saved)`` with
+    ``saved = (hs, gates, cs)``: ``hs [T, B, H]`` fp32 states in processing order for
+    bfloat16/float16 (None for float32, whose output holds them), and for the cells with a
+    cell state (lstm, normprop) ``gates [T, B, 4H]`` (activated i, f, g, o) and
+    ``cs [T, B, H]`` fp32, also in processing order.  ``cell_norms`` only with
+    ``spec.cell_norms``.  ``plant`` is for the sanitizer test only.
     """
     ext = load_extension()
-    out, h_n, c_n, terms, norms, hs, gates, cs = ext.forward(
-        x_proj, w_hh, h0, c0, ar_mask, lengths, *_scalars(spec), plant)
-    return out, h_n, c_n, terms, norms, (hs, gates, cs)
+    out, h_n, c_n, terms, norms, cnorms, hs, gates, cs = ext.forward(
+        x_proj, w_hh, h0, c0, ar_mask, lengths, _f32(cell_scale), float(spec.h_scale),
+        bool(spec.cell_norms), *_scalars(spec), plant)
+    return out, h_n, c_n, terms, norms, cnorms, (hs, gates, cs)
 
 
 @contextlib.contextmanager
@@ -256,20 +264,27 @@ def _grad_w_hh(spec: Spec, w_hh, h0, lengths, output, hs, gx, dz):
     return grad.to(w_hh.dtype)
 
 
-def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-             grad_output, grad_h_n, grad_c_n, grad_terms, *, plant: int = 0):
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms,
+             grad_cell_norms, *, plant: int = 0):
     """Backward of the contract: one cooperative launch, then one GEMM for ``grad_w_hh``.
 
-    Returns ``(grad_x_proj [T, B, G*H], grad_w_hh [G*H, H], grad_h0 [B, H],
-    grad_c0 [B, H] or None)``.
+    ``grad_norms`` / ``grad_cell_norms`` (``[T+1, B]`` or None = zero) enter the kernel as the
+    radial terms of contract.py; a None costs nothing.  Returns ``(grad_x_proj [T, B, G*H],
+    grad_w_hh [G*H, H], grad_h0 [B, H], grad_c0 [B, H] or None, grad_cell_scale [H] fp32 or
+    None)`` (grad_c0 for lstm / normprop, grad_cell_scale for normprop only).
     """
     ext = load_extension()
     hs, gates, cs = saved
-    gx, gh0, gc0, dz = ext.backward(
-        w_hh, h0, c0, ar_mask, lengths, output, norms, hs, gates, cs, grad_output, grad_h_n,
-        grad_c_n, grad_terms.float().contiguous(), *_scalars(spec), plant)
+    gcn = _f32(grad_cell_norms)
+    gx, gh0, gc0, gcs, dz = ext.backward(
+        w_hh, h0, c0, ar_mask, lengths, _f32(cell_scale), float(spec.h_scale), output, norms,
+        _f32(cell_norms) if gcn is not None else None, hs, gates, cs, grad_output, grad_h_n,
+        grad_c_n, grad_terms.float().contiguous(), _f32(grad_norms), gcn, *_scalars(spec),
+        plant)
     gw = _grad_w_hh(spec, w_hh, h0, lengths, output, hs, gx, dz)
-    return gx, gw, gh0, (gc0 if spec.cell == "lstm" else None)
+    return (gx, gw, gh0, gc0 if spec.has_cell_state else None,
+            gcs if spec.cell == "normprop" else None)
 
 
 __all__ = ["SAVE_X_PROJ", "unavailable_reason", "unsupported_reason", "forward", "backward"]
