@@ -41,6 +41,9 @@ __device__ __forceinline__ float penalty_grad(const BwdArgs& a, int k, int L, in
   if (cns != 0.f || a.g_norms) {
     const float nk = a.norms[(size_t)k * B + b];
     float coef = a.g_norms ? a.g_norms[(size_t)k * B + b] : 0.f;
+#ifdef RNNREG_PLANT_BUG
+    if (s.plant == 7 && a.g_norms) coef = a.g_norms[(size_t)(k - 1) * B + b];  // planted
+#endif
     if (cns != 0.f) {
       const float dk = (k >= 2 || s.ns_include_initial) ? nk - a.norms[(size_t)(k - 1) * B + b]
                                                         : 0.f;
@@ -123,7 +126,11 @@ __device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, in
     g.kz[3] = tc * s.h_scale * og * (1.f - og);
     g.dc0 = dcacc[o];
     if (a.g_cnorms) {  // radial term of the cell norm m_k
-      const float gm = a.g_cnorms[(size_t)k * B + b], mk = a.cnorms[(size_t)k * B + b];
+      const float gm = a.g_cnorms[(size_t)k * B + b];
+      float mk = a.cnorms[(size_t)k * B + b];
+#ifdef RNNREG_PLANT_BUG
+      if (s.plant == 5) mk = a.cnorms[(size_t)(k - 1) * B + b];  // planted: m_{k-1}
+#endif
       if (mk > 0.f) g.dc0 += gm * ck / mk;
     }
     g.fg = fg;
@@ -289,6 +296,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
     for (int il = tid; il < nu; il += kThreads) {
       float t = 0.f;
       for (int b = 0; b < B; ++b) t += gacc[(size_t)b * H + j0 + il];
+#ifdef RNNREG_PLANT_BUG
+      if (s.plant == 4) t -= gacc[(size_t)(B - 1) * H + j0 + il];  // planted: last row lost
+#endif
       a.gcs[j0 + il] = t;
     }
 }

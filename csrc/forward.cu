@@ -186,6 +186,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
             const float og = sigmoidf_(zr[3 * units + jl] + in.x[3]);
             c = fg * in.cp + ig * gg;
             h = og * tanhf(in.ca * c) * s.h_scale;  // lstm: a = 1, h_scale = 1
+#ifdef RNNREG_PLANT_BUG
+            if (s.plant == 6) h = og * tanhf(c) * s.h_scale;  // planted: cell_scale dropped
+#endif
             float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
             gs[j] = ig;
             gs[H + j] = fg;
@@ -227,6 +230,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
 #pragma unroll 1
         for (int ch = 0; ch < nch; ++ch) {
           float v = ch ? my_csq : my_sq;
+#ifdef RNNREG_PLANT_BUG
+          if (s.plant == 3) v = my_sq;  // planted: the cell norms sum h^2
+#endif
           for (int o = nu / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
           if (tid < nb * nu && tid % nu == 0)
             __stcg(partials(part, ch, k, B, nblk) + (size_t)(b0 + tid / nu) * nblk + blk, v);

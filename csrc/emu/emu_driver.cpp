@@ -33,7 +33,7 @@ void run_grid(void (*kernel)(Args), const Args& a, int blocks, size_t smem) {
   for (auto& th : threads) th.join();
 }
 
-// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32
+// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32, plant
 // fargs: theta, w_ns, w_tar, w_ar, heps, h_scale
 rnnreg::Scalars scalars(const int* ia, const float* fa) {
   rnnreg::Scalars s;
@@ -44,6 +44,7 @@ rnnreg::Scalars scalars(const int* ia, const float* fa) {
   s.ns_include_initial = ia[4];
   s.reverse = ia[5];
   s.tf32 = ia[9];
+  s.plant = ia[10];
   s.theta = fa[0];
   s.w_ns = fa[1];
   s.w_tar = fa[2];
