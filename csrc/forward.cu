@@ -219,6 +219,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         }
         __stcg(hcur + (size_t)b * Hx + j, from_f<T>(h));
         hn[bl * units + jl] = h;
+        // c_k for the per-row cell-norm sums below: over z of gate i of this item, which only
+        // this thread read (and only above)
+        if (a.cnorms) zs[(size_t)bl * R + jl] = c;
         my_sq = h * h;
         my_csq = c * c;
         if (k == T_) {
@@ -246,11 +249,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         for (int bl = warp; bl < nb_slow; bl += kWarps) {  // partial sums of squares per row
           const int b = b0 + bl;
 #pragma unroll 1
-          for (int ch = 0; ch < nch; ++ch) {  // channel 1: c_k, from the saved states
+          for (int ch = 0; ch < nch; ++ch) {  // channel 1: c_k
             float sq = 0.f;
             for (int jl = lane; jl < nu; jl += 32) {
-              const float v = ch ? a.cs[((size_t)(k - 1) * B + b) * H + j0 + jl]
-                                 : hn[bl * units + jl];
+              const float v = ch ? zs[(size_t)bl * R + jl] : hn[bl * units + jl];
               sq += v * v;
             }
             sq = warp_sum(sq);
