@@ -441,8 +441,9 @@ def emu_planted(tmp_path_factory):
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_planted_v2_bug_fails_the_emulation(emu_planted, plant, monkeypatch):
     case = EMU_CASES_V2[0]
-    clean = _run_emu_case(emu_planted, case, monkeypatch)
-    assert all(e < 2e-5 for e in clean.values()), clean  # plant 0: the same build is right
+    if plant == min(PLANTS):  # plant 0 of the same build is right (once)
+        clean = _run_emu_case(emu_planted, case, monkeypatch)
+        assert all(e < 2e-5 for e in clean.values()), clean
     errs = _run_emu_case(emu_planted, case, monkeypatch, plant=plant)
     print(plant, {k: f"{v:.1e}" for k, v in errs.items()})
     for name in PLANTS[plant]:
