@@ -203,7 +203,8 @@ def _f32(t):
     return None if t is None else t.float().contiguous()
 
 
-def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, *, plant: int = 0):
+def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale=None, *,
+            plant: int = 0):
     """Forward of the contract (see :mod:`rnnreg_kernels.contract`), one cooperative launch.
 
     Returns ``(output [T, B, H], h_n [B, H], c_n [B, H] or None, terms [3] fp32,
@@ -265,8 +266,8 @@ def _grad_w_hh(spec: Spec, w_hh, h0, lengths, output, hs, gx, dz):
 
 
 def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
-             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms,
-             grad_cell_norms, *, plant: int = 0):
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms=None,
+             grad_cell_norms=None, *, plant: int = 0):
     """Backward of the contract: one cooperative launch, then one GEMM for ``grad_w_hh``.
 
     ``grad_norms`` / ``grad_cell_norms`` (``[T+1, B]`` or None = zero) enter the kernel as the
