@@ -124,9 +124,10 @@ def _naive(cell, pen, inp, mask, L, grads, dtype, spec):
     p = Penalties(norm_stabilizer=pen.get("ns", 0.0), tar=pen.get("tar", 0.0),
                   ar=pen.get("ar", 0.0), ns_include_initial=pen.get("incl", False),
                   ar_mask=None if mask is None else mask.to(DEV, dtype))
-    out, h_n, c_n, terms, norms = reference.naive(
+    out, h_n, c_n, terms, norms, _ = reference.naive(
         leaves["x"], leaves["w"], leaves["h0"], leaves["c0"], cell=cell, theta=spec.theta,
         penalties=p, lengths=None if L is None else L.to(DEV), reverse=spec.reverse)
+    terms, norms = terms[:3], norms.detach()  # the contract's three terms
     loss = (out.double() * grads["go"].to(DEV)).sum() + (h_n.double() * grads["ghn"].to(DEV)).sum()
     loss = loss + (terms.double() * grads["gt"].to(DEV)).sum()
     if c_n is not None:
