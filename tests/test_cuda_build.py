@@ -236,6 +236,10 @@ class EmulatedExtension:
     def __init__(self, dll, sms=4):
         self.dll, self.sms = dll, sms
 
+    def plan(self, cell, dtype, B, H, device, units):
+        out = (ctypes.c_int * 4)()
+        return self.dll.emu_plan(cell, dtype, B, H, units, self.sms, 227 * 1024, out).decode()
+
     def _ia(self, T, B, H, cell, incl, rev, tf32, units, dtype, plant):
         return (ctypes.c_int * 11)(T, B, H, cell, int(incl), int(rev), units, self.sms,
                                    _DT[dtype], int(tf32), plant)
@@ -408,6 +412,24 @@ def test_emulated_kernels_match_reference_float32(emu, case, monkeypatch):
     assert ("cell_norms" in errs) == ("cn" in v2), errs
     assert ("grad_cell_scale" in errs) == (case[0] == "normprop"), errs
     assert all(e < 2e-5 for e in errs.values()), errs
+
+
+def test_unsupported_reason_runs_normprop_and_cell_norms(emu, monkeypatch):
+    """The cuda backend takes normprop and cell norms (no refusal; the plan is the lstm's)."""
+    import dataclasses
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # CPU tensors stand in here
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    spec, *_ = make_case("normprop", 2, 3, 5, {})
+    x, w = torch.empty(2, 3, 20), torch.empty(20, 5)
+    assert cuda.unsupported_reason(spec, x, w) is None
+    assert cuda.unsupported_reason(dataclasses.replace(spec, cell_norms=True), x, w) is None
+    out_np, out_lstm = (ctypes.c_int * 4)(), (ctypes.c_int * 4)()
+    assert emu.emu_plan(4, 1, 32, 1024, 0, 132, 227 * 1024, out_np) == b""
+    assert emu.emu_plan(0, 1, 32, 1024, 0, 132, 227 * 1024, out_lstm) == b""
+    assert list(out_np) == list(out_lstm)
+    msg = emu.emu_plan(4, 0, 32, 4096, 0, 132, 227 * 1024, out_np).decode()
+    assert "cell=normprop" in msg and "H=4096" in msg, msg
 
 
 def test_emulated_radial_terms_change_the_gradients(emu, monkeypatch):
