@@ -432,6 +432,45 @@ def test_unsupported_reason_runs_normprop_and_cell_norms(emu, monkeypatch):
     assert "cell=normprop" in msg and "H=4096" in msg, msg
 
 
+@pytest.mark.parametrize("cell", ["normprop", "lstm", "relu"])
+def test_recurrence_through_the_emulated_cuda_backend(emu, cell, monkeypatch):
+    """ops.recurrence(backend="cuda") (library custom ops, autograd, the five terms, the
+    differentiable norms) on the emulated kernels, against backend="reference" in float64."""
+    from rnnreg_kernels import ops
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)  # CPU tensors here
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    T, B, H = 5, 3, 5
+    lstm = has_cell_state(cell)
+    g = torch.Generator().manual_seed(7)
+    vals = [torch.randn(T, B, (4 if lstm else 1) * H, generator=g, dtype=torch.float64) * 0.5,
+            torch.randn((4 if lstm else 1) * H, H, generator=g, dtype=torch.float64) * 0.3,
+            torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5,
+            torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5,
+            0.5 + torch.rand(H, generator=g, dtype=torch.float64)]
+    pen = Penalties(norm_stabilizer=0.5, tar=0.3, ar=0.2, norm_target=0.4, norm_target_value=1.0,
+                    cell_norm_stabilizer=0.7 if lstm else 0.0)
+    res = []
+    for backend, dt in (("reference", torch.float64), ("cuda", torch.float32)):
+        leaves = [v.to(dt).requires_grad_() for v in vals]
+        r = ops.recurrence(leaves[0], leaves[1], leaves[2], leaves[3] if lstm else None,
+                           cell=cell, penalties=pen, lengths=[5, 2, 4], reverse=True,
+                           backend=backend, cell_scale=leaves[4] if cell == "normprop" else None,
+                           h_scale=1.3 if cell == "normprop" else 1.0)
+        loss = (r.output.double().square().sum() + r.penalty.double() + r.h_n.double().sum()
+                + r.norms.double().sum())
+        wrt = leaves[:3] + ([leaves[3]] if lstm else []) + ([leaves[4]] if cell == "normprop"
+                                                             else [])
+        res.append([r.output, r.penalty, r.norms, *r.terms,
+                    *torch.autograd.grad(loss, wrt)])
+    terms = [t.item() for t in res[0][3:8]]  # ns, tar, ar, cell ns, norm target (reference)
+    assert min(terms[:3] + terms[4:]) > 0 and (terms[3] > 0) == lstm, terms
+    for i, (got, want) in enumerate(zip(*res[::-1])):
+        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+        assert err < 2e-5, (i, err.item())
+
+
 def test_emulated_radial_terms_change_the_gradients(emu, monkeypatch):
     """The radial grads are not negligible in the cases above: dropping grad_norms and
     grad_cell_norms moves grad_x_proj, grad_h0 and grad_c0 far past the tolerance."""
