@@ -31,6 +31,8 @@ _CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
 _HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
+_SOURCES += ("cluster_binding.cpp", "cluster.cu")  # the Hopper cluster variant (cuda_cluster.py)
+_HEADERS += ("cluster.cuh", "cluster_api.h")
 _JIT_NAME = "rnnreg_kernels_cuda_jit"
 
 _ext = None
@@ -173,11 +175,20 @@ def _poison() -> bool:
     return os.environ.get("RNNREG_CUDA_POISON", "") not in ("", "0")
 
 
+def _cluster():
+    """The cluster variant (:mod:`rnnreg_kernels.cuda_cluster`) when ``RNNREG_CUDA_VARIANT``
+    selects it, else None (the persistent kernels)."""
+    from . import cuda_cluster
+    return cuda_cluster if cuda_cluster.variant() == "cluster" else None
+
+
 def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
     """None when this case runs on the cuda backend, else why not and what would.
 
     Loads the extension, JIT-building it once if it was not built at install time.
     """
+    if _cluster() is not None:
+        return _cluster().unsupported_reason(spec, x_proj, w_hh)
     if x_proj.dtype not in _DTYPE_CODE:
         return (f"the cuda backend supports float32, bfloat16 and float16, got {x_proj.dtype}; "
                 "use backend='reference'")
@@ -207,6 +218,8 @@ def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, *, plant: int = 
     them), and for LSTM ``gates [T, B, 4H]`` (activated i, f, g, o) and ``cs [T, B, H]``
     fp32, also in processing order.  ``plant`` is for the sanitizer test only.
     """
+    if _cluster() is not None:
+        return _cluster().forward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
     ext = load_extension()
     out, h_n, c_n, terms, norms, hs, gates, cs = ext.forward(
         x_proj, w_hh, h0, c0, ar_mask, lengths, *_scalars(spec), plant)
