@@ -217,9 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
       // ... the norms of step k-1 (batch rows bl = rank + i*C; one lane per CTA of the
       // cluster reads that CTA's partial sum, fixed order), ...
       const float* sqp = sq + (size_t)((k - 1) % 3) * bs;
-      for (int i = warp;; i += kWarps) {
-        const int bl = rank + i * C;
-        if (bl >= nbv) break;
+      for (int bl = rank + warp * C; bl < nbv; bl += kWarps * C) {
         float v = lane < C ? cluster_ld_f32(cluster_map(sqp + bl, lane)) : 0.f;
         v = warp_sum(v);
         if (lane == 0) {
@@ -241,9 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
   // The norms of step T (as above).
   {
     const float* sqp = sq + (size_t)(T_ % 3) * bs;
-    for (int i = warp;; i += kWarps) {
-      const int bl = rank + i * C;
-      if (bl >= nbv) break;
+    for (int bl = rank + warp * C; bl < nbv; bl += kWarps * C) {
       float v = lane < C ? cluster_ld_f32(cluster_map(sqp + bl, lane)) : 0.f;
       v = warp_sum(v);
       if (lane == 0) {

@@ -81,7 +81,9 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
                 "rebuild it or unset RNNREG_CUDA_VARIANT")
     _, B, _ = x_proj.shape
     H = w_hh.shape[1]
-    idx = x_proj.device.index if x_proj.device.index is not None else torch.cuda.current_device()
+    idx = x_proj.device.index
+    if idx is None:
+        idx = torch.cuda.current_device() if x_proj.device.type == "cuda" else 0
     cell, dt = cuda._CELL_CODE[spec.cell], cuda._DTYPE_CODE[x_proj.dtype]
     why = ext.cluster_plan(cell, dt, B, H, idx, _units(), _csize())
     if why:

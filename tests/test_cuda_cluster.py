@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import math
 import re
 import shutil
 import subprocess
@@ -192,24 +191,27 @@ class EmulatedClusterExtension(EmulatedExtension):
         return [out, hn, cn, terms, norms, hs, gates, cs]
 
 
-def _use(monkeypatch, ext, units=0, csize=0):
+def _use(monkeypatch, ext, units=0, csize=0, bwd_units=0):
+    """Select the cluster variant on the emulated extension; ``bwd_units`` splits the
+    persistent backward that follows (its own tests cover its splits: fewer emulated blocks
+    here keep the test cheap)."""
     monkeypatch.setattr(cuda, "_ext", ext)
     monkeypatch.setenv("RNNREG_CUDA_VARIANT", "cluster")
     monkeypatch.setenv("RNNREG_CUDA_CLUSTER_UNITS", str(units) if units else "")
     monkeypatch.setenv("RNNREG_CUDA_CLUSTER_SIZE", str(csize) if csize else "")
-    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", str(bwd_units) if bwd_units else "")
 
 
 CLUSTER_CASES = [
     # cell, T, B, H, penalties, lengths, reverse, units per CTA (0 = default), emulated SMs
-    ("lstm", 7, 3, 20, PEN_ALL, None, False, 8, 8),        # 2 clusters of 3 CTAs, bs 2 and 1
+    ("lstm", 5, 3, 20, PEN_ALL, None, False, 8, 8),        # 2 clusters of 3 CTAs, bs 2 and 1
     ("lstm", 5, 3, 13, {"ns": 0.8}, [5, 2, 4], True, 8, 4),  # one cluster of 2, last CTA 5 units
     ("lstm", 1, 2, 12, {"tar": 1.0, "ar": 0.5, "mask": True}, None, True, 8, 4),  # T = 1
     ("relu", 7, 3, 5, PEN_ALL, [3, 7, 1], False, 0, 4),    # one CTA per cluster, 3 clusters
-    ("relu", 4, 3, 50, {"tar": 1.1}, [1, 4, 3], True, 16, 8),  # 4 CTAs, last one 2 units
+    ("relu", 4, 3, 40, {"tar": 1.1}, [1, 4, 3], True, 16, 8),  # 3 CTAs, last one 8 units
     ("tanh", 5, 5, 9, {"ar": 0.6, "mask": True}, None, True, 8, 4),
     ("tanh", 6, 3, 17, {"ns": 0.8, "incl": True}, [2, 6, 5], False, 8, 3),  # 3 CTAs, 1 unit
-    ("trec", 6, 3, 24, PEN_ALL, None, False, 8, 6),
+    ("trec", 4, 3, 24, PEN_ALL, None, False, 8, 6),
 ]
 _IDS = [f"{c[0]}-T{c[1]}B{c[2]}H{c[3]}u{c[7]}" for c in CLUSTER_CASES]
 
@@ -218,7 +220,7 @@ _IDS = [f"{c[0]}-T{c[1]}B{c[2]}H{c[3]}u{c[7]}" for c in CLUSTER_CASES]
 def test_emulated_cluster_matches_reference_float32(emu, case, monkeypatch):
     cell, T, B, H, pen, lengths, reverse, units, sms = case
     ext = EmulatedClusterExtension(emu, sms=sms)
-    _use(monkeypatch, ext, units)
+    _use(monkeypatch, ext, units, bwd_units=-(-H // 2))
     spec, inp, mask, L, grads = make_case(cell, T, B, H, pen, lengths, reverse, seed=T * H + B)
     ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
     got = run_backend(cuda, spec, inp, mask, L, grads, torch.float32)
@@ -234,8 +236,8 @@ def test_emulated_cluster_shapes_are_what_the_cases_claim(emu):
     err, p = ext.cluster_plan_info(0, 0, 3, 20, 8, 0)
     assert not err and (p["units"], p["csize"], p["clusters"], p["bs"]) == (8, 3, 2, 2), p
     ext.sms = 8
-    err, p = ext.cluster_plan_info(1, 0, 3, 50, 16, 0)
-    assert not err and (p["units"], p["csize"]) == (16, 4), p
+    err, p = ext.cluster_plan_info(1, 0, 3, 40, 16, 0)
+    assert not err and (p["units"], p["csize"]) == (16, 3), p
     ext.sms = 4
     err, p = ext.cluster_plan_info(1, 0, 3, 5, 0, 0)
     assert not err and (p["units"], p["csize"], p["clusters"], p["bs"]) == (8, 1, 3, 1), p
@@ -245,7 +247,7 @@ def test_emulated_cluster_shapes_are_what_the_cases_claim(emu):
 @pytest.mark.parametrize("cell", ["lstm", "tanh"])
 def test_emulated_cluster_half_within_naive_error(emu, cell, dtype, monkeypatch):
     ext = EmulatedClusterExtension(emu, sms=6)
-    _use(monkeypatch, ext, units=8)
+    _use(monkeypatch, ext, units=8, bwd_units=10)
     spec, inp, mask, L, grads = make_case(cell, 6, 3, 19, PEN_ALL, [6, 2, 5], True, seed=3)
     rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
     mask_r = mask.to(dtype).double()
@@ -261,18 +263,17 @@ def test_emulated_cluster_half_within_naive_error(emu, cell, dtype, monkeypatch)
 
 def test_emulated_cluster_tf32(emu, monkeypatch):
     """float32 with Spec.allow_tf32: the cluster's step product runs on (emulated) TF32
-    tensor cores: within TF32 accuracy, and measurably off the strict FFMA path."""
+    tensor cores: within TF32 accuracy, and measurably off the reference (the strict FFMA
+    path is held to 2e-5 by test_emulated_cluster_matches_reference_float32)."""
     ext = EmulatedClusterExtension(emu, sms=6)
-    _use(monkeypatch, ext, units=8)
-    spec, inp, mask, L, grads = make_case("lstm", 4, 5, 20, PEN_ALL, [4, 1, 3, 4, 2], False,
-                                          seed=9)
+    _use(monkeypatch, ext, units=8, bwd_units=8)
+    spec, inp, mask, L, grads = make_case("lstm", 3, 3, 16, PEN_ALL, [3, 1, 2], False, seed=9)
     ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
     tf = rel_errors(run_backend(cuda, dataclasses.replace(spec, allow_tf32=True), inp, mask, L,
                                 grads, torch.float32), ref)
-    strict = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, torch.float32), ref)
-    print({k: f"{tf[k]:.1e}/{strict[k]:.1e}" for k in tf})
+    print(ext.plans, {k: f"{tf[k]:.1e}" for k in tf})
+    assert ext.plans and ext.plans[0]["csize"] == 2, ext.plans
     assert all(e < 5e-3 for e in tf.values()), tf
-    assert all(e < 2e-5 for e in strict.values()), strict
     assert tf["output"] > 1e-5, tf  # the TF32 path really ran
 
 
@@ -281,7 +282,7 @@ def test_planted_dsmem_error_fails_the_emulation(tmp_path, monkeypatch):
     other CTAs still get it): the float32 comparison must fail on the output."""
     dll = _build(tmp_path, "RNNREG_PLANT_CLUSTER")
     ext = EmulatedClusterExtension(dll, sms=4)
-    _use(monkeypatch, ext, units=8)
+    _use(monkeypatch, ext, units=8, bwd_units=16)
     spec, inp, mask, L, grads = make_case("relu", 4, 2, 16, {"tar": 0.5}, None, False, seed=1)
     ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
     errs = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, torch.float32), ref)
