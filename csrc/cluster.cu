@@ -5,7 +5,8 @@
 // [r*units, r*units + nu) and keeps their G*units rows of w_hh in shared memory, so the whole
 // w_hh is resident in the cluster.  Every CTA holds a double-buffered copy of the cluster's
 // full h_{k-1} ([bs][srow(H)], input dtype) in its shared memory.  Per step a CTA runs the
-// tensor-core step product of common.cuh on that copy, applies the cell, and pushes its slice
+// tensor-core step product (cluster_product: mma.sync through mma.cuh, the weights as the m16
+// side, the few batch rows as the n8 side) on that copy, applies the cell, and pushes its slice
 // of h_k (16-byte st.shared::cluster stores) into the other buffer of every CTA of the cluster;
 // then barrier.cluster (arrive.release ... wait.acquire) replaces the grid barrier.  Between
 // the arrive and the wait, off the step's critical path: the step's global stores (output,
@@ -72,7 +73,134 @@ __device__ __forceinline__ ClusterIn cluster_inputs(const ClusterFwdArgs& a, int
   return in;
 }
 
-template <typename T>
+// One work item of cluster_product: m16 tile `mt` of the weight rows, K steps kp, kp + KP, ...
+// (4 interleaved accumulators per n8 tile, summed in a fixed order), NTG n8 tiles of batch
+// rows from nt0.  KP == 1: the tiles go to `out`; else to red[item][j][lane][4].
+template <typename T, int NTG>
+__device__ __forceinline__ void cluster_item(const T* X, int M, const T* W, int N, int ld, int KS,
+                                             int KP, int item, int nt0, float* out, int ldo,
+                                             float* red) {
+  using F = Frag<T>;
+  const int lane = threadIdx.x % 32;
+  const int mt = item / KP, kp = item % KP;
+  const int ao = F::a_off(mt * 16, N, ld, lane, 0), ao8 = F::a_off(mt * 16, N, ld, lane, 1);
+  int bo[NTG];
+#pragma unroll
+  for (int j = 0; j < NTG; ++j) bo[j] = F::b_off((nt0 + j) * 8, M, ld, lane);
+  float acc[4][NTG][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int j = 0; j < NTG; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][j][e] = 0.f;
+  // K steps kp, kp + KP, ...: groups of 4 on 4 accumulators, then the tail on the first.
+  const int nmain = KS - 3 * KP > kp ? (KS - 3 * KP - kp + 4 * KP - 1) / (4 * KP) : 0;
+#pragma unroll 1
+  for (int it = 0; it < nmain; ++it) {
+    const int ks = kp + it * 4 * KP;
+    uint32_t af[4][4], bf[4][NTG][2];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int k0 = (ks + r * KP) * F::KS;
+      F::load_a(af[r], W, ao + k0, ao8 + k0);
+#pragma unroll
+      for (int j = 0; j < NTG; ++j) F::load_b(bf[r][j], X, bo[j] + k0);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int j = 0; j < NTG; ++j) F::mma(acc[r][j], af[r], bf[r][j]);
+  }
+#pragma unroll 1
+  for (int kt = kp + nmain * 4 * KP; kt < KS; kt += KP) {
+    uint32_t af[4], bf[NTG][2];
+    F::load_a(af, W, ao + kt * F::KS, ao8 + kt * F::KS);
+#pragma unroll
+    for (int j = 0; j < NTG; ++j) F::load_b(bf[j], X, bo[j] + kt * F::KS);
+#pragma unroll
+    for (int j = 0; j < NTG; ++j) F::mma(acc[0][j], af, bf[j]);
+  }
+#pragma unroll
+  for (int r = 1; r < 4; ++r)
+#pragma unroll
+    for (int j = 0; j < NTG; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[r][j][e];
+  const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int j = 0; j < NTG; ++j) {
+    if (KP == 1) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = mt * 16 + gid + 8 * (e >> 1), m = (nt0 + j) * 8 + 2 * tig + (e & 1);
+        if (n < N && m < M) out[(size_t)m * ldo + n] = acc[0][j][e];
+      }
+    } else {
+      float4 v;
+      v.x = acc[0][j][0]; v.y = acc[0][j][1]; v.z = acc[0][j][2]; v.w = acc[0][j][3];
+      *reinterpret_cast<float4*>(red + ((size_t)(item * 2 + j) * 32 + lane) * 4) = v;
+    }
+  }
+}
+
+// The step product of the cluster kernel: out[m * ldo + n] = sum_k X[m][k] W[n][k] for the M
+// staged batch rows X ([M][ld], dtype T) and the CTA's N weight rows W ([N][ld]), K padded to
+// Kp with zeros.  A batch slice is short (a few rows), so the weights are the m16 side of the
+// mma (A operand, ldmatrix.x4) and the batch rows the n8 side (B, ldmatrix.x2; rows past M
+// read row M-1, their results are dropped): no m16 tile is padded with copies of 4 batch rows.
+// The m16 tiles of weight rows are dealt to the warps, with K split into KP = kWarps / MT
+// parts when there are fewer tiles than warps; the parts are added in a fixed order through
+// `red` (deterministic).  NTG n8 tiles of batch rows per pass (a kernel template argument,
+// so that only one shape is compiled per kernel; with NTG = 2 and an odd number of tiles the
+// last pass's second tile reads row M-1 and is dropped).  fp32: TF32 mma when `tf32`, else the
+// FFMA block_matvec of common.cuh.  Called by all threads; ends with a __syncthreads.
+template <typename T, int NTG>
+__device__ void cluster_product(const T* X, int M, const T* W, int N, int ld, int Kp, bool tf32,
+                                float* out, int ldo, float* red) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (!tf32) {
+      block_matvec<float>(W, N, X, M, ld, out, ldo, red);
+      __syncthreads();
+      return;
+    }
+  }
+  (void)tf32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int MT = (N + 15) / 16, NT = (M + 7) / 8, KS = Kp / Frag<T>::KS;
+  const int KP = MT >= kWarps ? 1 : kWarps / MT;
+  const int work = MT * KP;
+  for (int nt0 = 0; nt0 < NT; nt0 += NTG) {
+    #pragma unroll 1
+    for (int item = warp; item < work; item += kWarps)
+      cluster_item<T, NTG>(X, M, W, N, ld, KS, KP, item, nt0, out, ldo, red);
+    __syncthreads();
+    // K parts: one (tile, lane) float4 per thread, summed in a fixed order.
+    const int ntg = NTG, red_n = KP > 1 ? MT * ntg * 32 : 0;
+    #pragma unroll 1
+    for (int idx = threadIdx.x; idx < red_n; idx += kThreads) {
+      const int t = idx / 32, l = idx % 32, mt = t / ntg, j = t % ntg;
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+      #pragma unroll 1
+      for (int kp = 0; kp < KP; ++kp) {
+        const float4 v =
+            reinterpret_cast<const float4*>(red)[((size_t)((mt * KP + kp) * 2 + j)) * 32 + l];
+        sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+      }
+      const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
+      const int gid = l >> 2, tig = l & 3;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = mt * 16 + gid + 8 * (e >> 1), m = (nt0 + j) * 8 + 2 * tig + (e & 1);
+        if (n < N && m < M) out[(size_t)m * ldo + n] = vals[e];
+      }
+    }
+    __syncthreads();
+  }
+  (void)lane;
+}
+
+template <typename T, int NTG>
 __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwdArgs a) {
 #if defined(RNNREG_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   const Scalars& s = a.s;
@@ -86,6 +214,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
   const int E = 16 / es, cpn = (nu + E - 1) / E;  // elements per 16-byte chunk, chunks per row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int items = nbv * nu;
+  // The push of h slices: chunk i = tid + n * kThreads of (rank, row, 16-byte chunk), walked
+  // with carries instead of divisions.
+  const int per_rank = nbv * cpn;
+  const int p_dc = kThreads % cpn, p_dbl = (kThreads / cpn) % nbv, p_ddst = kThreads / per_rank;
+  const int p_c0 = tid % cpn, p_bl0 = (tid / cpn) % nbv, p_dst0 = tid / per_rank;
 
   unsigned char* smem = dynamic_smem();
   const ClusterLayout lay = cluster_layout(G, H, u, bs, es);
@@ -130,7 +263,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
     if (k >= 1) {
       cluster_wait();  // h_{k-1} of the whole cluster is in hx[(k-1) & 1]
       const T* hprev = hx + (size_t)((k - 1) & 1) * bs * ld;
-      step_product<T>(hprev, nbv, ws, R, ld, Hx, s.tf32 != 0, zs, R, red);
+      cluster_product<T, NTG>(hprev, nbv, ws, R, ld, Hx, s.tf32 != 0, zs, R, red);
+      #pragma unroll 1
       for (int q = tid; q < items; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = cb0 + bl, j = j0 + jl;
         const ClusterIn in = q == tid ? first : cluster_inputs<T>(a, k, b, j);
@@ -168,26 +302,40 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
     // Publish step k: partial sums of squares per batch row (fixed order), then this CTA's
     // slice of h_k into hx[k & 1] of every CTA of the cluster (16-byte DSMEM stores).
     float* sqk = sq + (size_t)(k % 3) * bs;
+    #pragma unroll 1
     for (int bl = warp; bl < nbv; bl += kWarps) {
       float v = 0.f;
+      #pragma unroll 1
       for (int jl = lane; jl < nu; jl += 32) v += hf[bl * u + jl] * hf[bl * u + jl];
       v = warp_sum(v);
       if (lane == 0) sqk[bl] = v;
     }
     T* hcur = hx + (size_t)(k & 1) * bs * ld;
-    const int per_rank = nbv * cpn;
+    int c = p_c0, bl = p_bl0, dst = p_dst0;  // chunk i = (dst * nbv + bl) * cpn + c
+#pragma unroll 1
     for (int i = tid; i < C * per_rank; i += kThreads) {
-      const int dst = i / per_rank, bl = (i % per_rank) / cpn, c = i % cpn;
 #ifdef RNNREG_PLANT_CLUSTER
-      if (dst == rank) continue;  // planted: the CTA's own copy of h misses its own slice
+      if (dst != rank)  // planted: the CTA's own copy of h misses its own slice
 #endif
-      const uint4 v = *reinterpret_cast<const uint4*>(hl + (size_t)bl * u + c * E);
-      cluster_st16(cluster_map(hcur + (size_t)bl * ld + j0 + c * E, dst), v);
+      cluster_st16(cluster_map(hcur + (size_t)bl * ld + j0 + c * E, dst),
+                   *reinterpret_cast<const uint4*>(hl + (size_t)bl * u + c * E));
+      c += p_dc;
+      if (c >= cpn) {
+        c -= cpn;
+        ++bl;
+      }
+      bl += p_dbl;
+      if (bl >= nbv) {
+        bl -= nbv;
+        ++dst;
+      }
+      dst += p_ddst;
     }
     cluster_arrive();
 
     // Off the critical path (until the next wait): the step's global stores ...
     if (k >= 1) {
+      #pragma unroll 1
       for (int q = tid; q < items; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = cb0 + bl, j = j0 + jl;
         const int L = row_length(a.lengths, b, T_);
@@ -217,7 +365,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
       // ... the norms of step k-1 (batch rows bl = rank + i*C; one lane per CTA of the
       // cluster reads that CTA's partial sum, fixed order), ...
       const float* sqp = sq + (size_t)((k - 1) % 3) * bs;
-      for (int bl = rank + warp * C; bl < nbv; bl += kWarps * C) {
+      #pragma unroll 1
+      #pragma unroll 1
+    for (int bl = rank + warp * C; bl < nbv; bl += kWarps * C) {
         float v = lane < C ? cluster_ld_f32(cluster_map(sqp + bl, lane)) : 0.f;
         v = warp_sum(v);
         if (lane == 0) {
@@ -239,6 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
   // The norms of step T (as above).
   {
     const float* sqp = sq + (size_t)(T_ % 3) * bs;
+    #pragma unroll 1
     for (int bl = rank + warp * C; bl < nbv; bl += kWarps * C) {
       float v = lane < C ? cluster_ld_f32(cluster_map(sqp + bl, lane)) : 0.f;
       v = warp_sum(v);
@@ -273,10 +424,18 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
 #endif
 }
 
-const void* cluster_forward_kernel_ptr(int dtype) {
-  if (dtype == kBFloat16) return reinterpret_cast<const void*>(&cluster_forward_kernel<__nv_bfloat16>);
-  if (dtype == kFloat16) return reinterpret_cast<const void*>(&cluster_forward_kernel<__half>);
-  return reinterpret_cast<const void*>(&cluster_forward_kernel<float>);
+template <int NTG>
+const void* cluster_kernel_ptr(int dtype) {
+  if (dtype == kBFloat16)
+    return reinterpret_cast<const void*>(&cluster_forward_kernel<__nv_bfloat16, NTG>);
+  if (dtype == kFloat16) return reinterpret_cast<const void*>(&cluster_forward_kernel<__half, NTG>);
+  return reinterpret_cast<const void*>(&cluster_forward_kernel<float, NTG>);
+}
+
+int cluster_ntg(int bs) { return bs > 8 ? 2 : 1; }
+
+const void* cluster_forward_kernel_ptr(int dtype, int bs) {
+  return cluster_ntg(bs) == 2 ? cluster_kernel_ptr<2>(dtype) : cluster_kernel_ptr<1>(dtype);
 }
 
 namespace {
@@ -360,7 +519,7 @@ std::string try_cluster_plan(int cell, int dtype, int B, int H, int device, int 
            " KiB of this device";
   // Batch slices: as many clusters as fit at once (at least one row each), then the largest
   // slice that fits in shared memory.
-  const void* fn = cluster_forward_kernel_ptr(dtype);
+  const void* fn = cluster_forward_kernel_ptr(dtype, 1);
   p.bs = 1;
   p.clusters = 1;
   p.smem = cluster_layout(G, H, p.units, 1, es).total;
@@ -415,7 +574,7 @@ int cluster_max_hidden(int cell, int dtype, int B, int device, int csize_max) {
 }
 
 std::string launch_cluster_forward(int dtype, const ClusterFwdArgs& args, cudaStream_t stream) {
-  const void* fn = cluster_forward_kernel_ptr(dtype);
+  const void* fn = cluster_forward_kernel_ptr(dtype, args.plan.bs);
   cudaError_t e = set_attributes(fn, args.plan);
   if (e != cudaSuccess)
     return std::string("rnnreg cluster forward: cudaFuncSetAttribute failed: ") +

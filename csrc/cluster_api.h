@@ -53,6 +53,9 @@ int cluster_max_hidden(int cell, int dtype, int B, int device, int csize_max);
 // One launch with cluster dimension plan.csize on `stream`: "" on success, else the error.
 std::string launch_cluster_forward(int dtype, const ClusterFwdArgs& a, cudaStream_t stream);
 
-const void* cluster_forward_kernel_ptr(int dtype);
+// The kernel for a batch slice of `bs` rows: n8 tiles of batch rows one (bs <= 8) or two at a
+// time (cluster_ntg).
+int cluster_ntg(int bs);
+const void* cluster_forward_kernel_ptr(int dtype, int bs);
 
 }  // namespace rnnreg

@@ -29,6 +29,20 @@ void run_cluster_grid(void (*kernel)(Args), const Args& a, int blocks, int csize
   for (auto& th : threads) th.join();
 }
 
+template <int NTG>
+void run(int dtype, const rnnreg::ClusterFwdArgs& a) {
+  const int blocks = a.plan.csize * a.plan.clusters;
+  if (dtype == rnnreg::kBFloat16)
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<__nv_bfloat16, NTG>, a, blocks,
+                     a.plan.csize, a.plan.smem);
+  else if (dtype == rnnreg::kFloat16)
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<__half, NTG>, a, blocks, a.plan.csize,
+                     a.plan.smem);
+  else
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<float, NTG>, a, blocks, a.plan.csize,
+                     a.plan.smem);
+}
+
 }  // namespace
 
 extern "C" {
@@ -69,16 +83,8 @@ const char* emu_cluster_forward(const int* ia, const float* fa, void** p) {
   a.hsave = static_cast<float*>(p[11]);
   a.gates = static_cast<float*>(p[12]);
   a.cs = static_cast<float*>(p[13]);
-  const int blocks = a.plan.csize * a.plan.clusters;
-  const int dtype = ia[8];
-  if (dtype == rnnreg::kBFloat16)
-    run_cluster_grid(&rnnreg::cluster_forward_kernel<__nv_bfloat16>, a, blocks, a.plan.csize,
-                     a.plan.smem);
-  else if (dtype == rnnreg::kFloat16)
-    run_cluster_grid(&rnnreg::cluster_forward_kernel<__half>, a, blocks, a.plan.csize,
-                     a.plan.smem);
-  else
-    run_cluster_grid(&rnnreg::cluster_forward_kernel<float>, a, blocks, a.plan.csize, a.plan.smem);
+  if (rnnreg::cluster_ntg(a.plan.bs) == 2) run<2>(ia[8], a);
+  else run<1>(ia[8], a);
   return "";
 }
 

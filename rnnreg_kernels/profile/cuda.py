@@ -421,6 +421,11 @@ def cluster_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
             "assumed_clusters_at_once": active}
 
 
+def cluster_ntg(bs: int) -> int:
+    """n8 tiles of batch rows per pass of cluster_product (cluster.cu's ``cluster_ntg``)."""
+    return 2 if bs > 8 else 1
+
+
 def compile_cluster_cubin() -> bytes:
     """cluster.cu for sm_90a (cached per source content)."""
     src = csrc_dir()
@@ -457,6 +462,16 @@ def _cluster_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[s
                 E=E, cpn=cpn, per_rank=nbv * cpn, Hx=Hx, ld=ld, R=G * u, rank=0, cid=0, j0=0,
                 cb0=0, tid=0, warp=0, lane=0, T_=None, k=None)
     base["threadIdx.x"] = 0
+    # cluster_product's locals for warp 0 (bf16/fp16 K steps of 16; fp32 counts its TF32
+    # loops with K steps of 8 next to block_matvec: all paths are counted)
+    MT, NT = -(-(G * u) // 16), -(-nbv // 8)
+    KP = 1 if MT >= k["kWarps"] else k["kWarps"] // MT
+    ntg = cluster_ntg(bs)
+    base.update(M=nbv, N=G * u, MT=MT, NT=NT, KS=Hx // (16 if es == 2 else 8), KP=KP,
+                work=MT * KP, NTG=ntg, ntg=ntg, red_n=MT * ntg * 32 if KP > 1 else 0, item=0,
+                kp=0, nt0=0)
+    KS = base["KS"]
+    base["nmain"] = -(-(KS - 3 * KP) // (4 * KP)) if KS - 3 * KP > 0 else 0
     prod = _mma(nbv, G * u, Hx, 16) if es == 2 else _matvec(G * u, nbv, ld)
     return {"cluster.cu": base, "common.cuh": dict(base, **prod), "forward.cu": base}
 
@@ -467,8 +482,9 @@ def cluster_kernels(cell: str, H: int, B: int, dtype: str, sm_count: int) -> Lis
     out = []
     cubin = compile_cluster_cubin()
     text = sass.disassemble(cubin)
+    wanted = TEMPLATE_ARG[dtype][:-1] + f"Li{cluster_ntg(cp['bs'])}E"  # <T, NTG>
     names = [f for f in sass.split_functions(text)
-             if "cluster_forward_kernel" in f and TEMPLATE_ARG[dtype] in f]
+             if "cluster_forward_kernel" in f and wanted in f]
     k = constants()
     if len(names) != 1:
         out.append({"direction": "forward",
