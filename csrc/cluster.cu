@@ -23,11 +23,15 @@ namespace rnnreg {
 
 __host__ __device__ inline int cl_round8(int x) { return (x + 7) / 8 * 8; }
 
+// Scratch of cluster_product (K parts: kWarps items x 2 n8 tiles x 32 lanes x 4 floats), of
+// the FFMA product (kRedFloats) and of the final penalty sums (kWarps x 3).
+constexpr int kClusterRedFloats = kWarps * 2 * 128 > kRedFloats ? kWarps * 2 * 128 : kRedFloats;
+
 // Byte offsets into a CTA's dynamic shared memory.
 //   w [G*units][ld] (dtype), hx [2][bs][ld] (dtype: the cluster's h, written by every CTA),
 //   z [bs][G*units], hl [bs][units] (dtype: this CTA's slice of h_k, pushed to the cluster),
 //   hf [bs][units] (fp32 h), cf [bs][units] (fp32 c, LSTM), gs [bs][4][units] (LSTM gates),
-//   sq [3][bs] (partial sums of squares, read by the cluster), red (block_mma scratch).
+//   sq [3][bs] (partial sums of squares, read by the cluster), red (kClusterRedFloats).
 struct ClusterLayout {
   size_t w, hx, z, hl, hf, cf, gs, sq, red, total;
 };
@@ -44,7 +48,7 @@ __host__ __device__ inline ClusterLayout cluster_layout(int G, int H, int units,
   l.gs = align16(l.cf + (G == 4 ? (size_t)bs * u * 4 : 0));
   l.sq = align16(l.gs + (G == 4 ? (size_t)bs * 4 * u * 4 : 0));
   l.red = align16(l.sq + 3 * (size_t)bs * 4);
-  l.total = align16(l.red + (size_t)red_floats(es) * 4);
+  l.total = align16(l.red + (size_t)kClusterRedFloats * 4);
   return l;
 }
 

@@ -393,7 +393,7 @@ def _cluster_layout_total(G: int, H: int, units: int, bs: int, es: int) -> int:
     gs = _align16(cf + (bs * u * 4 if G == 4 else 0))
     sq = _align16(gs + (bs * 4 * u * 4 if G == 4 else 0))
     red = _align16(sq + 3 * bs * 4)
-    return _align16(red + max(k["kMmaRedFloats"], k["kRedFloats"]) * 4)
+    return _align16(red + max(k["kWarps"] * 2 * 128, k["kRedFloats"]) * 4)
 
 
 def cluster_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
