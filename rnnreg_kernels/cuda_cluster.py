@@ -94,18 +94,22 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
     return None
 
 
-def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths):
+def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale=None):
     """The forward of :func:`rnnreg_kernels.cuda.forward` on thread-block clusters (one launch).
 
-    Same returns, including ``saved = (hs, gates, cs)`` for the persistent backward.
+    Same returns (``cell_norms`` None), including ``saved = (hs, gates, cs)`` for the
+    persistent backward.  ``cell_scale`` must be None (normprop is refused).
     """
     from . import cuda
+    if cell_scale is not None or spec.cell not in CELLS:
+        raise ValueError(f"the cuda cluster variant runs the {', '.join(CELLS)} cells without "
+                         f"cell_scale, got cell={spec.cell!r}")
     ext = cuda.load_extension()
     out, h_n, c_n, terms, norms, hs, gates, cs = ext.cluster_forward(
         x_proj, w_hh, h0, c0, ar_mask, lengths, cuda._CELL_CODE[spec.cell], spec.theta,
         spec.w_ns, spec.w_tar, spec.w_ar, spec.ns_include_initial, spec.ns_eps, spec.reverse,
         bool(spec.allow_tf32), _units(), _csize(), cuda._poison())
-    return out, h_n, c_n, terms, norms, (hs, gates, cs)
+    return out, h_n, c_n, terms, norms, None, (hs, gates, cs)
 
 
 __all__ = ["VARIANTS", "variant", "unsupported_reason", "forward"]
