@@ -13,8 +13,8 @@
 // saved states, gates), the norm of step k-1 (partial sums of squares read from every CTA
 // through distributed shared memory, fixed order), and the prefetch of x_{k+1}.  The fp32
 // state h_{k-1} and c_{k-1} of a thread's items stay in its CTA's shared memory, so the step
-// reads only x and the AR mask from global memory.  NS / TAR / AR sums are reduced per CTA
-// (fixed order); the binding adds the per-CTA sums (one small torch sum).
+// reads only x and the AR mask from global memory.  NS / TAR / AR sums are reduced and
+// weighted per CTA (fixed order); the binding adds the per-CTA terms (one small torch sum).
 #include "cluster.cuh"
 #include "cluster_api.h"
 #include "common.cuh"
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
       }
     }
   }
-  // Penalty sums: warps -> CTA (fixed order) -> sums[cta][3].
+  // Penalty terms: warps -> CTA (fixed order), weighted -> sums[cta][3].
   float v[3] = {acc_ns, acc_tar, acc_ar};
 #pragma unroll
   for (int i = 0; i < 3; ++i) v[i] = warp_sum(v[i]);
@@ -422,7 +422,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
   if (tid < 3) {
     float t = 0.f;
     for (int i = 0; i < kWarps; ++i) t += red[i * 3 + tid];
-    a.sums[(size_t)blockIdx.x * 3 + tid] = t;
+    const float weight = tid == 0 ? s.w_ns : (tid == 1 ? s.w_tar : s.w_ar);
+    a.sums[(size_t)blockIdx.x * 3 + tid] = weight * t;
   }
   cluster_sync();  // no CTA leaves while another still reads its shared memory
 #endif

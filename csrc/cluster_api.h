@@ -33,7 +33,7 @@ struct ClusterFwdArgs {
   void* hn = nullptr;
   void* cn = nullptr;
   float* norms = nullptr;
-  float* sums = nullptr;   // [csize * clusters][3] unweighted NS, TAR, AR sums per CTA
+  float* sums = nullptr;   // [csize * clusters][3] weighted NS, TAR, AR terms per CTA
   float* hsave = nullptr;  // [T, B, H] (bf16/fp16 only)
   float* gates = nullptr;  // [T, B, 4H] (LSTM)
   float* cs = nullptr;     // [T, B, H] (LSTM)

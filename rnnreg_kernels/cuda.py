@@ -8,7 +8,9 @@ and builds nothing; the build happens on the first ``unsupported_reason`` / ``fo
 
 Environment (tests and tuning): ``RNNREG_CUDA_UNITS`` forces the hidden units per block
 (default ceil(H / #SMs)); ``RNNREG_CUDA_POISON=1`` fills every output with NaN before the
-kernels run, so an element a kernel forgot to write shows up.
+kernels run, so an element a kernel forgot to write shows up.  ``RNNREG_CUDA_VARIANT=cluster``
+selects the opt-in Hopper cluster forward (:mod:`rnnreg_kernels.cuda_cluster`; default
+``persistent``).
 """
 from __future__ import annotations
 
