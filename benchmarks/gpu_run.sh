@@ -119,3 +119,19 @@ fi
 
 run 30 $PY benchmarks/report.py "$OUT" --md "$OUT/RESULTS.md" --summary 2>&1 | tail -n 30
 say "done; files in $OUT"
+
+# 6. (lowest priority, only with time left) the opt-in Hopper cluster variant of the cuda
+#    forward: its GPU tests (cluster forward + persistent backward vs the float64 reference,
+#    determinism) and its measured profile at relu H=1024 B=32 bf16.  Needs sm_90; it reuses
+#    the extension that phase 4 built.
+if ! skip 6; then
+  say "6. cuda cluster variant (RNNREG_CUDA_VARIANT=cluster)"
+  run 60 $PY -m pytest -m gpu tests/test_cuda_cluster_gpu.py -q -rfE -p no:cacheprovider \
+    "${PYTEST_T[@]}" > "$OUT/6_cluster_tests.log" 2>&1
+  say "cluster tests exit status $?; $(tail -n 1 "$OUT/6_cluster_tests.log")"
+  run 45 $PY -m rnnreg_kernels profile --backend cuda --variant cluster --cell relu \
+    --hidden 1024 --batch 32 --dtype bf16 --measure --json "$OUT/6_profile_cluster_relu.json" \
+    > "$OUT/6_profile_cluster_relu.txt" 2>&1
+  say "cluster profile exit status $?"
+fi
+say "done (phase 6)"

@@ -290,6 +290,9 @@ std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor&
   return {gx, gh0, gc0, gcs, dz};
 }
 
+// The Hopper cluster variant of the forward (cluster_binding.cpp).
+void rnnreg_register_cluster(pybind11::module_& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnreg_kernels CUDA backend: persistent cooperative recurrence kernels";
   m.def("plan", &plan, "\"\" when (cell, dtype code, B, H) fits on device, else why not",
@@ -299,6 +302,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cell"), py::arg("dtype"), py::arg("device"));
   m.def("forward", &forward, "recurrence forward (one cooperative launch)");
   m.def("backward", &backward, "recurrence backward (one cooperative launch, no grad_w_hh)");
+  rnnreg_register_cluster(m);
 #ifdef RNNREG_PLANT_BUG
   m.attr("PLANTED") = true;
 #else

@@ -8,7 +8,9 @@ and builds nothing; the build happens on the first ``unsupported_reason`` / ``fo
 
 Environment (tests and tuning): ``RNNREG_CUDA_UNITS`` forces the hidden units per block
 (default ceil(H / #SMs)); ``RNNREG_CUDA_POISON=1`` fills every output with NaN before the
-kernels run, so an element a kernel forgot to write shows up.
+kernels run, so an element a kernel forgot to write shows up.  ``RNNREG_CUDA_VARIANT=cluster``
+selects the opt-in Hopper cluster forward (:mod:`rnnreg_kernels.cuda_cluster`; default
+``persistent``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ _CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3, "normprop": 4}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
 _HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
+_SOURCES += ("cluster_binding.cpp", "cluster.cu")  # the Hopper cluster variant (cuda_cluster.py)
+_HEADERS += ("cluster.cuh", "cluster_api.h")
 _JIT_NAME = "rnnreg_kernels_cuda_jit"
 
 _ext = None
@@ -173,11 +177,20 @@ def _poison() -> bool:
     return os.environ.get("RNNREG_CUDA_POISON", "") not in ("", "0")
 
 
+def _cluster():
+    """The cluster variant (:mod:`rnnreg_kernels.cuda_cluster`) when ``RNNREG_CUDA_VARIANT``
+    selects it, else None (the persistent kernels)."""
+    from . import cuda_cluster
+    return cuda_cluster if cuda_cluster.variant() == "cluster" else None
+
+
 def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
     """None when this case runs on the cuda backend, else why not and what would.
 
     Loads the extension, JIT-building it once if it was not built at install time.
     """
+    if _cluster() is not None:
+        return _cluster().unsupported_reason(spec, x_proj, w_hh)
     if x_proj.dtype not in _DTYPE_CODE:
         return (f"the cuda backend supports float32, bfloat16 and float16, got {x_proj.dtype}; "
                 "use backend='reference'")
@@ -215,6 +228,8 @@ def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale=None,
     ``cs [T, B, H]`` fp32, also in processing order.  ``cell_norms`` only with
     ``spec.cell_norms``.  ``plant`` is for the sanitizer test only.
     """
+    if _cluster() is not None:
+        return _cluster().forward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale)
     ext = load_extension()
     out, h_n, c_n, terms, norms, cnorms, hs, gates, cs = ext.forward(
         x_proj, w_hh, h0, c0, ar_mask, lengths, _f32(cell_scale), float(spec.h_scale),

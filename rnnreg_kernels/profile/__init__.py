@@ -29,6 +29,7 @@ from . import model, sass
 BACKENDS = ("triton", "cuda")
 CELLS = ("lstm", "relu", "tanh", "trec")
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
+VARIANTS = ("persistent", "cluster")  # cuda: the cooperative kernels, the Hopper cluster forward
 TARGET = "sm_90 (H100/H200)"
 
 
@@ -55,12 +56,15 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
     shared = shared_dynamic + (rr.get("shared", 0) or 0)
     traffic = (c.shared_load_bytes_per_warp + c.shared_store_bytes_per_warp
                + c.tensor_core_shared_bytes_per_warp) * warps
+    # in a kernel with cluster barriers the generic stores (ST) are the DSMEM stores
+    dsmem = c.generic_store_bytes_per_warp * warps if c.cluster_barriers else 0.0
     est = model.estimate(c.instructions, warps, r["dependent_tensor_core_chain"],
                          r["exchange_round_trips"], c.grid_barriers, c.bar_sync,
                          launches_per_step, programs=programs, sm_count=sm_count,
                          registers=rr.get("registers"), shared_bytes=shared,
                          global_load_bytes=c.global_load_bytes_per_warp * warps,
-                         shared_traffic_bytes=traffic)
+                         shared_traffic_bytes=traffic, cluster_barriers=c.cluster_barriers,
+                         dsmem_bytes=dsmem)
     rec = {
         "name": name,
         "direction": direction,
@@ -91,6 +95,8 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
         "bar_sync_per_step": round(c.bar_sync, 2),
         "atomics_per_step": round(c.atomics, 2),
         "grid_barriers_per_step": round(c.grid_barriers, 2),
+        "cluster_barriers_per_step": round(c.cluster_barriers, 2),
+        "dsmem_store_bytes_per_step": round(dsmem, 1),
         "dependent_tensor_core_chain": round(r["dependent_tensor_core_chain"], 2),
         "exchange_round_trips": round(r["exchange_round_trips"], 2),
         "estimate": est,
@@ -108,16 +114,23 @@ def kernel_record(*, name: str, direction: str, plan: dict, cubin: bytes, warps:
 
 def profile(backend: str, cell: str, hidden: int, batch: int, dtype: str,
             sm_count: int = 132, tf32: bool = False, save_cubin: Optional[str] = None,
-            workers: int = 2) -> dict:
-    """The profile as a dict (what ``--json`` writes)."""
+            workers: int = 2, variant: str = "persistent") -> dict:
+    """The profile as a dict (what ``--json`` writes).  ``variant="cluster"`` (cuda only):
+    the Hopper cluster forward (csrc/cluster.cu, sm_90a) and the persistent backward."""
     _check(backend, cell, hidden, batch, dtype, sm_count)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant != "persistent" and backend != "cuda":
+        raise ValueError(f"variant: {variant!r} exists for --backend cuda only")
     t0 = time.time()
     if backend == "triton":
         from . import triton as half
     else:
         from . import cuda as half
     kernels, errors, artifacts = [], [], []
-    for item in half.kernels(cell, hidden, batch, dtype, tf32, sm_count, workers=workers):
+    extra = {"variant": variant} if variant != "persistent" else {}
+    for item in half.kernels(cell, hidden, batch, dtype, tf32, sm_count, workers=workers,
+                             **extra):
         if "error" in item:
             errors.append(item)
             continue
@@ -139,7 +152,7 @@ def profile(backend: str, cell: str, hidden: int, batch: int, dtype: str,
                 "unless a field says measured",
         "backend": backend,
         "shape": {"cell": cell, "hidden": hidden, "batch": batch, "dtype": dtype,
-                  "tf32": tf32, "sm_count": sm_count},
+                  "tf32": tf32, "sm_count": sm_count, **extra},
         "target": TARGET,
         "versions": half.versions(),
         "counting": sass.COUNTING,
@@ -220,6 +233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on a CUDA GPU: also time the op (T=100 vs T=200) for measured us/step")
     p.add_argument("--workers", type=_positive("--workers"), default=2,
                    help="compile processes (default 2)")
+    p.add_argument("--variant", choices=VARIANTS, default="persistent",
+                   help="cuda only: 'cluster' profiles the Hopper cluster forward (sm_90a, "
+                        "opt-in variant) with the persistent backward")
 
 
 def _positive(name):
@@ -247,7 +263,8 @@ def main(args) -> int:
             return 2
     try:
         result = profile(args.backend, args.cell, args.hidden, args.batch, args.dtype,
-                         args.sm_count, args.tf32, args.save_cubin, args.workers)
+                         args.sm_count, args.tf32, args.save_cubin, args.workers,
+                         variant=getattr(args, "variant", "persistent"))
     except ValueError as e:          # a shape or dtype this backend does not take
         print(f"profile: {e}", file=sys.stderr)
         return 2
@@ -258,9 +275,13 @@ def main(args) -> int:
                          f"{args.cell} --hidden {args.hidden} --batch {args.batch} --dtype "
                          f"{args.dtype} --sm-count {args.sm_count}"
                          + (" --tf32" if args.tf32 else "") + (" --measure" if args.measure
-                                                               else ""))
+                                                               else "")
+                         + (f" --variant {args.variant}"
+                            if getattr(args, "variant", "persistent") != "persistent" else ""))
     if args.measure:
         from .measure import measure
+        if getattr(args, "variant", "persistent") == "cluster":
+            os.environ["RNNREG_CUDA_VARIANT"] = "cluster"  # the op then runs the cluster forward
         measure(result, args.backend, args.cell, args.hidden, args.batch, args.dtype, args.tf32)
     print(table(result))
     if args.json:

@@ -278,8 +278,10 @@ def _c_eval(expr: str, env: dict) -> int:
     return int(eval(e, {"__builtins__": {}, "min": min, "max": max}, names))  # noqa: S307
 
 
-def trip_rule(direction: str, cell: str, B: int, H: int, p: dict, dtype: str = "bf16"):
-    spaces = _namespace(direction, cell, B, H, p, dtype)
+def trip_rule(direction: str, cell: str, B: int, H: int, p: dict, dtype: str = "bf16",
+              spaces: Optional[Dict[str, Dict]] = None):
+    if spaces is None:
+        spaces = _namespace(direction, cell, B, H, p, dtype)
 
     def trip_of(fn, loop):
         st = sass.loop_statement(fn, loop)
@@ -328,8 +330,10 @@ def trip_rule(direction: str, cell: str, B: int, H: int, p: dict, dtype: str = "
 # ----------------------------------------------------------------------------- kernels
 
 def kernels(cell: str, H: int, B: int, dtype: str, tf32: bool, sm_count: int,
-            workers: int = 2) -> List[dict]:
+            workers: int = 2, variant: str = "persistent") -> List[dict]:
     """The forward and backward kernels of the plan: items for ``kernel_record``."""
+    if variant == "cluster":
+        return cluster_kernels(cell, H, B, dtype, sm_count)
     p = plan(cell, B, H, dtype, sm_count)
     cubins = compile_cubins()
     k = constants()
@@ -363,3 +367,139 @@ def versions() -> dict:
     except FileNotFoundError:
         pass
     return v
+
+
+# ----------------------------------------------------------------------------- cluster variant
+# The Hopper cluster forward (csrc/cluster.cu, opt-in: RNNREG_CUDA_VARIANT=cluster) compiled
+# for sm_90a, and the persistent backward it feeds.  Its plan is the one cluster.cu makes:
+# units per CTA round8(ceil(H / 16)), csize = ceil(H / units) CTAs per cluster (up to 16, the
+# non-portable maximum), CLUSTERS_PER_GPU(csize) clusters at once (one CTA per SM; the driver's
+# cudaOccupancyMaxActiveClusters may be lower where GPC boundaries cut SMs off), batch slices of
+# ceil(B / clusters) rows, shrunk until cluster_layout fits SMEM_OPTIN.
+
+CLUSTER_NVCC_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-O3", "-lineinfo"]
+CLUSTER_MAX = 16
+
+
+def _cluster_layout_total(G: int, H: int, units: int, bs: int, es: int) -> int:
+    """cluster_layout(...).total of csrc/cluster.cu."""
+    k = constants()
+    ld, R, u = srow(H, es), G * units, units
+    hx = _align16(R * ld * es)
+    z = _align16(hx + 2 * bs * ld * es)
+    hl = _align16(z + bs * R * 4)
+    hf = _align16(hl + bs * u * es)
+    cf = _align16(hf + bs * u * 4)
+    gs = _align16(cf + (bs * u * 4 if G == 4 else 0))
+    sq = _align16(gs + (bs * 4 * u * 4 if G == 4 else 0))
+    red = _align16(sq + 3 * bs * 4)
+    return _align16(red + max(k["kWarps"] * 2 * 128, k["kRedFloats"]) * 4)
+
+
+def cluster_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
+                 csize_max: int = CLUSTER_MAX) -> dict:
+    """The plan csrc/cluster.cu would make on an H100/H200-like device with ``sm_count`` SMs."""
+    if dtype not in DTYPE_CODE:
+        raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
+    G, es = (4 if cell == "lstm" else 1), DTYPE_SIZE[dtype]
+    units = _round_up(-(-H // csize_max), 8)
+    csize = -(-H // units)
+    if _cluster_layout_total(G, H, units, 1, es) > SMEM_OPTIN:
+        raise ValueError(f"the cuda cluster variant cannot keep w_hh in one cluster for "
+                         f"cell={cell}, H={H}, dtype={dtype}: a {units}-unit slice needs "
+                         f"{_cluster_layout_total(G, H, units, 1, es) // 1024} KiB of shared "
+                         f"memory per CTA, more than {SMEM_OPTIN // 1024} KiB")
+    active = max(1, sm_count // csize)
+    bs = -(-B // active)
+    while bs > 1 and _cluster_layout_total(G, H, units, bs, es) > SMEM_OPTIN:
+        bs -= 1
+    clusters = -(-B // bs)
+    return {"variant": "cluster", "units": units, "csize": csize, "clusters": clusters,
+            "bs": bs, "blocks": csize * clusters,
+            "smem": _cluster_layout_total(G, H, units, bs, es),
+            "threads": constants()["kThreads"],
+            "assumed_clusters_at_once": active}
+
+
+def cluster_ntg(bs: int) -> int:
+    """n8 tiles of batch rows per pass of cluster_product (cluster.cu's ``cluster_ntg``)."""
+    return 2 if bs > 8 else 1
+
+
+def compile_cluster_cubin() -> bytes:
+    """cluster.cu for sm_90a (cached per source content)."""
+    src = csrc_dir()
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(src)):
+        if name.endswith((".cu", ".cuh", ".h")):
+            with open(os.path.join(src, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    key = f"{digest.hexdigest()[:16]}:cluster"
+    if key not in _CACHE:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "cluster.cubin")
+            cmd = [_nvcc(), *CLUSTER_NVCC_FLAGS, "-I", src, "-o", out,
+                   os.path.join(src, "cluster.cu")]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            if res.returncode != 0:
+                raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+            with open(out, "rb") as f:
+                _CACHE[key] = f.read()
+    return _CACHE[key]
+
+
+def _cluster_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[str, Dict]:
+    """Values for the loop headers of cluster.cu (CTA of rank 0 of cluster 0, thread 0) and of
+    the step product in common.cuh."""
+    k = constants()
+    G, es = (4 if cell == "lstm" else 1), DTYPE_SIZE[dtype]
+    u, C, bs = p["units"], p["csize"], p["bs"]
+    nu, nbv = min(u, H), min(bs, B)
+    E = 16 // es
+    cpn = -(-nu // E)
+    Hx, ld = xrow(H), srow(H, es)
+    base = dict(k, B=B, H=H, G=G, GH=G * H, u=u, C=C, bs=bs, nu=nu, nbv=nbv, items=nbv * nu,
+                E=E, cpn=cpn, per_rank=nbv * cpn, Hx=Hx, ld=ld, R=G * u, rank=0, cid=0, j0=0,
+                cb0=0, tid=0, warp=0, lane=0, T_=None, k=None)
+    base["threadIdx.x"] = 0
+    # cluster_product's locals for warp 0 (bf16/fp16 K steps of 16; fp32 counts its TF32
+    # loops with K steps of 8 next to block_matvec: all paths are counted)
+    MT, NT = -(-(G * u) // 16), -(-nbv // 8)
+    KP = 1 if MT >= k["kWarps"] else k["kWarps"] // MT
+    ntg = cluster_ntg(bs)
+    base.update(M=nbv, N=G * u, MT=MT, NT=NT, KS=Hx // (16 if es == 2 else 8), KP=KP,
+                work=MT * KP, NTG=ntg, ntg=ntg, red_n=MT * ntg * 32 if KP > 1 else 0, item=0,
+                kp=0, nt0=0)
+    KS = base["KS"]
+    base["nmain"] = -(-(KS - 3 * KP) // (4 * KP)) if KS - 3 * KP > 0 else 0
+    prod = _mma(nbv, G * u, Hx, 16) if es == 2 else _matvec(G * u, nbv, ld)
+    return {"cluster.cu": base, "common.cuh": dict(base, **prod), "forward.cu": base}
+
+
+def cluster_kernels(cell: str, H: int, B: int, dtype: str, sm_count: int) -> List[dict]:
+    """The cluster forward and the persistent backward: items for ``kernel_record``."""
+    cp = cluster_plan(cell, B, H, dtype, sm_count)
+    out = []
+    cubin = compile_cluster_cubin()
+    text = sass.disassemble(cubin)
+    wanted = TEMPLATE_ARG[dtype][:-1] + f"Li{cluster_ntg(cp['bs'])}E"  # <T, NTG>
+    names = [f for f in sass.split_functions(text)
+             if "cluster_forward_kernel" in f and wanted in f]
+    k = constants()
+    if len(names) != 1:
+        out.append({"direction": "forward",
+                    "error": f"cluster_forward_kernel<{dtype}> not found in the cubin"})
+    else:
+        spaces = _cluster_namespace(cell, B, H, cp, dtype)
+        out.append({"record_args": dict(
+            name="cluster_forward_kernel", direction="forward", plan=dict(cp), cubin=cubin,
+            warps=k["kWarps"], shared_dynamic=cp["smem"], programs=cp["blocks"],
+            trip_of=trip_rule("forward", cell, B, H, cp, dtype, spaces=spaces),
+            function=names[0], sass_text=text,
+            extra={"grid": [cp["blocks"]], "cluster": [cp["csize"], 1, 1],
+                   "note": "opt-in Hopper cluster variant (sm_90a); the cell is a runtime "
+                           "argument: every cell's code is counted"})})
+    out.extend(item for item in kernels(cell, H, B, dtype, False, sm_count)
+               if item.get("direction", item.get("record_args", {}).get("direction"))
+               == "backward")
+    return out

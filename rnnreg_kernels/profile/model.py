@@ -11,8 +11,10 @@ Per step, for the programs (thread blocks) of one SM of an H100/H200 (sm_90)::
     cta_sync = bar_sync_per_step * BAR_SYNC_LATENCY                             [cycles]
     l2       = active * global_load_bytes_per_step / L2_BYTES_PER_CYCLE_PER_SM   [cycles]
     smem     = active * shared_traffic_bytes_per_step / SHARED_BYTES_PER_CYCLE   [cycles]
-    us       = (waves * (max(issue, chain, l2, smem) + exchange + cta_sync) + barrier)
-               / CLOCK_MHZ + launches_per_step * LAUNCH_US
+    dsmem    = active * dsmem_store_bytes_per_step / DSMEM_BYTES_PER_CYCLE (clusters) [cycles]
+    cluster  = cluster_barriers * CLUSTER_BARRIER_LATENCY (cluster kernels)       [cycles]
+    us       = (waves * (max(issue, chain, l2, smem, dsmem) + exchange + cta_sync + cluster)
+               + barrier) / CLOCK_MHZ + launches_per_step * LAUNCH_US
 
 shared_traffic_bytes_per_step counts LDS/LDSM/STS/STSM bytes and the shared-memory operands of
 warpgroup MMAs (HGMMA reads B, and A when A is a descriptor, from shared memory every step).
@@ -82,6 +84,19 @@ CONSTANTS = {
     "MAX_WARPS_PER_SM": {
         "value": 64, "unit": "resident warps per SM",
         "source": "CUDA C++ Programming Guide, compute capability 9.0 technical specifications"},
+    "CLUSTER_BARRIER_LATENCY": {
+        "value": 500.0, "unit": "cycles per barrier.cluster (arrive.release + wait.acquire)",
+        "source": "assumption: the release half is a MEMBAR.ALL.GPU in the SASS (it drains the "
+                  "CTA's outstanding global stores, about one far-L2 round trip, 475 cycles, "
+                  "when they are recent) plus the arrival signal over the SM-to-SM network of "
+                  "the GPC; published Hopper microbenchmarks put a distributed-shared-memory "
+                  "access at a few hundred cycles (Luo et al., 'Benchmarking and Dissecting the "
+                  "Nvidia Hopper GPU Architecture', 2024); not measured here"},
+    "DSMEM_BYTES_PER_CYCLE": {
+        "value": 32.0, "unit": "bytes per cycle per SM into other SMs' shared memory",
+        "source": "assumption: one 32-byte sector per cycle per SM on the SM-to-SM network "
+                  "(NVIDIA's Hopper tuning guide asks for 32-byte aligned, coalesced DSMEM "
+                  "accesses, like global memory); not measured here"},
     "LAUNCH_US": {
         "value": 2.5, "unit": "µs per kernel launch",
         "source": "assumption: back-to-back launches of a small kernel from Python "
@@ -91,8 +106,10 @@ CONSTANTS = {
 FORMULA = ("us_per_step = (waves * (max(instructions_per_warp_per_step * ceil(active * warps "
            "/ SCHEDULERS), dependent_tensor_core_chain * TENSOR_CORE_LATENCY, active * "
            "global_load_bytes_per_step / L2_BYTES_PER_CYCLE_PER_SM, active * "
-           "shared_traffic_bytes_per_step / SHARED_BYTES_PER_CYCLE) + exchange_round_trips * "
-           "L2_LATENCY + bar_sync_per_step * BAR_SYNC_LATENCY) + grid_barriers * "
+           "shared_traffic_bytes_per_step / SHARED_BYTES_PER_CYCLE, active * "
+           "dsmem_store_bytes_per_step / DSMEM_BYTES_PER_CYCLE) + exchange_round_trips * "
+           "L2_LATENCY + bar_sync_per_step * BAR_SYNC_LATENCY + cluster_barriers * "
+           "CLUSTER_BARRIER_LATENCY) + grid_barriers * "
            "BARRIER_ROUND_TRIPS * L2_FAR_LATENCY) / CLOCK_MHZ + launches_per_step * LAUNCH_US; "
            "waves = ceil(programs / (SMs * resident)), active = min(resident, ceil(programs / "
            "SMs)), resident = programs per SM allowed by registers (65536 per SM), shared "
@@ -126,7 +143,8 @@ def estimate(instructions: float, warps: int, chain: float, exchange_round_trips
              grid_barriers: float, bar_sync: float, launches_per_step: float = 0.0,
              programs: int = 1, sm_count: int = 132, registers: Optional[int] = None,
              shared_bytes: int = 0, global_load_bytes: float = 0.0,
-             shared_traffic_bytes: float = 0.0) -> dict:
+             shared_traffic_bytes: float = 0.0, cluster_barriers: float = 0.0,
+             dsmem_bytes: float = 0.0) -> dict:
     """Estimated µs per step and its parts (cycles).
 
     ``shared_bytes`` is a program's shared-memory allocation (residency);
@@ -143,16 +161,22 @@ def estimate(instructions: float, warps: int, chain: float, exchange_round_trips
     exchange = exchange_round_trips * value("L2_LATENCY")
     barrier = grid_barriers * value("BARRIER_ROUND_TRIPS") * value("L2_FAR_LATENCY")
     cta = bar_sync * value("BAR_SYNC_LATENCY")
+    cluster = cluster_barriers * value("CLUSTER_BARRIER_LATENCY")
     parts = {"issue": issue, "tensor-core chain": chain_c, "L2 bandwidth": l2,
              "shared-memory bandwidth": smem}
+    if dsmem_bytes:
+        parts["DSMEM bandwidth"] = active * dsmem_bytes / value("DSMEM_BYTES_PER_CYCLE")
     bound = max(parts, key=parts.get)
-    cycles = waves * (parts[bound] + exchange + cta) + barrier
+    cycles = waves * (parts[bound] + exchange + cta + cluster) + barrier
     us = cycles / value("CLOCK_MHZ") + launches_per_step * value("LAUNCH_US")
     return {"estimated_us_per_step": round(us, 3),
             "cycles": {"issue": round(issue, 1), "tensor_core_chain": round(chain_c, 1),
                        "l2_bandwidth": round(l2, 1), "shared_bandwidth": round(smem, 1),
                        "exchange": round(exchange, 1), "grid_barriers": round(barrier, 1),
-                       "bar_sync": round(cta, 1), "total": round(cycles, 1)},
+                       "bar_sync": round(cta, 1), "total": round(cycles, 1),
+                       **({"cluster_barriers": round(cluster, 1),
+                           "dsmem_bandwidth": round(parts.get("DSMEM bandwidth", 0.0), 1)}
+                          if cluster_barriers or dsmem_bytes else {})},
             "bound": bound,
             "programs": programs, "resident_per_sm": resident, "active_per_sm": active,
             "waves": waves, "launches_per_step": launches_per_step}

@@ -585,6 +585,10 @@ class StepCounts:
     bar_sync: float = 0.0
     atomics: float = 0.0
     grid_barriers: float = 0.0
+    # thread-block clusters (sm_90): barrier.cluster waits (UCGABAR_WAIT) and the bytes of
+    # generic stores (ST), which in a kernel with cluster barriers are the DSMEM stores
+    cluster_barriers: float = 0.0
+    generic_store_bytes_per_warp: float = 0.0
     spill_instructions: float = 0.0
     load_widths: Dict[str, float] = dataclasses.field(default_factory=dict)
     opcodes: Dict[str, float] = dataclasses.field(default_factory=dict)
@@ -623,6 +627,8 @@ def _count(ins: Insn, w: float, c: StepCounts) -> None:
         c.load_widths[key] = c.load_widths.get(key, 0.0) + w
     elif ins.base in GLOBAL_STORES:
         c.global_stores += w
+        if ins.base == "ST":
+            c.generic_store_bytes_per_warp += w * ins.width() * 32
     elif ins.base == "LDS":
         c.shared_loads += w
         c.shared_load_bytes_per_warp += w * ins.width() * 32
@@ -636,6 +642,8 @@ def _count(ins: Insn, w: float, c: StepCounts) -> None:
         c.tensor_core_shared_bytes_per_warp += w * _gmma_shared_bytes(ins) / 4
     if ins.base == "BAR" and "SYNC" in ins.mods:
         c.bar_sync += w
+    if ins.base == "UCGABAR_WAIT":
+        c.cluster_barriers += w
     if ins.base in ATOMICS:
         c.atomics += w
     if ins.base in ("STL", "LDL"):

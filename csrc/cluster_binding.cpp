@@ -1,0 +1,156 @@
+// Torch binding of the cluster variant of the forward (cluster.cu): checks, allocation, launch
+// on PyTorch's current stream.  Registered into the extension module by binding.cpp
+// (rnnreg_register_cluster).  The backward of the cluster forward is the persistent backward
+// (binding.cpp's `backward`): this forward returns the same saved tensors.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cluster_api.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+bool cl_given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void cl_check(const Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+              const at::Device& device) {
+  TORCH_CHECK(t.device() == device, name, ": expected device ", device,
+              " (the device of the other inputs), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor (call .contiguous())");
+}
+
+int cl_dtype(at::ScalarType t) {
+  if (t == at::kFloat) return rnnreg::kFloat32;
+  if (t == at::kBFloat16) return rnnreg::kBFloat16;
+  TORCH_CHECK(t == at::kHalf, "rnnreg cluster variant: expected dtype float32, bfloat16 or "
+              "float16, got ", t);
+  return rnnreg::kFloat16;
+}
+
+}  // namespace
+
+// "" when (cell, dtype code, B, H) runs in one cluster per batch slice on `device`.
+static std::string cluster_plan(int64_t cell, int64_t dtype, int64_t B, int64_t H, int64_t device,
+                                int64_t units, int64_t csize) {
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype: expected a code 0..2, got ", dtype);
+  TORCH_CHECK(B >= 1 && H >= 1, "expected B, H >= 1, got B=", B, ", H=", H);
+  rnnreg::ClusterPlan p;
+  return rnnreg::make_cluster_plan((int)cell, (int)dtype, (int)B, (int)H, (int)device, (int)units,
+                                   (int)csize, &p);
+}
+
+static int64_t cluster_max_hidden(int64_t cell, int64_t dtype, int64_t device, int64_t csize) {
+  return rnnreg::cluster_max_hidden((int)cell, (int)dtype, 1, (int)device, (int)csize);
+}
+
+// Returns [output, h_n, c_n, terms, norms, hsave, gates, cs] like binding.cpp's `forward`.
+static std::vector<Tensor> cluster_forward(const Tensor& x, const Tensor& w, const Tensor& h0,
+                                           const OptTensor& c0, const OptTensor& mask,
+                                           const OptTensor& lengths, int64_t cell, double theta,
+                                           double w_ns, double w_tar, double w_ar, bool incl,
+                                           double ns_eps, bool reverse, bool tf32, int64_t units,
+                                           int64_t csize, bool poison_outputs) {
+  TORCH_CHECK(x.is_cuda(), "x_proj: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 3, "x_proj: expected [T, B, G*H], got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2, "w_hh: expected [G*H, H], got shape ", w.sizes());
+  TORCH_CHECK(cell >= rnnreg::kLSTM && cell <= rnnreg::kTrec,
+              "cell: the cluster variant takes codes 0..3 (lstm, relu, tanh, trec), got ", cell);
+  TORCH_CHECK(ns_eps >= 0.0, "ns_eps: expected a non-negative number, got ", ns_eps);
+  const int dtype = cl_dtype(x.scalar_type());
+  const int64_t T = x.size(0), B = x.size(1), H = w.size(1);
+  const int64_t G = rnnreg::gates_of((int)cell);
+  const bool lstm = cell == rnnreg::kLSTM;
+  TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "x_proj: expected T, B, H >= 1, got T=", T, ", B=", B,
+              ", H=", H);
+  TORCH_CHECK(T <= std::numeric_limits<int>::max() / 2 &&
+                  B * G * H <= std::numeric_limits<int>::max(),
+              "x_proj: sizes too large for the cluster variant (T=", T, ", B=", B, ", G*H=", G * H,
+              ")");
+  const auto dev = x.device();
+  const auto st = x.scalar_type();
+  cl_check(x, "x_proj", {T, B, G * H}, st, dev);
+  cl_check(w, "w_hh", {G * H, H}, st, dev);
+  cl_check(h0, "h0", {B, H}, st, dev);
+  TORCH_CHECK(cl_given(c0) == lstm, "c0: ", lstm ? "required for the lstm cell, got None"
+                                                 : "expected None (only used for the lstm cell)");
+  if (lstm) cl_check(*c0, "c0", {B, H}, st, dev);
+  if (cl_given(mask)) cl_check(*mask, "ar_mask", {B, H}, st, dev);
+  if (cl_given(lengths)) cl_check(*lengths, "lengths", {B}, at::kLong, dev);
+
+  c10::cuda::CUDAGuard guard(dev);
+  rnnreg::ClusterPlan p;
+  const std::string why = rnnreg::make_cluster_plan((int)cell, dtype, (int)B, (int)H, dev.index(),
+                                                    (int)units, (int)csize, &p);
+  TORCH_CHECK(why.empty(), why);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor out = at::empty({T, B, H}, x.options());
+  Tensor hn = at::empty({B, H}, x.options());
+  Tensor cn = lstm ? at::empty({B, H}, x.options()) : Tensor();
+  Tensor norms = at::empty({T + 1, B}, f32);
+  Tensor sums = at::empty({(int64_t)rnnreg::cluster_sums_floats(p)}, f32);
+  Tensor hsave = dtype != rnnreg::kFloat32 ? at::empty({T, B, H}, f32) : Tensor();
+  Tensor gates = lstm ? at::empty({T, B, 4 * H}, f32) : Tensor();
+  Tensor cs = lstm ? at::empty({T, B, H}, f32) : Tensor();
+  if (poison_outputs)
+    for (Tensor* t : {&out, &hn, &cn, &norms, &sums, &hsave, &gates, &cs})
+      if (t->defined()) t->fill_(std::numeric_limits<float>::quiet_NaN());
+
+  rnnreg::ClusterFwdArgs a;
+  a.s.T = (int)T;
+  a.s.B = (int)B;
+  a.s.H = (int)H;
+  a.s.cell = (int)cell;
+  a.s.theta = (float)theta;
+  a.s.w_ns = (float)w_ns;
+  a.s.w_tar = (float)w_tar;
+  a.s.w_ar = (float)w_ar;
+  a.s.heps = (float)((double)H * ns_eps);
+  a.s.ns_include_initial = incl ? 1 : 0;
+  a.s.reverse = reverse ? 1 : 0;
+  a.s.tf32 = tf32 ? 1 : 0;
+  a.plan = p;
+  a.x = x.data_ptr();
+  a.w = w.data_ptr();
+  a.h0 = h0.data_ptr();
+  a.c0 = lstm ? c0->data_ptr() : nullptr;
+  a.mask = cl_given(mask) ? mask->data_ptr() : nullptr;
+  a.lengths = cl_given(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.hn = hn.data_ptr();
+  a.cn = lstm ? cn.data_ptr() : nullptr;
+  a.norms = norms.data_ptr<float>();
+  a.sums = sums.data_ptr<float>();
+  a.hsave = hsave.defined() ? hsave.data_ptr<float>() : nullptr;
+  a.gates = lstm ? gates.data_ptr<float>() : nullptr;
+  a.cs = lstm ? cs.data_ptr<float>() : nullptr;
+  const std::string err = rnnreg::launch_cluster_forward(
+      dtype, a, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
+  TORCH_CHECK(err.empty(), err);
+  // terms = the sum over the CTAs of their weighted terms (on the device, no host copy).
+  Tensor terms = sums.view({-1, 3}).sum(0);
+  return {out, hn, cn, terms, norms, hsave, gates, cs};
+}
+
+void rnnreg_register_cluster(pybind11::module_& m) {
+  m.def("cluster_plan", &cluster_plan,
+        "\"\" when (cell, dtype code, B, H) runs on the cluster variant on device, else why not",
+        py::arg("cell"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("device"),
+        py::arg("units") = 0, py::arg("csize") = 0);
+  m.def("cluster_max_hidden", &cluster_max_hidden,
+        "largest H that fits one cluster for (cell, dtype code) on device", py::arg("cell"),
+        py::arg("dtype"), py::arg("device"), py::arg("csize") = 0);
+  m.def("cluster_forward", &cluster_forward,
+        "recurrence forward on thread-block clusters (one launch, sm_90)");
+}

@@ -1,0 +1,91 @@
+// Test-only driver of the cluster variant (tests/test_cuda_cluster.py): everything of
+// emu_driver.cpp (the persistent kernels, whose backward follows the cluster forward) plus the
+// cluster forward of cluster.cu, run on the CPU emulation of clusters (emu_cluster.h).
+// Build: g++ -std=c++20 -O1 -pthread -shared -fPIC -DRNNREG_EMULATE -DRNNREG_THREADS=64
+//        -Icsrc/emu -Icsrc csrc/emu/emu_cluster_driver.cpp -o libemu_cluster.so
+#include "emu_driver.cpp"
+
+#include "../cluster.cu"
+
+namespace {
+
+template <class Args>
+void run_cluster_grid(void (*kernel)(Args), const Args& a, int blocks, int csize, size_t smem) {
+  emu::Grid grid(blocks, rnnreg::kThreads, smem);
+  emu::Cluster cluster(blocks, csize, rnnreg::kThreads, smem);
+  std::vector<std::thread> threads;
+  threads.reserve((size_t)blocks * rnnreg::kThreads);
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < rnnreg::kThreads; ++t)
+      threads.emplace_back([&grid, &cluster, &a, kernel, b, t, blocks] {
+        emu::g_grid = &grid;
+        emu::g_cluster = &cluster;
+        blockIdx = dim3(b);
+        threadIdx = dim3(t);
+        gridDim = dim3(blocks);
+        blockDim = dim3(rnnreg::kThreads);
+        kernel(a);
+      });
+  for (auto& th : threads) th.join();
+}
+
+template <int NTG>
+void run(int dtype, const rnnreg::ClusterFwdArgs& a) {
+  const int blocks = a.plan.csize * a.plan.clusters;
+  if (dtype == rnnreg::kBFloat16)
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<__nv_bfloat16, NTG>, a, blocks,
+                     a.plan.csize, a.plan.smem);
+  else if (dtype == rnnreg::kFloat16)
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<__half, NTG>, a, blocks, a.plan.csize,
+                     a.plan.smem);
+  else
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<float, NTG>, a, blocks, a.plan.csize,
+                     a.plan.smem);
+}
+
+}  // namespace
+
+extern "C" {
+
+// out = units, csize, clusters, bs, smem (bytes)
+const char* emu_cluster_plan(int cell, int dtype, int B, int H, int units, int csize_max, int sms,
+                             int smem_optin, long long* out) {
+  emu::g_sms = sms;
+  emu::g_smem_optin = smem_optin;
+  rnnreg::ClusterPlan p;
+  g_err = rnnreg::make_cluster_plan(cell, dtype, B, H, 0, units, csize_max, &p);
+  out[0] = p.units; out[1] = p.csize; out[2] = p.clusters; out[3] = p.bs;
+  out[4] = (long long)p.smem;
+  return g_err.c_str();
+}
+
+int emu_cluster_max_hidden(int cell, int dtype, int B, int csize_max, int sms, int smem_optin) {
+  emu::g_sms = sms;
+  emu::g_smem_optin = smem_optin;
+  return rnnreg::cluster_max_hidden(cell, dtype, B, 0, csize_max);
+}
+
+// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32, csize_max
+// fargs: theta, w_ns, w_tar, w_ar, heps
+// ptrs: x, w, h0, c0, mask, lengths, out, hn, cn, norms, sums, hsave, gates, cs
+// (sums: 3 * csize * clusters floats of the plan emu_cluster_plan returns)
+const char* emu_cluster_forward(const int* ia, const float* fa, void** p) {
+  rnnreg::ClusterFwdArgs a;
+  a.s = scalars(ia, fa);
+  emu::g_sms = ia[7];
+  g_err = rnnreg::make_cluster_plan(a.s.cell, ia[8], a.s.B, a.s.H, 0, ia[6], ia[10], &a.plan);
+  if (!g_err.empty()) return g_err.c_str();
+  a.x = p[0]; a.w = p[1]; a.h0 = p[2]; a.c0 = p[3]; a.mask = p[4];
+  a.lengths = static_cast<const int64_t*>(p[5]);
+  a.out = p[6]; a.hn = p[7]; a.cn = p[8];
+  a.norms = static_cast<float*>(p[9]);
+  a.sums = static_cast<float*>(p[10]);
+  a.hsave = static_cast<float*>(p[11]);
+  a.gates = static_cast<float*>(p[12]);
+  a.cs = static_cast<float*>(p[13]);
+  if (rnnreg::cluster_ntg(a.plan.bs) == 2) run<2>(ia[8], a);
+  else run<1>(ia[8], a);
+  return "";
+}
+
+}  // extern "C"
