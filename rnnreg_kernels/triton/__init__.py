@@ -50,15 +50,20 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
 
 def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
             c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
-            lengths: Optional[torch.Tensor]):
-    """Contract forward: ``(output, h_n, c_n, terms, norms, saved)`` (see launch.forward)."""
+            lengths: Optional[torch.Tensor], cell_scale: Optional[torch.Tensor]):
+    """Contract forward (v2): ``(output, h_n, c_n, terms, norms, cell_norms, saved)`` (see
+    launch.forward)."""
     from .launch import forward as _forward
-    return _forward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
+    return _forward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale)
 
 
-def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-             grad_output, grad_h_n, grad_c_n, grad_terms):
-    """Contract backward: ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0)``."""
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms,
+             grad_cell_norms):
+    """Contract backward (v2): ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0,
+    grad_cell_scale)``; the radial terms of ``grad_norms`` / ``grad_cell_norms`` are added
+    in the kernels."""
     from .launch import backward as _backward
-    return _backward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-                     grad_output, grad_h_n, grad_c_n, grad_terms)
+    return _backward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+                     cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms,
+                     grad_norms, grad_cell_norms)
