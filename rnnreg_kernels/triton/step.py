@@ -30,8 +30,15 @@ def _tanh(x):
 
 @triton.jit
 def wide(hi, lo, ACC: tl.constexpr):
-    """A float passed as two fp32 scalars (hi + lo) so that float64 kernels get it exactly."""
-    return tl.full([], hi, ACC) + tl.full([], lo, ACC)
+    """A float passed as two fp32 scalars (hi + lo) so that float64 kernels get it exactly.
+
+    In fp32 ``hi`` alone is the value (``lo`` is below half an ulp of it): the kernel then
+    reads the parameter directly, with no register held for it."""
+    if ACC == tl.float64:
+        v = tl.full([], hi, ACC) + tl.full([], lo, ACC)
+    else:
+        v = hi
+    return v
 
 
 @triton.jit
