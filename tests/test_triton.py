@@ -320,6 +320,20 @@ def test_float16_within_same_dtype_error(variant):
             torch.float16, **kw)
 
 
+@pytest.mark.parametrize("variant", ["tiled", "persistent", "step"])
+def test_float16_normprop_within_same_dtype_error(variant):
+    """float16 normprop with cell norms and norm gradients vs float64 truth, bounded by a
+    float16 PyTorch recurrence's own error (the GPU file's helpers; bfloat16: GPU only)."""
+    if DEVICE.type == "cuda":
+        pytest.skip("test_triton_gpu.py covers normprop on the GPU")
+    from test_triton_gpu import compare, make as make_gpu_case
+    kw = dict(variant=variant, block_b=2)
+    if variant == "step":
+        kw["block_h"] = 16
+    compare(make_gpu_case("normprop", 5, 3, 20, [5, 1, 3], reverse=variant == "step",
+                          cell_norms=True, norm_grads=True), torch.float16, **kw)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "relu"])
 def test_recurrence_end_to_end(cell):
     """rnnreg_kernels.recurrence(..., backend="triton") through autograd vs the reference."""
