@@ -156,6 +156,19 @@ def _part_rows(part_ptr, k, rows, ok, NH, B, NP: tl.constexpr):
 
 
 @triton.jit
+def _state_rows(state_ptr, k, nrows, n_ok, nL, B, H, rev, HF: tl.constexpr, ACC: tl.constexpr):
+    """Sum of squares of whole rows ``nrows [NR]`` of a state after k steps: ``state`` is the
+    initial state ``[B, H]`` for k = 0, else the saved sequence ``[T, B, H]``, read at the
+    position of step k (0 where the step is invalid)."""
+    ok = n_ok & (k <= nL)
+    pos = tl.where(k == 0, 0, tl.where(rev != 0, nL - k, k - 1)).to(tl.int64)
+    kk = tl.arange(0, HF)
+    v = tl.load(state_ptr + (pos * B + nrows)[:, None] * H + kk[None, :],
+                mask=ok[:, None] & (kk < H)[None, :], other=0.0, cache_modifier=".cg").to(ACC)
+    return tl.sum(v * v, axis=1)
+
+
+@triton.jit
 def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
     """Sum of squares of whole rows ``nrows [NR]`` of one exchange slot ``[B, HF]``."""
     kk = tl.arange(0, HF)
@@ -167,13 +180,13 @@ def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
 @triton.jit(do_not_specialize=_NO_SPEC)
 def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
                    out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, cnorms_ptr, tpart_ptr,
-                   hbuf_ptr, cpart_ptr, bar_ptr,
+                   hbuf_ptr, bar_ptr,
                    T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, hs, hs_lo, heps,
                    w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
                    CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-                   BK: tl.constexpr, HF: tl.constexpr, NR: tl.constexpr, NP: tl.constexpr,
-                   HOLD: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr,
-                   TF32: tl.constexpr, CELL_NORMS: tl.constexpr):
+                   BK: tl.constexpr, HF: tl.constexpr, NR: tl.constexpr, HOLD: tl.constexpr,
+                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+                   CELL_NORMS: tl.constexpr):
     """One launch for the whole sequence.  Grid ``(NH, NB)``: program (p, q) owns the hidden
     units ``p*BH ..`` (all G gates) of batch tile q and keeps their state (h, c) in
     registers; the NH programs of tile q meet at the barrier ``bar[q]`` after each step.
@@ -190,9 +203,8 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     and direction.  Norms: after barrier k each program reduces whole rows of h_k, the rows
     ``pid + NH*i`` of its tile (at most NR), so the reduction is spread over the programs;
     TAR and AR are separable and summed over the program's own units.  Cell norms
-    (``CELL_NORMS``): each program writes its units' per-row sums of c^2 into slot k % 2 of
-    ``cpart [2, NH, B]`` before barrier k, and after it reduces the NH partial sums of the
-    same rows whose hidden norms it reduces.
+    (``CELL_NORMS``): after barrier k each program also reduces the same rows of c_k, read
+    from the saved cell states ``cs`` (written before the barrier; no extra buffer).
     """
     theta = wide(theta, theta_lo, ACC)
     w_ns = wide(w_ns, w_ns_lo, ACC)
@@ -221,8 +233,6 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
         c = h
     a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
     s = wide(hs, hs_lo, ACC)
-    if CELL_NORMS:
-        tl.store(cpart_ptr + pid * B + rows, tl.sum(c * c, axis=1), mask=row_ok)
     m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
     slot = rows[:, None] * HF + units[None, :]
     SLOT = B * HF
@@ -239,7 +249,8 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     tl.store(norms_ptr + nrows, n_prev, mask=n_ok)
     if CELL_NORMS:
         tl.store(cnorms_ptr + nrows,
-                 tl.sqrt(_part_rows(cpart_ptr, 0, nrows, n_ok, NH, B, NP) + heps), mask=n_ok)
+                 tl.sqrt(_state_rows(c0_ptr, 0, nrows, n_ok, nL, B, H, rev, HF, ACC) + heps),
+                 mask=n_ok)
     acc_ns = tl.zeros([NR], ACC)
     acc_tar = tl.zeros([BB], ACC)
     acc_ar = tl.zeros([BB], ACC)
@@ -261,9 +272,6 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
                             a, s, CELL, G, BB, BH, ACC)
         tl.store(hbuf_ptr + (k % 2) * SLOT + slot, h_new.to(hbuf_ptr.dtype.element_ty),
                  mask=um)
-        if CELL_NORMS:
-            tl.store(cpart_ptr + ((k % 2) * NH + pid) * B + rows, tl.sum(c * c, axis=1),
-                     mask=row_ok)
         sq, tar, ar = fwd_penalty(k, h_new, h, m, row_ok, L)
         acc_tar += tar
         acc_ar += ar
@@ -276,7 +284,7 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
         n_prev = tl.where(n_ok & (k <= nL), n_k, n_prev)
         acc_ns += ns
         if CELL_NORMS:
-            m_k = tl.sqrt(_part_rows(cpart_ptr, k, nrows, n_ok, NH, B, NP) + heps)
+            m_k = tl.sqrt(_state_rows(cs_ptr, k, nrows, n_ok, nL, B, H, rev, HF, ACC) + heps)
             tl.store(cnorms_ptr + k * B + nrows, tl.where(k <= nL, m_k, 0.0), mask=n_ok)
     out = tpart_ptr + (q * NH + pid) * 3
     tl.store(out, w_ns * tl.sum(acc_ns, axis=0))

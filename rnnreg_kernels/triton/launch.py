@@ -365,11 +365,10 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
         elif p.variant == "persistent":
             tpart = new(p.NB * p.NH, 3, dtype=acc, device=dev)
             hbuf = torch.zeros(2, B, p.HF, dtype=dtype, device=dev)
-            cpart = new(2, p.NH, B, dtype=acc, device=dev) if spec.cell_norms else norms
             bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
             wt = interleave_w(w_hh, G, p.NH * p.BH, p.HF)
-            _fwd.fwd_persistent[(p.NH, p.NB)](ptrs[0], wt, *ptrs[2:], tpart, hbuf, cpart, bar,
-                                              *scal, BK=p.BK, HF=p.HF, NR=p.NR, NP=p.NP,
+            _fwd.fwd_persistent[(p.NH, p.NB)](ptrs[0], wt, *ptrs[2:], tpart, hbuf, bar,
+                                              *scal, BK=p.BK, HF=p.HF, NR=p.NR,
                                               HOLD=p.hold, **meta, **_persist(p))
         else:
             tpart = torch.zeros(p.NB * p.NH, 3, dtype=acc, device=dev)
