@@ -300,7 +300,6 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
     a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
     s = wide(hs, hs_lo, ACC)
-    um = row_ok[:, None] & unit_ok[None, :]
     # own gate columns of a slot: gate g of unit u at g*HF + u
     n = tl.arange(0, G * BH)
     dcols = (n % G) * HF + u0 + n // G
