@@ -396,6 +396,10 @@ def test_reasons(monkeypatch):
     x = torch.zeros(2, 3, 5, dtype=torch.int32)
     assert "int32" in tri.unsupported_reason(spec, x, x[0])
     assert tri.unsupported_reason(spec, x.double(), x[0].double()) is None
+    # contract v2: the normprop cell and cell norms run in the kernels
+    for name in ("normprop-ragged-rev-H5", "lstm-cell-norms-ragged-rev-H5"):
+        v2 = make_v2(name)
+        assert tri.unsupported_reason(v2["spec"], v2["x"], v2["w"]) is None, name
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
