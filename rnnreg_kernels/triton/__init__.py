@@ -50,7 +50,7 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
 
 def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
             c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
-            lengths: Optional[torch.Tensor], cell_scale: Optional[torch.Tensor]):
+            lengths: Optional[torch.Tensor], cell_scale: Optional[torch.Tensor] = None):
     """Contract forward (v2): ``(output, h_n, c_n, terms, norms, cell_norms, saved)`` (see
     launch.forward)."""
     from .launch import forward as _forward
@@ -58,8 +58,8 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
 
 
 def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
-             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms,
-             grad_cell_norms):
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms=None,
+             grad_cell_norms=None):
     """Contract backward (v2): ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0,
     grad_cell_scale)``; the radial terms of ``grad_norms`` / ``grad_cell_norms`` are added
     in the kernels."""
