@@ -364,6 +364,47 @@ def test_recurrence_end_to_end(cell):
                      what=f"recurrence/{cell}")
 
 
+@pytest.mark.parametrize("cell", ["normprop", "lstm", "relu"])
+def test_recurrence_v2_end_to_end(cell):
+    """recurrence(..., backend="triton") with issue 12's terms (the cell norm-stabilizer,
+    norm_target) and a user's own function of norms and cell norms, through autograd, vs
+    the reference: every output, every term and the gradients of x_proj, w_hh, h0, c0 and
+    cell_scale."""
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    from dataclasses import replace
+    lstm = has_cell_state(cell)
+    base = cast(make_case(cell, "ragged-rev-H5", torch.float64), torch.float64, DEVICE)
+    pen = replace(base["pen"], norm_target=0.6, norm_target_value=1.5,
+                  cell_norm_stabilizer=0.4 if lstm else 0.0)
+    g5 = torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    names = ["x", "w", "h0"] + (["c0"] if lstm else []) + (["a"] if cell == "normprop" else [])
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = {k: base[k].clone().requires_grad_(True) for k in names}
+        out = rnnreg_kernels.recurrence(
+            leaves["x"], leaves["w"], leaves["h0"], leaves.get("c0"), cell=cell,
+            penalties=pen, lengths=base["lengths"], reverse=base["spec"].reverse,
+            backend=backend, theta=base["spec"].theta, cell_scale=leaves.get("a"),
+            h_scale=base["spec"].h_scale)
+        assert (out.cell_norms is not None) == lstm
+        loss = (out.output * base["go"]).sum() + (out.h_n * base["ghn"]).sum()
+        loss = loss + sum(t * g for t, g in zip(out.terms, g5)) + out.norms.sin().sum()
+        if lstm:
+            loss = loss + (out.c_n * base["gcn"]).sum() + (out.cell_norms ** 2).sum()
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        res = dict(output=out.output, h_n=out.h_n, penalty=out.penalty, norms=out.norms,
+                   terms=torch.stack(list(out.terms)))
+        if lstm:
+            res.update(c_n=out.c_n, cell_norms=out.cell_norms)
+        res.update({f"grad_{k}": g for k, g in zip(names, grads)})
+        results[backend] = {k: v.detach() for k, v in res.items()}
+    terms = results["reference"]["terms"]
+    assert terms[4] != 0 and (terms[3] != 0) == lstm, terms  # norm_target, cell NS are on
+    assert_all_close(results["triton"], results["reference"], rtol=1e-9, atol=1e-11,
+                     what=f"recurrence v2/{cell}")
+
+
 def test_auto_plan_under_the_interpreter():
     if not INTERPRET:
         pytest.skip("interpreter planning")
