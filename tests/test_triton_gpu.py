@@ -147,7 +147,8 @@ def lowp_naive(spec, c):
             cells.append(torch.where(v, c_new, torch.zeros_like(c_new)))
         states.append(torch.where(v, h_new, torch.zeros_like(h_new)))
     hs = torch.stack(states, 0)
-    terms = posthoc_terms(leaves["h0"].to(acc), hs.to(acc), c["pen"], lengths)
+    # the backends' terms are NS, TAR, AR (the two norm-only terms are computed by ops)
+    terms = posthoc_terms(leaves["h0"].to(acc), hs.to(acc), c["pen"], lengths)[:3]
 
     def masked_norms(first_and_states):
         n = hidden_norms(first_and_states.to(acc), spec.ns_eps)
