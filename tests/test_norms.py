@@ -233,7 +233,8 @@ def test_custom_norm_penalty_same_grads_on_every_backend(cell, lengths, reverse)
 
 
 def test_custom_norm_penalty_triton_interpreter_matches_reference():
-    """The interim triton wrapper folds grad_norms into grad_output as the radial term."""
+    """The Triton kernels add the radial term of grad_norms in-kernel (tests/test_triton.py
+    covers every variant, the cell norms and normprop)."""
     import os
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
@@ -392,15 +393,16 @@ def test_native_refuses_normprop_and_cell_norms_and_auto_skips_it():
     assert r.norms.requires_grad is False and r.terms.norm_target.item() > 0
 
 
-def test_fused_wrappers_refuse_normprop_and_cell_norms():
-    # (the cuda kernels run both since issue12-cuda: tests/test_cuda_build.py)
+def test_fused_wrappers_run_normprop_and_cell_norms():
+    """Neither fused backend refuses normprop or cell norms any more: the Triton wrapper is
+    checked here (its kernels in tests/test_triton.py), the CUDA one (which needs its
+    extension to plan) in tests/test_cuda_build.py."""
     from rnnreg_kernels import triton
     x, w, _, _, _ = _inputs("lstm", 3, 2, 4)
-    for mod, where in ((triton, "Triton kernels"),):
-        spec = Spec("normprop", 1.0, 0.0, 0.0, 0.0, False, 1e-9, False, h_scale=2.0)
-        assert f"not yet in the {where}" in mod.unsupported_reason(spec, x, w)
-        spec = Spec("lstm", 1.0, 0.0, 0.0, 0.0, False, 1e-9, False, cell_norms=True)
-        assert f"not yet in the {where}" in mod.unsupported_reason(spec, x, w)
+    spec = Spec("normprop", 1.0, 0.0, 0.0, 0.0, False, 1e-9, False, h_scale=2.0)
+    assert triton.unsupported_reason(spec, x, w) is None
+    spec = Spec("lstm", 1.0, 0.0, 0.0, 0.0, False, 1e-9, False, cell_norms=True)
+    assert triton.unsupported_reason(spec, x, w) is None
 
 
 def _np_args():

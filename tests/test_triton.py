@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 import rnnreg_kernels  # noqa: E402
 from rnnreg_kernels import reference  # noqa: E402
-from rnnreg_kernels.contract import Spec  # noqa: E402
+from rnnreg_kernels.contract import Spec, has_cell_state  # noqa: E402
 from rnnreg_kernels.penalties import Penalties, penalty_weights  # noqa: E402
 from rnnreg_kernels.triton import launch  # noqa: E402
 import rnnreg_kernels.triton as tri  # noqa: E402
@@ -63,11 +63,16 @@ F64_CASES += [("persistent-wide", "lstm", "ragged-rev-H5"),
               ("persistent-wide", "relu", "ragged-fwd-H50")]
 
 
-def make_case(cell, config, dtype, seed=0, tf32=False):
-    """Inputs, penalties, spec and random upstream gradients for one configuration."""
+def make_case(cell, config, dtype, seed=0, tf32=False, cell_norms=False, norm_grads=False,
+              zero_init=False):
+    """Inputs, penalties, spec and random upstream gradients for one configuration.
+
+    ``cell_norms``: the spec asks for cell norms (LSTM-type cells); ``norm_grads``: random
+    upstream gradients on the norms (and on the cell norms when computed);
+    ``zero_init``: h0 = c0 = 0 with ns_eps = 0, so the initial norms are exactly 0."""
     T, B, H, lengths, reverse, ns_init, use_mask, pen = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
-    G = 4 if cell == "lstm" else 1
+    G = 4 if has_cell_state(cell) else 1
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
@@ -76,31 +81,45 @@ def make_case(cell, config, dtype, seed=0, tf32=False):
     case["x"] = rnd(T, B, G * H)
     case["w"] = rnd(G * H, H, scale=1.2 / H ** 0.5)
     case["h0"] = rnd(B, H, scale=0.5)
-    case["c0"] = rnd(B, H, scale=0.5) if cell == "lstm" else None
+    case["c0"] = rnd(B, H, scale=0.5) if G == 4 else None
+    if zero_init:
+        case["h0"].zero_()
+        if G == 4:
+            case["c0"].zero_()
+    case["a"] = 0.5 + torch.rand(H, generator=g, dtype=torch.float64) if cell == "normprop" \
+        else None
     case["mask"] = ((torch.rand(B, H, generator=g) > 0.3).double() / 0.7) if use_mask else None
     case["lengths"] = torch.tensor(lengths) if lengths is not None else None
     case["go"] = rnd(T, B, H)
     case["ghn"] = rnd(B, H)
-    case["gcn"] = rnd(B, H) if cell == "lstm" else None
+    case["gcn"] = rnd(B, H) if G == 4 else None
     case["gt"] = rnd(3)
-    pens = Penalties(*pen, ns_include_initial=ns_init, ar_mask=case["mask"])
+    case["gn"] = rnd(T + 1, B) if norm_grads else None
+    case["gm"] = rnd(T + 1, B) if norm_grads and cell_norms else None
+    eps = 0.0 if zero_init else 1e-9
+    pens = Penalties(*pen, ns_include_initial=ns_init, ar_mask=case["mask"], ns_eps=eps)
     w = penalty_weights(pens, T, B, H, case["lengths"])
     case["pen"] = pens
     case["spec"] = Spec(cell=cell, theta=0.4, w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
-                        ns_include_initial=ns_init, ns_eps=1e-9, reverse=reverse,
-                        allow_tf32=tf32)
+                        ns_include_initial=ns_init, ns_eps=eps, reverse=reverse,
+                        allow_tf32=tf32, h_scale=1.7 if cell == "normprop" else 1.0,
+                        cell_norms=cell_norms)
     return case
 
 
+ACC_KEYS = ("gt", "a", "gn", "gm")  # tensors in the accumulation dtype
+
+
 def cast(case, dtype, device):
-    """The case's tensors in ``dtype`` on ``device`` (lengths stay int64, gt acc dtype)."""
+    """The case's tensors in ``dtype`` on ``device`` (lengths stay int64; cell scale, term
+    and norm gradients in the accumulation dtype)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     out = {}
     for k, v in case.items():
         if isinstance(v, torch.Tensor):
             if k == "lengths":
                 out[k] = v.to(device)
-            elif k == "gt":
+            elif k in ACC_KEYS:
                 out[k] = v.to(device=device, dtype=acc)
             else:
                 out[k] = v.to(device=device, dtype=dtype).contiguous()
@@ -110,15 +129,17 @@ def cast(case, dtype, device):
 
 
 def run_backend(mod_fwd, mod_bwd, c, **kw):
-    """Forward + backward of one backend: dict of every output and gradient."""
+    """Forward + backward of one backend (contract v2): dict of every output and gradient."""
     spec = c["spec"]
-    fw = mod_fwd(spec, c["x"], c["w"], c["h0"], c["c0"], c["mask"], c["lengths"], **kw)
-    output, h_n, c_n, terms, norms, saved = fw
-    gx, gw, gh0, gc0 = mod_bwd(spec, c["x"], c["w"], c["h0"], c["c0"], c["mask"],
-                               c["lengths"], output, norms, saved, c["go"], c["ghn"],
-                               c["gcn"], c["gt"], **kw)
+    fw = mod_fwd(spec, c["x"], c["w"], c["h0"], c["c0"], c["mask"], c["lengths"], c["a"],
+                 **kw)
+    output, h_n, c_n, terms, norms, cell_norms, saved = fw
+    gx, gw, gh0, gc0, ga = mod_bwd(spec, c["x"], c["w"], c["h0"], c["c0"], c["mask"],
+                                   c["lengths"], c["a"], output, norms, cell_norms, saved,
+                                   c["go"], c["ghn"], c["gcn"], c["gt"], c["gn"], c["gm"], **kw)
     res = dict(output=output, h_n=h_n, c_n=c_n, terms=terms, norms=norms,
-               grad_x_proj=gx, grad_w_hh=gw, grad_h0=gh0, grad_c0=gc0)
+               cell_norms=cell_norms, grad_x_proj=gx, grad_w_hh=gw, grad_h0=gh0,
+               grad_c0=gc0, grad_cell_scale=ga)
     return {k: v for k, v in res.items() if v is not None}
 
 
@@ -184,6 +205,106 @@ def test_float32_within_reference_error(variant, cell, config, tf32):
     assert_within_lowp_error(got, lowp, truth, eps, what=f"{variant}/{cell}/{config}")
 
 
+# contract v2 (issue 12): the normprop cell (grad_cell_scale), cell norms, and the radial
+# terms of upstream gradients on the norms / cell norms, in every variant.
+# name: (cell, config, cell_norms, norm_grads, zero_init)
+V2_CONFIGS = {
+    "normprop-ragged-fwd-H50": ("normprop", "ragged-fwd-H50", True, True, False),
+    "normprop-ragged-rev-H5": ("normprop", "ragged-rev-H5", True, True, False),
+    "normprop-T1-rev-H5": ("normprop", "T1-rev-H5", True, True, False),
+    "normprop-plain-full-rev-H50": ("normprop", "full-rev-H50-off", False, False, False),
+    "normprop-zero-norms-H5": ("normprop", "full-fwd-H5", True, True, True),
+    "lstm-cell-norms-ragged-rev-H5": ("lstm", "ragged-rev-H5", True, True, False),
+    "lstm-cell-norms-no-grads-H5": ("lstm", "full-fwd-H5", True, False, False),
+    "relu-norm-grads-ragged-fwd-H50": ("relu", "ragged-fwd-H50", False, True, False),
+}
+V2_CASES = [(v, name) for v in ("tiled", "persistent", "step") for name in V2_CONFIGS]
+V2_CASES += [("persistent-wide", "normprop-ragged-rev-H5"),
+             ("persistent-wide", "relu-norm-grads-ragged-fwd-H50")]
+
+
+def make_v2(name, dtype=torch.float64, seed=0):
+    cell, config, cell_norms, norm_grads, zero_init = V2_CONFIGS[name]
+    return make_case(cell, config, dtype, seed=seed, cell_norms=cell_norms,
+                     norm_grads=norm_grads, zero_init=zero_init)
+
+
+@pytest.mark.parametrize("variant,name", V2_CASES, ids=[f"{v}-{n}" for v, n in V2_CASES])
+def test_contract_v2_float64_matches_reference(variant, name):
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    c = cast(make_v2(name), torch.float64, DEVICE)
+    got = run_triton(c, **VARIANTS[variant])
+    want = run_reference(c)
+    cell, _, cell_norms, norm_grads, _ = V2_CONFIGS[name]
+    assert ("grad_cell_scale" in want) == (cell == "normprop")
+    assert ("cell_norms" in want) == cell_norms
+    assert_all_close(got, want, rtol=1e-9, atol=1e-11, what=f"{variant}/{name}")
+
+
+def test_norm_gradients_change_the_result():
+    """The radial terms are not silently dropped: with upstream gradients on the norms and
+    cell norms the kernels' gradients differ from those without, by what the reference
+    says."""
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    c = cast(make_v2("normprop-ragged-rev-H5"), torch.float64, DEVICE)
+    without = dict(c, gn=None, gm=None)
+    got_with = run_triton(c, **VARIANTS["tiled"])
+    got_without = run_triton(without, **VARIANTS["tiled"])
+    want_with, want_without = run_reference(c), run_reference(without)
+    for k in ("grad_x_proj", "grad_h0", "grad_c0", "grad_cell_scale"):
+        d_got = got_with[k] - got_without[k]
+        d_want = want_with[k] - want_without[k]
+        assert d_want.abs().max() > 1e-3, k
+        torch.testing.assert_close(d_got, d_want, rtol=1e-9, atol=1e-11)
+
+
+V2_FP32 = [(v, "normprop-ragged-fwd-H50") for v in ("tiled", "persistent", "step")]
+
+
+@pytest.mark.parametrize("variant,name", V2_FP32, ids=[f"{v}-{n}" for v, n in V2_FP32])
+def test_contract_v2_float32_within_reference_error(variant, name):
+    base = make_v2(name)
+    truth = run_reference(cast(base, torch.float64, DEVICE))
+    c32 = cast(base, torch.float32, DEVICE)
+    got = run_triton(c32, **VARIANTS[variant])
+    lowp = run_reference(c32)
+    assert set(got) == set(truth)
+    for k in lowp:
+        assert got[k].dtype == lowp[k].dtype, k
+    assert_within_lowp_error(got, lowp, truth, 2.0 ** -23, what=f"{variant}/{name}")
+
+
+def test_contract_v2_bad_input():
+    """Missing / unexpected cell_scale and grad_cell_norms without cell norms: clear errors."""
+    c = cast(make_v2("normprop-ragged-rev-H5"), torch.float64, DEVICE)
+    args = (c["spec"], c["x"], c["w"], c["h0"], c["c0"], c["mask"], c["lengths"])
+    with pytest.raises(ValueError, match="cell_scale.*normprop.*None"):
+        launch.forward(*args, None)
+    with pytest.raises(ValueError, match=r"cell_scale: expected shape \[5\]"):
+        launch.forward(*args, c["a"][:3])
+    lstm = cast(make_case("lstm", "ragged-rev-H5", torch.float64), torch.float64, DEVICE)
+    largs = (lstm["spec"], lstm["x"], lstm["w"], lstm["h0"], lstm["c0"], lstm["mask"],
+             lstm["lengths"])
+    with pytest.raises(ValueError, match="cell_scale.*only the 'normprop' cell"):
+        launch.forward(*largs, c["a"])
+    output, h_n, c_n, terms, norms, cell_norms, saved = launch.forward(*largs, None)
+    assert cell_norms is None
+    gm = torch.zeros_like(norms)
+    with pytest.raises(ValueError, match="grad_cell_norms.*cell_norms is None"):
+        launch.backward(*largs, None, output, norms, None, saved, lstm["go"], lstm["ghn"],
+                        lstm["gcn"], lstm["gt"], None, gm)
+    with pytest.raises(ValueError, match=r"grad_norms: expected shape \[6, 3\]"):
+        launch.backward(*largs, None, output, norms, None, saved, lstm["go"], lstm["ghn"],
+                        lstm["gcn"], lstm["gt"], gm[:2], None)
+    relu = make_case("relu", "full-fwd-H5", torch.float64)["spec"]
+    from dataclasses import replace
+    with pytest.raises(ValueError, match="cell_norms.*lstm, normprop"):
+        launch.forward(replace(relu, cell_norms=True), c["x"][..., :5], c["w"][:5], c["h0"],
+                       None, None, None, None)
+
+
 @pytest.mark.parametrize("variant", ["tiled", "persistent", "step"])
 def test_float16_within_same_dtype_error(variant):
     """float16 vs float64 truth, bounded by a float16 PyTorch recurrence's own error (the
@@ -197,6 +318,20 @@ def test_float16_within_same_dtype_error(variant):
     cell, lengths = ("lstm", [6, 1, 4]) if variant != "persistent" else ("tanh", [2, 6, 3])
     compare(make_gpu_case(cell, 6, 3, 20, lengths, reverse=variant != "tiled"),
             torch.float16, **kw)
+
+
+@pytest.mark.parametrize("variant", ["tiled", "persistent", "step"])
+def test_float16_normprop_within_same_dtype_error(variant):
+    """float16 normprop with cell norms and norm gradients vs float64 truth, bounded by a
+    float16 PyTorch recurrence's own error (the GPU file's helpers; bfloat16: GPU only)."""
+    if DEVICE.type == "cuda":
+        pytest.skip("test_triton_gpu.py covers normprop on the GPU")
+    from test_triton_gpu import compare, make as make_gpu_case
+    kw = dict(variant=variant, block_b=2)
+    if variant == "step":
+        kw["block_h"] = 16
+    compare(make_gpu_case("normprop", 5, 3, 20, [5, 1, 3], reverse=variant == "step",
+                          cell_norms=True, norm_grads=True), torch.float16, **kw)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "relu"])
@@ -227,6 +362,47 @@ def test_recurrence_end_to_end(cell):
         results[backend] = {k: v.detach() for k, v in res.items()}
     assert_all_close(results["triton"], results["reference"], rtol=1e-9, atol=1e-11,
                      what=f"recurrence/{cell}")
+
+
+@pytest.mark.parametrize("cell", ["normprop", "lstm", "relu"])
+def test_recurrence_v2_end_to_end(cell):
+    """recurrence(..., backend="triton") with issue 12's terms (the cell norm-stabilizer,
+    norm_target) and a user's own function of norms and cell norms, through autograd, vs
+    the reference: every output, every term and the gradients of x_proj, w_hh, h0, c0 and
+    cell_scale."""
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    from dataclasses import replace
+    lstm = has_cell_state(cell)
+    base = cast(make_case(cell, "ragged-rev-H5", torch.float64), torch.float64, DEVICE)
+    pen = replace(base["pen"], norm_target=0.6, norm_target_value=1.5,
+                  cell_norm_stabilizer=0.4 if lstm else 0.0)
+    g5 = torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    names = ["x", "w", "h0"] + (["c0"] if lstm else []) + (["a"] if cell == "normprop" else [])
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = {k: base[k].clone().requires_grad_(True) for k in names}
+        out = rnnreg_kernels.recurrence(
+            leaves["x"], leaves["w"], leaves["h0"], leaves.get("c0"), cell=cell,
+            penalties=pen, lengths=base["lengths"], reverse=base["spec"].reverse,
+            backend=backend, theta=base["spec"].theta, cell_scale=leaves.get("a"),
+            h_scale=base["spec"].h_scale)
+        assert (out.cell_norms is not None) == lstm
+        loss = (out.output * base["go"]).sum() + (out.h_n * base["ghn"]).sum()
+        loss = loss + sum(t * g for t, g in zip(out.terms, g5)) + out.norms.sin().sum()
+        if lstm:
+            loss = loss + (out.c_n * base["gcn"]).sum() + (out.cell_norms ** 2).sum()
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        res = dict(output=out.output, h_n=out.h_n, penalty=out.penalty, norms=out.norms,
+                   terms=torch.stack(list(out.terms)))
+        if lstm:
+            res.update(c_n=out.c_n, cell_norms=out.cell_norms)
+        res.update({f"grad_{k}": g for k, g in zip(names, grads)})
+        results[backend] = {k: v.detach() for k, v in res.items()}
+    terms = results["reference"]["terms"]
+    assert terms[4] != 0 and (terms[3] != 0) == lstm, terms  # norm_target, cell NS are on
+    assert_all_close(results["triton"], results["reference"], rtol=1e-9, atol=1e-11,
+                     what=f"recurrence v2/{cell}")
 
 
 def test_auto_plan_under_the_interpreter():
@@ -261,6 +437,10 @@ def test_reasons(monkeypatch):
     x = torch.zeros(2, 3, 5, dtype=torch.int32)
     assert "int32" in tri.unsupported_reason(spec, x, x[0])
     assert tri.unsupported_reason(spec, x.double(), x[0].double()) is None
+    # contract v2: the normprop cell and cell norms run in the kernels
+    for name in ("normprop-ragged-rev-H5", "lstm-cell-norms-ragged-rev-H5"):
+        v2 = make_v2(name)
+        assert tri.unsupported_reason(v2["spec"], v2["x"], v2["w"]) is None, name
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -12,6 +12,8 @@ can reach, and the benchmark's persistent shapes as the rule plans them (LSTM H=
 and 64, relu H=1024 B=32, LSTM H=512 B=256; bfloat16).  Register spills are read with
 cuobjdump: none at the benchmark shapes except the KNOWN_SPILLS (bytes allowed, and why), at
 most a few bytes of stack elsewhere (ptxas sometimes spills 4-8 bytes at 128 registers).
+Issue 12: the normprop cell everywhere the LSTM is, and the kernels with their feature flags
+on (cell norms; gradients of the norms), which plan() and the profile leave off.
 
 The compiles run in a subprocess without ``TRITON_INTERPRET`` (conftest sets it for the
 interpreter tests, and interpreted kernels cannot be compiled).
@@ -28,22 +30,26 @@ SM_COUNT = 132  # H100 SXM
 KERNELS = {"tiled": ("fwd_tiled", "bwd_tiled"),
            "persistent": ("fwd_persistent", "bwd_persistent"),
            "step": ("fwd_step_launch", "bwd_step_launch")}
-CELLS = ("lstm", "relu", "tanh", "trec")
+CELLS = ("lstm", "relu", "tanh", "trec", "normprop")
+# the kernels' feature flags (launch.Plan fields; off in the fast path) per direction
+FEATURES = {"forward": {"cell_norms": True},
+            "backward": {"grad_norms": True, "grad_cell_norms": True}}
 
 
-def _case(kernel, cell, dtype, tf32, B, H, variant, spill_bytes=64):
-    name = f"{kernel}-{cell}-{dtype}{'-tf32' if tf32 else ''}-B{B}-H{H}"
+def _case(kernel, cell, dtype, tf32, B, H, variant, spill_bytes=64, features=False):
+    name = f"{kernel}-{cell}-{dtype}{'-tf32' if tf32 else ''}-B{B}-H{H}" \
+        f"{'-features' if features else ''}"
     return dict(id=name, kernel=kernel, cell=cell, dtype=dtype, tf32=tf32, B=B, H=H,
-                variant=variant, spill_bytes=spill_bytes)
+                variant=variant, spill_bytes=spill_bytes, features=features)
 
 
 def _cases():
     out = []
     # every cell x tiled and persistent kernels, bfloat16; step: lstm and relu
     for cell in CELLS:
-        small = 64 if cell == "lstm" else 128
+        small = 64 if cell in ("lstm", "normprop") else 128
         runs = [("tiled", small), ("persistent", 256)]
-        if cell in ("lstm", "relu"):
+        if cell in ("lstm", "relu", "normprop"):
             runs.append(("step", 256))
         for variant, H in runs:
             for k in KERNELS[variant]:
@@ -64,10 +70,20 @@ def _cases():
         for k in KERNELS["persistent"]:
             allowed = KNOWN_SPILLS.get((k, cell, H, B), (0, ""))[0]
             out.append(_case(k, cell, "bf16", False, B, H, None, spill_bytes=allowed))
+    # issue 12's feature flags on (cell norms forward; norm gradients backward): normprop on
+    # every variant, and at the key shape as the rule plans it
+    for variant, H in (("tiled", 64), ("persistent", 256), ("step", 256)):
+        for k in KERNELS[variant]:
+            out.append(_case(k, "normprop", "bf16", False, 32, H, variant, features=True))
+    for k in KERNELS["persistent"]:
+        allowed = KNOWN_SPILLS.get((k + "+features", "normprop", 1024, 32), (0, ""))[0]
+        out.append(_case(k, "normprop", "bf16", False, 32, 1024, None, spill_bytes=allowed,
+                         features=True))
     return out
 
 
-LARGEST = (("lstm", 1024, 32), ("relu", 1024, 32), ("lstm", 1024, 64), ("lstm", 512, 256))
+LARGEST = (("lstm", 1024, 32), ("relu", 1024, 32), ("lstm", 1024, 64), ("lstm", 512, 256),
+           ("normprop", 1024, 32))
 # (kernel, cell, H, B): (stack bytes allowed, why) -- see docs/triton.md; the test fails when
 # a kernel spills more, and test_known_spills_are_current when it no longer spills at all
 KNOWN_SPILLS = {
@@ -78,6 +94,12 @@ KNOWN_SPILLS = {
     ("bwd_persistent", "lstm", 1024, 64): (968, "batch tile of 32 rows: the dz tiles double"),
     ("fwd_persistent", "lstm", 512, 256): (120, "batch tile of 64 rows (B=256 on 132 SMs)"),
     ("bwd_persistent", "lstm", 512, 256): (1072, "batch tile of 64 rows"),
+    ("bwd_persistent", "normprop", 1024, 32): (280, "as the LSTM's (the same loop-invariant "
+                                                    "addresses)"),
+    # with the issue-12 feature flags on (not the fast path)
+    ("fwd_persistent+features", "normprop", 1024, 32): (32, "cell norms: the rows of c_k each "
+                                                             "program reduces after the barrier"),
+    ("bwd_persistent+features", "normprop", 1024, 32): (280, "as without the flags"),
 }
 
 
@@ -95,11 +117,20 @@ def _compile(case):
     from rnnreg_kernels.profile import sass
     from rnnreg_kernels.profile import triton as prof
 
+    from rnnreg_kernels.triton import launch
+
     name = case["kernel"]
+    direction = "forward" if name.startswith("fwd") else "backward"
     job = dict(cell=case["cell"], B=case["B"], H=case["H"], dtype=case["dtype"],
                tf32=case["tf32"], sm_count=SM_COUNT, variant=case["variant"],
-               direction="forward" if name.startswith("fwd") else "backward")
-    r = prof.compile_one(job)
+               direction=direction)
+    plan = launch.plan
+    if case["features"]:   # the profile compiles plan()'s fast path: switch the flags on
+        launch.plan = lambda *a, **k: launch.with_features(plan(*a, **k), **FEATURES[direction])
+    try:
+        r = prof.compile_one(job)
+    finally:
+        launch.plan = plan
     if not r["ok"]:
         return dict(case, ok=False, error=r["error"])
     if r["name"] != name:
@@ -147,7 +178,8 @@ def test_compiles_for_hopper(compiled, case):
 def test_known_spills_are_current(compiled):
     """Each KNOWN_SPILLS entry still spills (else the allowance must go)."""
     for case in CASES:
-        key = (case["kernel"], case["cell"], case["H"], case["B"])
+        key = (case["kernel"] + ("+features" if case["features"] else ""), case["cell"],
+               case["H"], case["B"])
         if case["variant"] is None and key in KNOWN_SPILLS:
             r = compiled[case["id"]]
             assert r["ok"] and r["stack"] > 0, f"{case['id']} no longer spills: delete its " \
@@ -163,10 +195,12 @@ def test_persistent_rule_at_benchmark_sizes():
     cuda = torch.device("cuda")
     for cell, H, B in (("lstm", 1024, 32), ("relu", 1024, 32), ("tanh", 1024, 32),
                        ("lstm", 650, 20), ("lstm", 768, 16), ("lstm", 512, 256),
-                       ("lstm", 1024, 64)):
+                       ("lstm", 1024, 64), ("normprop", 1024, 32)):
         p = launch.plan(cell, B, H, torch.bfloat16, cuda, sm_count=SM_COUNT)
         assert p.variant == "persistent" and p.hold, p
-        assert p.NH * p.NB <= SM_COUNT and (4 if cell == "lstm" else 1) * p.BH == 64, p
+        G = 4 if cell in ("lstm", "normprop") else 1
+        assert p.NH * p.NB <= SM_COUNT and G * p.BH == 64, p
+        assert not (p.cell_norms or p.grad_norms or p.grad_cell_norms), p
     for cell, H in (("lstm", 2048), ("relu", 2048)):
         assert launch.plan(cell, 32, H, torch.bfloat16, cuda, sm_count=SM_COUNT).variant == \
             "step"

@@ -1,15 +1,19 @@
 """Backward kernels: batch-tiled, persistent, one launch per step (all use ``step.bwd_step``).
 
 Arguments as in :mod:`.fwd`, plus what forward produced (``out``, ``act``, ``cs``,
-``norms``), the upstream gradients ``gout [T, B, H]``, ``ghn``, ``gcn [B, H]`` and
-``gterms [3]`` (ACC), and the outputs ``gx [T, B, G*H]`` (= dz, also the exchange buffer
-between steps), ``gh0``, ``gc0 [B, H]``.  ``grad_w_hh`` is one GEMM in the launcher.
+``norms``, ``cnorms``), the upstream gradients ``gout [T, B, H]``, ``ghn``, ``gcn [B, H]``,
+``gterms [3]``, ``gnorms`` and ``gcnorms [T+1, B]`` (ACC; read only when the constexprs
+``GRAD_NORMS`` / ``GRAD_CELL_NORMS`` are set), and the outputs ``gx [T, B, G*H]`` (= dz, also
+the exchange buffer between steps), ``gh0``, ``gc0 [B, H]`` and, for normprop,
+``gscale [NB, H]`` (ACC: per batch tile, the sum over its rows and steps of the
+grad_cell_scale terms; the launcher sums the tiles).  ``grad_w_hh`` is one GEMM in the
+launcher.
 """
 import triton
 import triton.language as tl
 
-from .step import (act_cols, bwd_step, dot_acc, gate_cols, grid_barrier, ns_initial_grad, tile_rows,
-                   wide)
+from .step import (act_cols, bwd_step, cell_scale, dot_acc, gate_cols, grid_barrier,
+                   ns_initial_grad, radial, tile_rows, wide)
 
 _NO_SPEC = ["T", "B", "has_len", "has_mask", "rev", "ns_init", "k"]
 
@@ -32,37 +36,68 @@ def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.conste
 
 
 @triton.jit
-def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
-                   ns_init, c_ns, ACC: tl.constexpr):
-    """Store grad_h0 = the recurrent grad of step 1 + the NS-initial term."""
+def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr,
+                   gh0_ptr, B, H, ns_init, c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
+    """Store grad_h0 = the recurrent grad of step 1 + the NS-initial term (+ the radial term
+    of ``gnorms[0]``)."""
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h0 = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
     n0 = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)
     n1 = tl.load(norms_ptr + B + rows, mask=row_ok, other=1.0)
     gh0 = ns_initial_grad(dh_rec, h0, n0, n1, c_ns, ns_init)
+    if GRAD_NORMS:
+        gh0 += radial(gnorms_ptr, norms_ptr, rows, row_ok)[:, None] * h0
     tl.store(gh0_ptr + noff, gh0.to(gh0_ptr.dtype.element_ty), mask=um)
 
 
 @triton.jit
-def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh0_ptr, gc0_ptr,
-             B, H, ns_init, c_ns, CELL: tl.constexpr, ACC: tl.constexpr):
+def _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, gc0_ptr,
+                   H, ACC: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
+    """Store grad_c0 = dc of step 1 (+ the radial term of ``gcnorms[0]``)."""
+    um = row_ok[:, None] & unit_ok[None, :]
+    noff = rows[:, None] * H + units[None, :]
+    if GRAD_CELL_NORMS:
+        c0 = tl.load(c0_ptr + noff, mask=um, other=0.0).to(ACC)
+        dc += radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
+    tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
+
+
+@triton.jit
+def _store_grad_scale(ga, rows, row_ok, units, unit_ok, gscale_ptr, tile, H, ACC: tl.constexpr,
+                      ACCUMULATE: tl.constexpr):
+    """Write (or add to) row ``tile`` of ``gscale [NB, H]`` the column sums of ``ga [BB, BH]``."""
+    g = tl.sum(tl.where(row_ok[:, None], ga, 0.0), axis=0)
+    off = gscale_ptr + tile * H + units
+    if ACCUMULATE:
+        g += tl.load(off, mask=unit_ok, other=0.0)
+    tl.store(off, g.to(ACC), mask=unit_ok)
+
+
+@triton.jit
+def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cnorms_ptr,
+             gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns,
+             G: tl.constexpr, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr,
+             GRAD_CELL_NORMS: tl.constexpr):
     """Store grad_h0 and grad_c0 (``dc_ptr`` holds dc of step 1)."""
-    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
-                   ns_init, c_ns, ACC)
-    if CELL == 0:
+    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
+                   B, H, ns_init, c_ns, ACC, GRAD_NORMS)
+    if G == 4:
         um = row_ok[:, None] & unit_ok[None, :]
         noff = rows[:, None] * H + units[None, :]
         dc = tl.load(dc_ptr + noff, mask=um, other=0.0)
-        tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
+        _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
+                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr, norms_ptr,
-              gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr, gx_ptr, gh0_ptr, gc0_ptr,
-              T, B, H, has_len, has_mask, rev, ns_init, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar,
-              w_ar_lo, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
-              BH: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
+def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr, act_ptr, cs_ptr,
+              norms_ptr, cnorms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr, gnorms_ptr,
+              gcnorms_ptr, gx_ptr, gh0_ptr, gc0_ptr, gscale_ptr,
+              T, B, H, has_len, has_mask, rev, ns_init, hs, hs_lo, w_ns, w_ns_lo, w_tar,
+              w_tar_lo, w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
+              BH: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+              GRAD_NORMS: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
     """One program per batch tile holds all of W_hh and runs the reverse loop.
 
     Grid ``(cdiv(B, BB),)``; needs ``BH >= H``.
@@ -78,21 +113,28 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr
                  mask=col_ok[:, None] & unit_ok[None, :], other=0.0)
     c_ns, c_tar, c_ar = _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC)
     m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
+    a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
+    s = wide(hs, hs_lo, ACC)
     dh_rec = tl.zeros([BB, BH], ACC)
     dc = tl.zeros([BB, BH], ACC)
+    ga_acc = tl.zeros([BB, BH], ACC)
     for j in range(0, T):
         k = T - j
-        dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
-                          out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
-                          ghn_ptr, gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
-                          CELL, G, BB, BH, ACC)
+        dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols,
+                              col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr,
+                              gout_ptr, ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr, cnorms_ptr,
+                              gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, a, s,
+                              CELL, G, BB, BH, ACC, GRAD_NORMS, GRAD_CELL_NORMS)
+        if CELL == 4:
+            ga_acc += ga
         dh_rec = dot_acc(dz.to(wb.dtype), wb, tl.zeros([BB, BH], ACC), ACC_F64, TF32)
-    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
-                   ns_init, c_ns, ACC)
-    if CELL == 0:
-        noff = rows[:, None] * H + units[None, :]
-        tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & unit_ok[None, :])
+    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
+                   B, H, ns_init, c_ns, ACC, GRAD_NORMS)
+    if G == 4:
+        _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
+                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
+    if CELL == 4:
+        _store_grad_scale(ga_acc, rows, row_ok, units, unit_ok, gscale_ptr, pid, H, ACC, False)
 
 
 @triton.jit
@@ -122,24 +164,30 @@ def _dz_w(kn, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev,
 @triton.jit
 def _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m2,
               out_ptr, w_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr,
-              gcn_ptr, gx_ptr, dc_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
+              gcn_ptr, gx_ptr, gnorms_ptr, cnorms_ptr, gcnorms_ptr, dc_ptr, gscale_ptr, pid_b,
+              B, H, rev, ns_init, c_ns, c_tar, c_ar, a, s,
               CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-              BK: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
-    """Backward step k of one (batch tile, hidden slice); dc lives in ``dc_ptr [B, H]``."""
+              BK: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+              GRAD_NORMS: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
+    """Backward step k of one (batch tile, hidden slice); dc lives in ``dc_ptr [B, H]``, the
+    normprop grad_cell_scale sums accumulate in row ``pid_b`` of ``gscale``."""
     dh_rec = _dz_w(k + 1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev, G, BB,
                    BH, BK, ACC, ACC_F64, TF32)
     noff = rows[:, None] * H + units[None, :]
     um = row_ok[:, None] & unit_ok[None, :]
-    if CELL == 0:
+    if G == 4:
         dc = tl.load(dc_ptr + noff, mask=um, other=0.0)
     else:
         dc = dh_rec
-    dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
-                      out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr,
-                      gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, CELL, G, BB, BH,
-                      ACC)
-    if CELL == 0:
+    dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols,
+                          col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
+                          ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr, cnorms_ptr, gcnorms_ptr, B, H,
+                          rev, ns_init, c_ns, c_tar, c_ar, a, s, CELL, G, BB, BH, ACC,
+                          GRAD_NORMS, GRAD_CELL_NORMS)
+    if G == 4:
         tl.store(dc_ptr + noff, dc, mask=um)
+    if CELL == 4:
+        _store_grad_scale(ga, rows, row_ok, units, unit_ok, gscale_ptr, pid_b, H, ACC, True)
 
 
 @triton.jit
@@ -208,13 +256,15 @@ def _dh_rec(src, off, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr,
-                   norms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr, gx_ptr, gh0_ptr, gc0_ptr,
+def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr, act_ptr,
+                   cs_ptr, norms_ptr, cnorms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr,
+                   gnorms_ptr, gcnorms_ptr, gx_ptr, gh0_ptr, gc0_ptr, gscale_ptr,
                    dzbuf_ptr, bar_ptr,
-                   T, B, H, has_len, has_mask, rev, ns_init, w_ns, w_ns_lo, w_tar, w_tar_lo,
-                   w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
-                   BH: tl.constexpr, HF: tl.constexpr, KS: tl.constexpr, ACC: tl.constexpr,
-                   ACC_F64: tl.constexpr, TF32: tl.constexpr):
+                   T, B, H, has_len, has_mask, rev, ns_init, hs, hs_lo, w_ns, w_ns_lo, w_tar,
+                   w_tar_lo, w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr,
+                   BB: tl.constexpr, BH: tl.constexpr, HF: tl.constexpr, KS: tl.constexpr,
+                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+                   GRAD_NORMS: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
     """One launch for the reverse loop.  Grid ``(NH, NB)`` as in ``fwd_persistent``: program
     (p, q) owns units ``p*BH ..`` of batch tile q and keeps the LSTM cell gradient in
     registers; the NH programs of tile q meet at ``bar[q]`` after each step.
@@ -248,7 +298,8 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, 
         w3 = w0
     c_ns, c_tar, c_ar = _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC)
     m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-    um = row_ok[:, None] & unit_ok[None, :]
+    a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
+    s = wide(hs, hs_lo, ACC)
     # own gate columns of a slot: gate g of unit u at g*HF + u
     n = tl.arange(0, G * BH)
     dcols = (n % G) * HF + u0 + n // G
@@ -257,37 +308,45 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, 
     SLOT = B * G * HF
     doff = _dz_offsets(rows, HF, G, KS, KC)
     dc = tl.zeros([BB, BH], ACC)
+    ga_acc = tl.zeros([BB, BH], ACC)
     for j in range(0, T):
         k = T - j
         dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G,
                          BB, BH, KS, KC, ACC, ACC_F64, TF32)
-        dz, dc = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
-                          out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr,
-                          ghn_ptr, gcn_ptr, gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
-                          CELL, G, BB, BH, ACC)
+        dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols,
+                              col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr,
+                              gout_ptr, ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr, cnorms_ptr,
+                              gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, a, s,
+                              CELL, G, BB, BH, ACC, GRAD_NORMS, GRAD_CELL_NORMS)
+        if CELL == 4:
+            ga_acc += ga
         tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
                  mask=dmask)
         grid_barrier(bar, (j + 1) * NH)
     dh_rec = _dh_rec(dzbuf_ptr + (1 % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G, BB, BH,
                      KS, KC, ACC, ACC_F64, TF32)
-    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gh0_ptr, B, H,
-                   ns_init, c_ns, ACC)
-    if CELL == 0:
-        tl.store(gc0_ptr + rows[:, None] * H + units[None, :], dc.to(gc0_ptr.dtype.element_ty),
-                 mask=um)
+    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
+                   B, H, ns_init, c_ns, ACC, GRAD_NORMS)
+    if G == 4:
+        _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
+                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
+    if CELL == 4:
+        _store_grad_scale(ga_acc, rows, row_ok, units, unit_ok, gscale_ptr, q, H, ACC, False)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def bwd_step_launch(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, cs_ptr,
-                    norms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr, gx_ptr, gh0_ptr,
-                    gc0_ptr, dc_ptr, k,
-                    T, B, H, has_len, has_mask, rev, ns_init, w_ns, w_ns_lo, w_tar, w_tar_lo,
-                    w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
-                    BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                    ACC_F64: tl.constexpr, TF32: tl.constexpr):
+def bwd_step_launch(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr, act_ptr,
+                    cs_ptr, norms_ptr, cnorms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gterms_ptr,
+                    gnorms_ptr, gcnorms_ptr, gx_ptr, gh0_ptr, gc0_ptr, gscale_ptr, dc_ptr, k,
+                    T, B, H, has_len, has_mask, rev, ns_init, hs, hs_lo, w_ns, w_ns_lo, w_tar,
+                    w_tar_lo, w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr,
+                    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                    ACC_F64: tl.constexpr, TF32: tl.constexpr, GRAD_NORMS: tl.constexpr,
+                    GRAD_CELL_NORMS: tl.constexpr):
     """Launch ``k`` of ``T .. 0``: backward step k, or (k = 0) grad_h0 / grad_c0.
 
-    Grid ``(cdiv(H, BH), cdiv(B, BB))``; W_hh columns are streamed in BK-chunks.
+    Grid ``(cdiv(H, BH), cdiv(B, BB))``; W_hh columns are streamed in BK-chunks; ``gscale``
+    (zero-initialized) accumulates across launches.
     """
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -300,12 +359,16 @@ def bwd_step_launch(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, act_ptr, 
     c_ns, c_tar, c_ar = _coefs(gterms_ptr, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, ACC)
     if k >= 1:
         m2 = _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
+        a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
+        s = wide(hs, hs_lo, ACC)
         _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m2, out_ptr, w_ptr,
                   h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr, gcn_ptr,
-                  gx_ptr, dc_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, CELL, G, BB, BH, BK,
-                  ACC, ACC_F64, TF32)
+                  gx_ptr, gnorms_ptr, cnorms_ptr, gcnorms_ptr, dc_ptr, gscale_ptr, pid_b, B, H,
+                  rev, ns_init, c_ns, c_tar, c_ar, a, s, CELL, G, BB, BH, BK, ACC, ACC_F64,
+                  TF32, GRAD_NORMS, GRAD_CELL_NORMS)
     else:
         dh_rec = _dz_w(1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev, G, BB, BH,
                        BK, ACC, ACC_F64, TF32)
-        _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, dc_ptr, gh0_ptr,
-                 gc0_ptr, B, H, ns_init, c_ns, CELL, ACC)
+        _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cnorms_ptr,
+                 gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns, G, ACC,
+                 GRAD_NORMS, GRAD_CELL_NORMS)

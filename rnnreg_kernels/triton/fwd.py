@@ -1,16 +1,19 @@
 """Forward kernels: batch-tiled, persistent, one launch per step (all use ``step.fwd_step``).
 
 Common arguments (pointers first): ``x [T, B, G*H]``, ``w [G*H, H]``, ``h0``, ``c0 [B, H]``,
-``lens [B]`` int64 (read when ``has_len``), ``mask [B, H]`` (read when ``has_mask``);
+``lens [B]`` int64 (read when ``has_len``), ``mask [B, H]`` (read when ``has_mask``),
+``scale [H]`` (ACC, normprop's cell scale a; ``hs`` is its h scale s);
 outputs ``out [T, B, H]``, ``hn``, ``cn [B, H]``, ``act [T, B, G*H]`` and ``cs [T, B, H]``
-(LSTM, ACC dtype, saved for backward), ``norms [T+1, B]``, ``tpart [P, 3]`` (weighted
-per-program penalty sums; the launcher adds them up).  ``heps = H * ns_eps``.
+(LSTM-type cells, ACC dtype, saved for backward), ``norms [T+1, B]``, ``cnorms [T+1, B]``
+(the cell norms, written when the constexpr ``CELL_NORMS`` is set), ``tpart [P, 3]``
+(weighted per-program penalty sums; the launcher adds them up).  ``heps = H * ns_eps``.
+CELL: 0 lstm, 1 relu, 2 tanh, 3 trec, 4 normprop; ``G == 4`` means a cell state.
 """
 import triton
 import triton.language as tl
 
-from .step import (act_cols, dot_acc, fwd_penalty, fwd_step, gate_cols, grid_barrier, load_h_op,
-                   load_state, load_x, ns_step, tile_rows, wide)
+from .step import (act_cols, cell_scale, dot_acc, fwd_penalty, fwd_step, gate_cols, grid_barrier,
+                   load_h_op, load_state, load_x, ns_step, tile_rows, wide)
 
 _NO_SPEC = ["T", "B", "has_len", "has_mask", "rev", "ns_init", "k"]
 
@@ -23,12 +26,12 @@ def _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.cons
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
-              out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, tpart_ptr,
-              T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, heps, w_ns, w_ns_lo,
-              w_tar, w_tar_lo, w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr,
+def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
+              out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, cnorms_ptr, tpart_ptr,
+              T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, hs, hs_lo, heps, w_ns,
+              w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, CELL: tl.constexpr, G: tl.constexpr,
               BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr,
-              TF32: tl.constexpr):
+              TF32: tl.constexpr, CELL_NORMS: tl.constexpr):
     """One program per batch tile holds all of W_hh and the state; the time loop runs inside.
 
     Grid ``(cdiv(B, BB),)``; needs ``BH >= H``.
@@ -49,10 +52,14 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
-    if CELL == 0:
+    if G == 4:
         c = tl.load(c0_ptr + noff, mask=um, other=0.0).to(ACC)
     else:
         c = h
+    if CELL_NORMS:
+        tl.store(cnorms_ptr + rows, tl.sqrt(tl.sum(c * c, axis=1) + heps), mask=row_ok)
+    a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
+    s = wide(hs, hs_lo, ACC)
     m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
     n_prev = tl.sqrt(tl.sum(h * h, axis=1) + heps)
     tl.store(norms_ptr + rows, n_prev, mask=row_ok)
@@ -63,8 +70,11 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
         hw = dot_acc(h.to(w.dtype), w, tl.zeros([BB, G * BH], ACC), ACC_F64, TF32)
         x = load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
         h_new, c = fwd_step(k, x, hw, h, c, rows, row_ok, L, units, unit_ok, acols, col_ok,
-                            out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+                            out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta, a, s,
                             CELL, G, BB, BH, ACC)
+        if CELL_NORMS:
+            m_k = tl.sqrt(tl.sum(c * c, axis=1) + heps)
+            tl.store(cnorms_ptr + k * B + rows, tl.where(k <= L, m_k, 0.0), mask=row_ok)
         sq, tar, ar = fwd_penalty(k, h_new, h, m, row_ok, L)
         n_k, ns = ns_step(k, tl.sqrt(sq + heps), n_prev, row_ok, L, ns_init)
         tl.store(norms_ptr + k * B + rows, n_k, mask=row_ok)
@@ -81,33 +91,35 @@ def fwd_tiled(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
 @triton.jit
 def _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m,
               x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr, hn_ptr, cn_ptr,
-              B, H, rev, theta, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
+              B, H, rev, theta, a, s, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
               BH: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
               ACC_F64: tl.constexpr, TF32: tl.constexpr):
     """Step k of one (batch tile, hidden slice) with the state read from global memory and
-    W streamed in BK-chunks.  Returns the per-row (sum h^2 over the slice, TAR, AR) sums.
+    W streamed in BK-chunks.  Returns the per-row (sum h^2 over the slice, TAR, AR) sums
+    and the new cell state ``[BB, BH]``.
     """
     idx = tl.minimum(k - 1, L)
     hw = tl.zeros([BB, G * BH], ACC)
     for k0 in range(0, H, BK):
         kk = k0 + tl.arange(0, BK)
         kok = kk < H
-        a = load_h_op(idx, L, rows, row_ok, kk, kok, h0_ptr, out_ptr, B, H, rev)
+        hk = load_h_op(idx, L, rows, row_ok, kk, kok, h0_ptr, out_ptr, B, H, rev)
         wc = tl.load(w_ptr + xcols[None, :] * H + kk[:, None],
                      mask=kok[:, None] & col_ok[None, :], other=0.0)
-        hw = dot_acc(a, wc, hw, ACC_F64, TF32)
+        hw = dot_acc(hk, wc, hw, ACC_F64, TF32)
     h_prev = load_state(idx, L, rows, row_ok, units, unit_ok, h0_ptr, out_ptr, B, H, rev,
                          row_ok, ACC)
-    if CELL == 0:
+    if G == 4:
         c_prev = load_state(idx, L, rows, row_ok, units, unit_ok, c0_ptr, cs_ptr, B, H, rev,
                              row_ok, ACC)
     else:
         c_prev = h_prev
     x = load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
     h, c = fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, col_ok,
-                    out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+                    out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta, a, s,
                     CELL, G, BB, BH, ACC)
-    return fwd_penalty(k, h, h_prev, m, row_ok, L)
+    sq, tar, ar = fwd_penalty(k, h, h_prev, m, row_ok, L)
+    return sq, tar, ar, c
 
 
 @triton.jit
@@ -134,6 +146,29 @@ def _finalize(k, rows, row_ok, L, part_ptr, norms_ptr, NH, B, heps, ns_init, on,
 
 
 @triton.jit
+def _part_rows(part_ptr, k, rows, ok, NH, B, NP: tl.constexpr):
+    """Sum over the NH hidden slices of the partial sums ``part [2, NH, B]`` (slot k % 2)
+    of rows ``rows`` (0 where not ``ok``)."""
+    p = tl.arange(0, NP)
+    v = tl.load(part_ptr + ((k % 2) * NH + p[:, None]) * B + rows[None, :],
+                mask=(p[:, None] < NH) & ok[None, :], other=0.0, cache_modifier=".cg")
+    return tl.sum(v, axis=0)
+
+
+@triton.jit
+def _state_rows(state_ptr, k, nrows, n_ok, nL, B, H, rev, HF: tl.constexpr, ACC: tl.constexpr):
+    """Sum of squares of whole rows ``nrows [NR]`` of a state after k steps: ``state`` is the
+    initial state ``[B, H]`` for k = 0, else the saved sequence ``[T, B, H]``, read at the
+    position of step k (0 where the step is invalid)."""
+    ok = n_ok & (k <= nL)
+    pos = tl.where(k == 0, 0, tl.where(rev != 0, nL - k, k - 1)).to(tl.int64)
+    kk = tl.arange(0, HF)
+    v = tl.load(state_ptr + (pos * B + nrows)[:, None] * H + kk[None, :],
+                mask=ok[:, None] & (kk < H)[None, :], other=0.0, cache_modifier=".cg").to(ACC)
+    return tl.sum(v * v, axis=1)
+
+
+@triton.jit
 def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
     """Sum of squares of whole rows ``nrows [NR]`` of one exchange slot ``[B, HF]``."""
     kk = tl.arange(0, HF)
@@ -143,14 +178,15 @@ def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
-                   out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, tpart_ptr,
+def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
+                   out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, cnorms_ptr, tpart_ptr,
                    hbuf_ptr, bar_ptr,
-                   T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, heps, w_ns,
-                   w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
+                   T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, hs, hs_lo, heps,
+                   w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
                    CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                    BK: tl.constexpr, HF: tl.constexpr, NR: tl.constexpr, HOLD: tl.constexpr,
-                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
+                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+                   CELL_NORMS: tl.constexpr):
     """One launch for the whole sequence.  Grid ``(NH, NB)``: program (p, q) owns the hidden
     units ``p*BH ..`` (all G gates) of batch tile q and keeps their state (h, c) in
     registers; the NH programs of tile q meet at the barrier ``bar[q]`` after each step.
@@ -166,7 +202,9 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     order, so every step reads one slot with full-width vector loads whatever the lengths
     and direction.  Norms: after barrier k each program reduces whole rows of h_k, the rows
     ``pid + NH*i`` of its tile (at most NR), so the reduction is spread over the programs;
-    TAR and AR are separable and summed over the program's own units.
+    TAR and AR are separable and summed over the program's own units.  Cell norms
+    (``CELL_NORMS``): after barrier k each program also reduces the same rows of c_k, read
+    from the saved cell states ``cs`` (written before the barrier; no extra buffer).
     """
     theta = wide(theta, theta_lo, ACC)
     w_ns = wide(w_ns, w_ns_lo, ACC)
@@ -189,10 +227,12 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
-    if CELL == 0:
+    if G == 4:
         c = tl.load(c0_ptr + noff, mask=um, other=0.0).to(ACC)
     else:
         c = h
+    a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
+    s = wide(hs, hs_lo, ACC)
     m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
     slot = rows[:, None] * HF + units[None, :]
     SLOT = B * HF
@@ -207,6 +247,10 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     grid_barrier(bar, NH)
     n_prev = tl.sqrt(_row_norms(hbuf_ptr, nrows, n_ok, HF, ACC) + heps)
     tl.store(norms_ptr + nrows, n_prev, mask=n_ok)
+    if CELL_NORMS:
+        tl.store(cnorms_ptr + nrows,
+                 tl.sqrt(_state_rows(c0_ptr, 0, nrows, n_ok, nL, B, H, rev, HF, ACC) + heps),
+                 mask=n_ok)
     acc_ns = tl.zeros([NR], ACC)
     acc_tar = tl.zeros([BB], ACC)
     acc_ar = tl.zeros([BB], ACC)
@@ -225,7 +269,7 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
                 acc = dot_acc(w_c, h_t, acc, ACC_F64, TF32)
         h_new, c = fwd_step(k, x, tl.trans(acc), h, c, rows, row_ok, L, units, unit_ok, acols,
                             col_ok, out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
-                            CELL, G, BB, BH, ACC)
+                            a, s, CELL, G, BB, BH, ACC)
         tl.store(hbuf_ptr + (k % 2) * SLOT + slot, h_new.to(hbuf_ptr.dtype.element_ty),
                  mask=um)
         sq, tar, ar = fwd_penalty(k, h_new, h, m, row_ok, L)
@@ -239,6 +283,9 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
         tl.store(norms_ptr + k * B + nrows, n_store, mask=n_ok)
         n_prev = tl.where(n_ok & (k <= nL), n_k, n_prev)
         acc_ns += ns
+        if CELL_NORMS:
+            m_k = tl.sqrt(_state_rows(cs_ptr, k, nrows, n_ok, nL, B, H, rev, HF, ACC) + heps)
+            tl.store(cnorms_ptr + k * B + nrows, tl.where(k <= nL, m_k, 0.0), mask=n_ok)
     out = tpart_ptr + (q * NH + pid) * 3
     tl.store(out, w_ns * tl.sum(acc_ns, axis=0))
     tl.store(out + 1, w_tar * tl.sum(acc_tar, axis=0))
@@ -246,16 +293,17 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def fwd_step_launch(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
-                    out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, tpart_ptr, part_ptr,
-                    k, T, B, H, has_len, has_mask, rev, ns_init, theta, theta_lo, heps, w_ns,
-                    w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo, CELL: tl.constexpr,
-                    G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                    NP: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr,
-                    TF32: tl.constexpr):
+def fwd_step_launch(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
+                    out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, cnorms_ptr, tpart_ptr,
+                    part_ptr, cpart_ptr, k, T, B, H, has_len, has_mask, rev, ns_init, theta,
+                    theta_lo, hs, hs_lo, heps, w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
+                    CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+                    BK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
+                    ACC_F64: tl.constexpr, TF32: tl.constexpr, CELL_NORMS: tl.constexpr):
     """Launch ``k`` of ``0 .. T+1``: step k (1 <= k <= T; k = 0 sums h0) and, in the first
-    hidden slice, the norm and NS of step k-1.  Grid ``(cdiv(H, BH), cdiv(B, BB))``; W is
-    streamed in BK-chunks.  ``tpart`` (zero-initialized) accumulates across launches.
+    hidden slice, the norm and NS of step k-1 (and its cell norm, from the slices' sums of
+    c^2 in ``cpart [2, NH, B]``, with ``CELL_NORMS``).  Grid ``(cdiv(H, BH), cdiv(B, BB))``;
+    W is streamed in BK-chunks.  ``tpart`` (zero-initialized) accumulates across launches.
     """
     theta = wide(theta, theta_lo, ACC)
     w_ns = wide(w_ns, w_ns_lo, ACC)
@@ -273,17 +321,29 @@ def fwd_step_launch(x_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr,
     if k == 0:
         sq = _h0_sq(rows, row_ok, units, unit_ok, h0_ptr, H, ACC)
         tl.store(part_ptr + pid_h * B + rows, sq, mask=row_ok)
+        if CELL_NORMS:
+            tl.store(cpart_ptr + pid_h * B + rows,
+                     _h0_sq(rows, row_ok, units, unit_ok, c0_ptr, H, ACC), mask=row_ok)
     if k >= 1:
         if k <= T:
             m = _mask_tile(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC)
-            sq, tar, ar = _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols,
-                                    act_cols(u0, G, BH), col_ok, m,
-                                    x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr,
-                                    hn_ptr, cn_ptr, B, H, rev, theta, CELL, G, BB, BH, BK,
-                                    ACC, ACC_F64, TF32)
+            a = cell_scale(scale_ptr, units, unit_ok, CELL, BH, ACC)
+            s = wide(hs, hs_lo, ACC)
+            sq, tar, ar, c = _fwd_tile(k, rows, row_ok, L, units, unit_ok, xcols,
+                                       act_cols(u0, G, BH), col_ok, m,
+                                       x_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, cs_ptr, c0_ptr,
+                                       hn_ptr, cn_ptr, B, H, rev, theta, a, s, CELL, G, BB,
+                                       BH, BK, ACC, ACC_F64, TF32)
             tl.store(part_ptr + ((k % 2) * NH + pid_h) * B + rows, sq, mask=row_ok)
+            if CELL_NORMS:
+                tl.store(cpart_ptr + ((k % 2) * NH + pid_h) * B + rows, tl.sum(c * c, axis=1),
+                         mask=row_ok)
             tl.store(slot + 1, tl.load(slot + 1) + w_tar * tl.sum(tar, axis=0))
             tl.store(slot + 2, tl.load(slot + 2) + w_ar * tl.sum(ar, axis=0))
         ns = _finalize(k - 1, rows, row_ok, L, part_ptr, norms_ptr, NH, B, heps, ns_init,
                        pid_h == 0, NP)
         tl.store(slot, tl.load(slot) + w_ns * tl.sum(ns, axis=0))
+        if CELL_NORMS:
+            ok = tl.where(pid_h == 0, row_ok, False)
+            m_k = tl.sqrt(_part_rows(cpart_ptr, k - 1, rows, ok, NH, B, NP) + heps)
+            tl.store(cnorms_ptr + (k - 1) * B + rows, tl.where(k - 1 <= L, m_k, 0.0), mask=ok)

@@ -8,6 +8,7 @@ per step), ``step`` (one launch per step, W_hh streamed).  :func:`plan` chooses 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import Spec, acc_dtype_of, gates_of
+from ..contract import LSTM_CELLS, Spec, acc_dtype_of, gates_of
 from . import bwd as _bwd
 from . import fwd as _fwd
 
@@ -32,9 +33,10 @@ KERNELS = {"tiled": ("fwd_tiled", "bwd_tiled"),
            "persistent": ("fwd_persistent", "bwd_persistent"),
            "step": ("fwd_step_launch", "bwd_step_launch")}
 ACC_PTRS = frozenset({"act_ptr", "cs_ptr", "norms_ptr", "tpart_ptr", "part_ptr", "gterms_ptr",
-                      "dc_ptr"})
+                      "dc_ptr", "scale_ptr", "cnorms_ptr", "cpart_ptr", "gnorms_ptr",
+                      "gcnorms_ptr", "gscale_ptr"})
 INT_ARGS = frozenset({"T", "B", "H", "has_len", "has_mask", "rev", "ns_init", "k"})
-CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
+CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3, "normprop": 4}
 TILED_MAX_W = 32768        # bytes of W_hh one tiled program holds (bf16: LSTM H <= 64, RNN 128)
 PERSISTENT_MMA_M = 64      # gate rows per persistent program: the M of a warpgroup MMA
 PERSISTENT_MAX_SMEM = 196608  # bytes of shared memory for a persistent program's W_hh slice
@@ -75,7 +77,10 @@ class Plan:
     BK-chunks (FMA types: fp32 without TF32, fp64).  ``HF`` = pow2(H) (the row stride of the
     persistent exchange buffer), ``NR`` the most rows whose norms one persistent program
     reduces per step, ``KS`` the K-slices of the persistent backward's step product (one per
-    warp, at least 16 wide).
+    warp, at least 16 wide).  ``cell_norms``, ``grad_norms``, ``grad_cell_norms`` are the
+    kernels' feature flags (constexprs ``CELL_NORMS``, ``GRAD_NORMS``, ``GRAD_CELL_NORMS``):
+    :func:`plan` leaves them off (the fast path, what the static profile compiles), the
+    launchers switch them on per call (:func:`with_features`).
     """
 
     variant: str
@@ -90,6 +95,14 @@ class Plan:
     HF: int = 16
     NR: int = 1
     KS: int = 1
+    cell_norms: bool = False
+    grad_norms: bool = False
+    grad_cell_norms: bool = False
+
+
+def with_features(p: Plan, **flags) -> Plan:
+    """``p`` with the feature flags ``flags`` (``cell_norms=`` etc.) set."""
+    return dataclasses.replace(p, **{k: bool(v) for k, v in flags.items()})
 
 
 def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
@@ -273,39 +286,78 @@ def _weights(spec: Spec) -> tuple:
     return (*_split(spec.w_ns), *_split(spec.w_tar), *_split(spec.w_ar))
 
 
+def _cell_scale(spec: Spec, cell_scale: Optional[torch.Tensor], H: int, acc: torch.dtype,
+                device: torch.device) -> Optional[torch.Tensor]:
+    """The normprop cell scale as the kernels read it (``[H]``, ACC, contiguous), or None."""
+    if spec.cell != "normprop":
+        if cell_scale is not None:
+            raise ValueError(f"cell_scale: only the 'normprop' cell takes one; got a tensor "
+                             f"for cell {spec.cell!r}")
+        return None
+    if cell_scale is None:
+        raise ValueError("cell_scale: the 'normprop' cell needs a [H] tensor (gamma_c / "
+                         "sigma_c), got None")
+    if tuple(cell_scale.shape) != (H,):
+        raise ValueError(f"cell_scale: expected shape [{H}] (H), got "
+                         f"{list(cell_scale.shape)}")
+    return cell_scale.to(device=device, dtype=acc).contiguous()
+
+
+def _acc_input(t: Optional[torch.Tensor], name: str, shape: tuple, acc: torch.dtype,
+               device: torch.device) -> Optional[torch.Tensor]:
+    """An optional ``[T+1, B]`` upstream gradient as the kernels read it (ACC), or None."""
+    if t is None:
+        return None
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)} ([T+1, B]), got "
+                         f"{list(t.shape)}")
+    return t.to(device=device, dtype=acc).contiguous()
+
+
 def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
             c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
-            lengths: Optional[torch.Tensor], *, variant: Optional[str] = None,
-            block_h: Optional[int] = None, block_b: Optional[int] = None,
-            poison: bool = False):
-    """Forward of the contract (``rnnreg_kernels.contract``) with the Triton kernels.
+            lengths: Optional[torch.Tensor], cell_scale: Optional[torch.Tensor] = None, *,
+            variant: Optional[str] = None, block_h: Optional[int] = None,
+            block_b: Optional[int] = None, poison: bool = False):
+    """Forward of the contract (``rnnreg_kernels.contract``, v2) with the Triton kernels.
 
     Returns ``(output [T, B, H], h_n [B, H], c_n [B, H] or None, terms [3], norms [T+1, B],
-    saved)`` with ``saved = (act [T, B, 4H], cs [T, B, H])`` (activated gates and c, ACC
-    dtype) for LSTM and ``()`` otherwise.  ``variant`` / ``block_h`` / ``block_b`` force the plan (see :func:`plan`; tests); ``poison`` NaN-fills every buffer before the
-    launch.
+    cell_norms [T+1, B] or None, saved)`` with ``saved = (act [T, B, 4H], cs [T, B, H])``
+    (activated gates and c, ACC dtype) for the LSTM-type cells and ``()`` otherwise;
+    ``cell_norms`` (ACC) when ``spec.cell_norms``.  ``cell_scale [H]`` is normprop's
+    per-unit scale a (required for normprop, None otherwise).  ``variant`` / ``block_h`` /
+    ``block_b`` force the plan (see :func:`plan`; tests); ``poison`` NaN-fills every buffer
+    before the launch.
     """
     T, B, GH = x_proj.shape
     H = w_hh.shape[1]
     G = spec.gates
     dtype, dev = x_proj.dtype, x_proj.device
     acc = acc_dtype_of(dtype)
-    lstm = spec.cell == "lstm"
-    p = plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
-             block_b)
+    lstm = spec.has_cell_state
+    if spec.cell_norms and not lstm:
+        raise ValueError(f"spec.cell_norms: only the cells with a cell state ("
+                         f"{', '.join(LSTM_CELLS)}) have cell norms; got cell {spec.cell!r}")
+    scale = _cell_scale(spec, cell_scale, H, acc, dev)
+    p = with_features(plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
+                           block_b), cell_norms=spec.cell_norms)
     new = _alloc(poison)
     out = new(T, B, H, dtype=dtype, device=dev)
     h_n = new(B, H, dtype=dtype, device=dev)
     c_n = new(B, H, dtype=dtype, device=dev) if lstm else None
     norms = new(T + 1, B, dtype=acc, device=dev)
+    cnorms = new(T + 1, B, dtype=acc, device=dev) if spec.cell_norms else None
     act = new(T, B, GH, dtype=acc, device=dev) if lstm else norms
     cs = new(T, B, H, dtype=acc, device=dev) if lstm else norms
     lens, mask, flags = _common(spec, x_proj, lengths, ar_mask)
-    ptrs = (x_proj, w_hh, h0, c0 if lstm else h0, lens, mask, out, h_n,
-            c_n if lstm else h_n, act, cs, norms)
-    scal = (*flags[:2], H, *flags[2:], *_split(spec.theta), H * spec.ns_eps, *_weights(spec))
+    ptrs = (x_proj, w_hh, h0, c0 if lstm else h0, lens, mask,
+            scale if scale is not None else norms, out, h_n, c_n if lstm else h_n, act, cs,
+            norms, cnorms if cnorms is not None else norms)
+    scal = (*flags[:2], H, *flags[2:], *_split(spec.theta), *_split(spec.h_scale),
+            H * spec.ns_eps, *_weights(spec))
     meta = dict(CELL=CELL_CODE[spec.cell], G=G, BB=p.BB, BH=p.BH, ACC=_acc_tl(acc),
-                ACC_F64=acc == torch.float64, TF32=_tf32(spec, dtype), num_warps=p.num_warps)
+                ACC_F64=acc == torch.float64, TF32=_tf32(spec, dtype),
+                CELL_NORMS=p.cell_norms, num_warps=p.num_warps)
     with _on(dev):
         if p.variant == "tiled":
             tpart = new(p.NB, 3, dtype=acc, device=dev)
@@ -315,49 +367,74 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
             hbuf = torch.zeros(2, B, p.HF, dtype=dtype, device=dev)
             bar = torch.zeros(p.NB, dtype=torch.int32, device=dev)
             wt = interleave_w(w_hh, G, p.NH * p.BH, p.HF)
-            _fwd.fwd_persistent[(p.NH, p.NB)](ptrs[0], wt, *ptrs[2:], tpart, hbuf, bar, *scal, BK=p.BK, HF=p.HF,
-                                              NR=p.NR, HOLD=p.hold, **meta, **_persist(p))
+            _fwd.fwd_persistent[(p.NH, p.NB)](ptrs[0], wt, *ptrs[2:], tpart, hbuf, bar,
+                                              *scal, BK=p.BK, HF=p.HF, NR=p.NR,
+                                              HOLD=p.hold, **meta, **_persist(p))
         else:
             tpart = torch.zeros(p.NB * p.NH, 3, dtype=acc, device=dev)
             part = new(2, p.NH, B, dtype=acc, device=dev)
+            cpart = new(2, p.NH, B, dtype=acc, device=dev) if spec.cell_norms else part
             grid = (p.NH, p.NB)
             for k in range(T + 2):
-                _fwd.fwd_step_launch[grid](*ptrs, tpart, part, k, *scal, BK=p.BK, NP=p.NP, **meta)
+                _fwd.fwd_step_launch[grid](*ptrs, tpart, part, cpart, k, *scal, BK=p.BK,
+                                           NP=p.NP, **meta)
     terms = tpart.sum(0)
     saved = (act, cs) if lstm else ()
-    return out, h_n, c_n, terms, norms, saved
+    return out, h_n, c_n, terms, norms, cnorms, saved
 
 
-def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-             grad_output, grad_h_n, grad_c_n, grad_terms, *, variant: Optional[str] = None,
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms,
+             grad_norms=None, grad_cell_norms=None, *, variant: Optional[str] = None,
              block_h: Optional[int] = None, block_b: Optional[int] = None,
              poison: bool = False):
-    """Backward of the contract: ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0 or None)``.
+    """Backward of the contract (v2): ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0 or None,
+    grad_cell_scale [H] (ACC) or None)``.
 
-    The kernels produce grad_x_proj (dz), grad_h0 and grad_c0; grad_w_hh is one GEMM
-    ``dZ^T @ H_prev`` here.  Keywords as in :func:`forward` (use the same plan).
+    The kernels produce grad_x_proj (dz), grad_h0, grad_c0 and per-batch-tile partial sums
+    of grad_cell_scale (summed here); grad_w_hh is one GEMM ``dZ^T @ H_prev`` here.
+    ``grad_norms`` / ``grad_cell_norms`` ``[T+1, B]`` (or None: zero) enter the kernels as
+    the radial terms; ``grad_cell_norms`` needs the forward's ``cell_norms``.  Keywords as
+    in :func:`forward` (use the same plan).
     """
     T, B, GH = output.shape[0], output.shape[1], w_hh.shape[0]
     H = w_hh.shape[1]
     G = spec.gates
     dtype, dev = output.dtype, output.device
     acc = acc_dtype_of(dtype)
-    lstm = spec.cell == "lstm"
-    p = plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
-             block_b)
+    lstm = spec.has_cell_state
+    scale = _cell_scale(spec, cell_scale, H, acc, dev)
+    gnorms = _acc_input(grad_norms, "grad_norms", (T + 1, B), acc, dev)
+    gcnorms = _acc_input(grad_cell_norms, "grad_cell_norms", (T + 1, B), acc, dev)
+    if gcnorms is not None and cell_norms is None:
+        raise ValueError("grad_cell_norms: given, but cell_norms is None (the forward "
+                         "computes cell norms only with spec.cell_norms)")
+    p = with_features(plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
+                           block_b), grad_norms=gnorms is not None,
+                      grad_cell_norms=gcnorms is not None)
     new = _alloc(poison)
     gx = new(T, B, GH, dtype=dtype, device=dev)
     gh0 = new(B, H, dtype=dtype, device=dev)
     gc0 = new(B, H, dtype=dtype, device=dev) if lstm else None
+    gscale = None
+    if scale is not None:
+        gscale = (torch.zeros if p.variant == "step" else new)(p.NB, H, dtype=acc, device=dev)
     act, cs = saved if lstm else (norms, norms)
     lens, mask, flags = _common(spec, output, lengths, ar_mask)
     gterms = grad_terms.to(acc).contiguous()
-    ptrs = (output, w_hh, h0, c0 if lstm else h0, lens, mask, act, cs, norms,
-            grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, gterms, gx, gh0,
-            gc0 if lstm else gh0)
-    scal = (*flags[:2], H, *flags[2:], *_weights(spec))
+
+    def _or(t):
+        return t if t is not None else norms
+
+    ptrs = (output, w_hh, h0, c0 if lstm else h0, lens, mask, _or(scale), act, cs, norms,
+            _or(cell_norms.to(acc).contiguous() if gcnorms is not None else None),
+            grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, gterms, _or(gnorms),
+            _or(gcnorms), gx, gh0, gc0 if lstm else gh0, _or(gscale))
+    scal = (*flags[:2], H, *flags[2:], *_split(spec.h_scale), *_weights(spec))
     meta = dict(CELL=CELL_CODE[spec.cell], G=G, BB=p.BB, BH=p.BH, ACC=_acc_tl(acc),
-                ACC_F64=acc == torch.float64, TF32=_tf32(spec, dtype), num_warps=p.num_warps)
+                ACC_F64=acc == torch.float64, TF32=_tf32(spec, dtype),
+                GRAD_NORMS=p.grad_norms, GRAD_CELL_NORMS=p.grad_cell_norms,
+                num_warps=p.num_warps)
     with _on(dev):
         if p.variant == "tiled":
             _bwd.bwd_tiled[(p.NB,)](*ptrs, *scal, **meta)
@@ -374,7 +451,8 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
                 for k in range(T, -1, -1):
                     _bwd.bwd_step_launch[grid](*ptrs, dc, k, *scal, BK=p.BK, **meta)
     gw = grad_w_hh(gx, output, h0, lengths, spec.reverse)
-    return gx, gw, gh0, gc0
+    gcs = gscale.sum(0) if gscale is not None else None
+    return gx, gw, gh0, gc0, gcs
 
 
 def grad_w_hh(gx: torch.Tensor, output: torch.Tensor, h0: torch.Tensor,

@@ -30,8 +30,15 @@ def _tanh(x):
 
 @triton.jit
 def wide(hi, lo, ACC: tl.constexpr):
-    """A float passed as two fp32 scalars (hi + lo) so that float64 kernels get it exactly."""
-    return tl.full([], hi, ACC) + tl.full([], lo, ACC)
+    """A float passed as two fp32 scalars (hi + lo) so that float64 kernels get it exactly.
+
+    In fp32 ``hi`` alone is the value (``lo`` is below half an ulp of it): the kernel then
+    reads the parameter directly, with no register held for it."""
+    if ACC == tl.float64:
+        v = tl.full([], hi, ACC) + tl.full([], lo, ACC)
+    else:
+        v = hi
+    return v
 
 
 @triton.jit
@@ -116,12 +123,14 @@ def load_h_op(idx, L, rows, row_ok, cols, col_ok, h0_ptr, out_ptr, B, H, rev):
 
 
 @triton.jit
-def _cell_fwd(z, c_prev, theta, CELL: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+def _cell_fwd(z, c_prev, theta, a, s, CELL: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """``z [BB, G*BH]`` pre-activations -> (h [BB, BH], c [BB, BH], act [BB, G*BH]).
 
-    CELL: 0 lstm (act = activated i, f, g, o interleaved), 1 relu, 2 tanh, 3 trec.
+    CELL: 0 lstm (act = activated i, f, g, o interleaved), 1 relu, 2 tanh, 3 trec,
+    4 normprop (the LSTM with ``h = o * tanh(a * c) * s``, ``a [BH]`` the cell scale,
+    ``s`` the h scale; ``a`` and ``s`` are ignored by the other cells).
     """
-    if CELL == 0:
+    if CELL == 0 or CELL == 4:
         z0, z1 = tl.split(tl.reshape(z, (BB, BH, 2, 2)))
         zi, zg = tl.split(z0)
         zf, zo = tl.split(z1)
@@ -130,7 +139,10 @@ def _cell_fwd(z, c_prev, theta, CELL: tl.constexpr, BB: tl.constexpr, BH: tl.con
         g = _tanh(zg)
         o = _sigmoid(zo)
         c = f * c_prev + i * g
-        h = o * _tanh(c)
+        if CELL == 4:
+            h = o * _tanh(a[None, :] * c) * s
+        else:
+            h = o * _tanh(c)
         act = tl.reshape(tl.join(tl.join(i, g), tl.join(f, o)), (BB, 4 * BH))
     elif CELL == 1:
         h = tl.maximum(z, 0.0)
@@ -148,28 +160,65 @@ def _cell_fwd(z, c_prev, theta, CELL: tl.constexpr, BB: tl.constexpr, BH: tl.con
 
 
 @triton.jit
-def _cell_bwd(dh, dc, act, c, c_prev, h, CELL: tl.constexpr, BB: tl.constexpr,
+def _cell_bwd(dh, dc, act, c, c_prev, h, a, s, CELL: tl.constexpr, BB: tl.constexpr,
               BH: tl.constexpr):
-    """Cell backward: (dz [BB, G*BH] interleaved, dc into step k-1)."""
-    if CELL == 0:
+    """Cell backward: (dz [BB, G*BH] interleaved, dc into step k-1, ga [BB, BH]).
+
+    ``ga`` is the step's contribution to grad_cell_scale (normprop: ``dh*o*s*(1-tc^2)*c``
+    with ``tc = tanh(a*c)``); the other cells return ``dc`` there (unused).
+    """
+    if CELL == 0 or CELL == 4:
         a0, a1 = tl.split(tl.reshape(act, (BB, BH, 2, 2)))
         i, g = tl.split(a0)
         f, o = tl.split(a1)
-        tc = _tanh(c)
-        dc = dc + dh * o * (1.0 - tc * tc)
+        if CELL == 4:
+            tc = _tanh(a[None, :] * c)
+            dac = dh * o * s * (1.0 - tc * tc)
+            dc = dc + dac * a[None, :]
+            ga = dac * c
+            do = dh * tc * s * o * (1.0 - o)
+        else:
+            tc = _tanh(c)
+            dc = dc + dh * o * (1.0 - tc * tc)
+            do = dh * tc * o * (1.0 - o)
+            ga = dc
         di = dc * g * i * (1.0 - i)
         df = dc * c_prev * f * (1.0 - f)
         dg = dc * i * (1.0 - g * g)
-        do = dh * tc * o * (1.0 - o)
         dz = tl.reshape(tl.join(tl.join(di, dg), tl.join(df, do)), (BB, 4 * BH))
         dc_prev = dc * f
     elif CELL == 2:
         dz = dh * (1.0 - h * h)
         dc_prev = dc
+        ga = dc
     else:
         dz = tl.where(h != 0.0, dh, 0.0)
         dc_prev = dc
-    return dz, dc_prev
+        ga = dc
+    return dz, dc_prev, ga
+
+
+@triton.jit
+def cell_scale(scale_ptr, units, unit_ok, CELL: tl.constexpr, BH: tl.constexpr,
+               ACC: tl.constexpr):
+    """The normprop cell scale of the units ``[BH]`` (0 at padded units); zeros (unused)
+    for the other cells."""
+    if CELL == 4:
+        a = tl.load(scale_ptr + units, mask=unit_ok, other=0.0).to(ACC)
+    else:
+        a = tl.zeros([BH], ACC)
+    return a
+
+
+@triton.jit
+def radial(g_ptr, n_ptr, off, ok):
+    """``g[off] / n[off]`` per row ``[BB]`` (0 where ``ok`` is False or the norm is 0): the
+    coefficient of the radial term ``g * v / n`` that a norm's upstream gradient ``g`` adds
+    to the gradient of the state ``v`` whose norm is ``n``."""
+    g = tl.load(g_ptr + off, mask=ok, other=0.0)
+    n = tl.load(n_ptr + off, mask=ok, other=1.0)
+    pos = ok & (n > 0.0)
+    return tl.where(pos, g / tl.where(pos, n, 1.0), 0.0)
 
 
 @triton.jit
@@ -186,21 +235,22 @@ def load_x(k, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G: tl.constexpr)
 
 @triton.jit
 def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, col_ok,
-             out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta,
+             out_ptr, act_ptr, cs_ptr, hn_ptr, cn_ptr, B, H, rev, theta, a, s,
              CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
              ACC: tl.constexpr):
     """One forward step of a ``[BB rows, BH units]`` tile.
 
     ``x [BB, G*BH]`` is the step's input projection (``load_x``), ``hw [BB, G*BH]`` is
     ``h_{k-1} @ W_hh^T`` for the tile's gate columns; ``h_prev``, ``c_prev [BB, BH]`` the
-    tile's state after k-1 steps (ACC).  Stores output, h_n / c_n at the row's last step and,
-    for LSTM, the activated gates and c.  Returns the state after k steps (held where the
-    step is invalid; h rounded to the output dtype).
+    tile's state after k-1 steps (ACC), ``a [BH]`` / ``s`` the normprop cell and h scales.
+    Stores output, h_n / c_n at the row's last step and, for the LSTM-type cells, the
+    activated gates and c.  Returns the state after k steps (held where the step is
+    invalid; h rounded to the output dtype).
     """
     valid = row_ok & (k <= L)
     pos = _position(k, L, valid, rev)
     rowoff = pos * B + rows
-    h, c, act = _cell_fwd(x.to(ACC) + hw, c_prev, theta, CELL, BB, BH)
+    h, c, act = _cell_fwd(x.to(ACC) + hw, c_prev, theta, a, s, CELL, BB, BH)
     hd = h.to(out_ptr.dtype.element_ty)
     hoff = rowoff[:, None] * H + units[None, :]
     um = row_ok[:, None] & unit_ok[None, :]
@@ -210,7 +260,7 @@ def fwd_step(k, x, hw, h_prev, c_prev, rows, row_ok, L, units, unit_ok, acols, c
     noff = rows[:, None] * H + units[None, :]
     tl.store(hn_ptr + noff, hd, mask=last)
     h_new = tl.where(vm, hd.to(ACC), h_prev)
-    if CELL == 0:
+    if G == 4:
         tl.store(act_ptr + rowoff[:, None] * (G * H) + acols[None, :], act,
                  mask=valid[:, None] & col_ok[None, :])
         tl.store(cs_ptr + hoff, c, mask=vm)
@@ -249,17 +299,22 @@ def ns_step(k, n_k, n_prev, row_ok, L, ns_init):
 @triton.jit
 def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok,
              out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr, gout_ptr, ghn_ptr, gcn_ptr,
-             gx_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar,
-             CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-             ACC: tl.constexpr):
+             gx_ptr, gnorms_ptr, cnorms_ptr, gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar,
+             c_ar, a, s, CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr,
+             BH: tl.constexpr, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr,
+             GRAD_CELL_NORMS: tl.constexpr):
     """One backward step of a ``[BB rows, BH units]`` tile.
 
     ``dh_rec [BB, BH]`` is the recurrent gradient ``dz_{k+1} @ W_hh`` (0 where step k+1 is
     invalid), ``dc`` the cell gradient from step k+1 (LSTM).  Adds the upstream gradient of
     the output (and of h_n / c_n at the row's last step) and the penalty gradients
-    (``c_ns = 2 w_ns g_ns`` etc.), runs the cell backward, stores ``grad_x_proj`` at the
-    step's position (zeros for an invalid step) and returns ``(dz [BB, G*BH], dc)`` for
-    step k-1.
+    (``c_ns = 2 w_ns g_ns`` etc.), the radial terms of the norms' upstream gradients
+    (``GRAD_NORMS``: ``gnorms [T+1, B]`` folded into the norm-stabilizer's radial
+    coefficient; ``GRAD_CELL_NORMS``: ``gcnorms[k] * c_k / m_k`` into dc, ``m = cnorms``),
+    runs the cell backward (``a [BH]``, ``s``: the normprop scales), stores ``grad_x_proj``
+    at the step's position (zeros for an invalid step) and returns ``(dz [BB, G*BH], dc,
+    ga [BB, BH])``: dz and dc for step k-1, ga the step's grad_cell_scale terms
+    (normprop; unused otherwise).
     """
     valid = row_ok & (k <= L)
     nxt = valid & (k + 1 <= L)
@@ -279,7 +334,10 @@ def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, c
     d_k = tl.where(valid & ((k >= 2) | (ns_init != 0)), n_k - n_p, 0.0)
     d_n = tl.where(nxt, n_n - n_k, 0.0)
     pos_k = valid & (n_k > 0.0)
-    coef = tl.where(pos_k, c_ns * (d_k - d_n) / tl.where(pos_k, n_k, 1.0), 0.0)
+    num = c_ns * (d_k - d_n)
+    if GRAD_NORMS:
+        num += tl.load(gnorms_ptr + k * B + rows, mask=valid, other=0.0)
+    coef = tl.where(pos_k, num / tl.where(pos_k, n_k, 1.0), 0.0)
     dh += coef[:, None] * h
     # TAR: needs h_{k-1} and h_{k+1}
     tar_on = c_tar != 0.0
@@ -294,7 +352,7 @@ def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, c
     # AR
     dh += c_ar * m2 * h
     dh = tl.where(vm, dh, 0.0)
-    if CELL == 0:
+    if G == 4:
         act = tl.load(act_ptr + rowoff[:, None] * (G * H) + acols[None, :],
                       mask=valid[:, None] & col_ok[None, :], other=0.0)
         c = tl.load(cs_ptr + hoff, mask=vm, other=0.0)
@@ -302,14 +360,17 @@ def bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols, c
                              B, H, rev, valid, ACC)
         gcn = tl.load(gcn_ptr + noff, mask=last[:, None] & unit_ok[None, :], other=0.0)
         dc_in = tl.where(last[:, None], gcn.to(ACC), dc)
-        dz, dc_prev = _cell_bwd(dh, dc_in, act.to(ACC), c.to(ACC), c_prev, h, CELL, BB, BH)
+        c = c.to(ACC)
+        if GRAD_CELL_NORMS:
+            dc_in += radial(gcnorms_ptr, cnorms_ptr, k * B + rows, valid)[:, None] * c
+        dz, dc_prev, ga = _cell_bwd(dh, dc_in, act.to(ACC), c, c_prev, h, a, s, CELL, BB, BH)
         dc_out = tl.where(vm, dc_prev, 0.0)
     else:
-        dz, dc_out = _cell_bwd(dh, dc, h, h, h, h, CELL, BB, BH)
+        dz, dc_out, ga = _cell_bwd(dh, dc, h, h, h, h, a, s, CELL, BB, BH)
     dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
     tl.store(gx_ptr + rowoff[:, None] * (G * H) + xcols[None, :],
              dz.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    return dz, dc_out
+    return dz, dc_out, ga
 
 
 @triton.jit
