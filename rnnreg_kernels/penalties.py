@@ -301,32 +301,3 @@ def to_processing_order(output: torch.Tensor, lengths: Optional[torch.Tensor],
     pos = (L - k).clamp(min=0)  # [T, B]
     gathered = output.gather(0, pos.unsqueeze(-1).expand(T, B, output.shape[2]))
     return torch.where((k <= L).unsqueeze(-1), gathered, torch.zeros_like(gathered))
-
-
-def fold_radial(grad_norms: Optional[torch.Tensor], grad_output: torch.Tensor,
-                output: torch.Tensor, h0: torch.Tensor, norms: torch.Tensor,
-                lengths: Optional[torch.Tensor], reverse: bool):
-    """The hidden radial term of the contract as a change of ``grad_output``.
-
-    ``dL/dh_k += grad_norms[k] * h_k / n_k`` for k = 1..L_b is exactly the same as adding
-    it to ``grad_output`` at step k's time position (h_k is that position of ``output``);
-    ``grad_norms[0] * h0 / n0`` belongs to ``grad_h0`` after the backward.  Zero norms and
-    entries past a row's length contribute 0.  For backends whose kernels do not take
-    ``grad_norms`` themselves.
-
-    Returns ``(grad_output', extra_grad_h0 [B, H] in acc dtype or None)``; with
-    ``grad_norms`` None, ``(grad_output, None)`` unchanged.
-    """
-    if grad_norms is None:
-        return grad_output, None
-    T, B, _ = output.shape
-    acc = norms.dtype
-    n = norms
-    ok = n > 0
-    ok[1:] &= step_mask(T, lengths, B, n.device)
-    r = torch.where(ok, grad_norms.to(acc) / torch.where(ok, n, torch.ones_like(n)),
-                    torch.zeros_like(n))
-    # steps -> time positions (the map is its own inverse on the valid part; 0 elsewhere)
-    r_pos = to_processing_order(r[1:].unsqueeze(-1), lengths, reverse)
-    grad = (grad_output.to(acc) + r_pos * output.to(acc)).to(grad_output.dtype)
-    return grad.contiguous(), r[0].unsqueeze(-1) * h0.to(acc)
