@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 from typing import Dict, List, Optional
 
+from ..contract import gates_of
 from . import sass
 
 SMEM_OPTIN = 232448          # bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 / H200
@@ -124,7 +125,7 @@ def plan(cell: str, B: int, H: int, dtype: str, sm_count: int) -> dict:
     """The plan ``csrc/plan.cu`` would make on an H100/H200-like device with ``sm_count`` SMs."""
     if dtype not in DTYPE_CODE:
         raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
-    G = 4 if cell == "lstm" else 1
+    G = gates_of(cell)
     k = constants()
     units = max(-(-H // sm_count), -(-k["kRG"] // G))
     units = min(units, H)
@@ -236,7 +237,7 @@ def _namespace(direction: str, cell: str, B: int, H: int, p: dict,
     """Values for the loop headers, per source file (stage_rows' / block_mma's /
     block_matvec's locals in common.cuh)."""
     k = constants()
-    G = 4 if cell == "lstm" else 1
+    G = gates_of(cell)
     es = DTYPE_SIZE[dtype]
     units = p["units"]
     bs = p["bs_fwd"] if direction == "forward" else p["bs_bwd"]
@@ -401,7 +402,7 @@ def cluster_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
     """The plan csrc/cluster.cu would make on an H100/H200-like device with ``sm_count`` SMs."""
     if dtype not in DTYPE_CODE:
         raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
-    G, es = (4 if cell == "lstm" else 1), DTYPE_SIZE[dtype]
+    G, es = gates_of(cell), DTYPE_SIZE[dtype]
     units = _round_up(-(-H // csize_max), 8)
     csize = -(-H // units)
     if _cluster_layout_total(G, H, units, 1, es) > SMEM_OPTIN:
@@ -452,7 +453,7 @@ def _cluster_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[s
     """Values for the loop headers of cluster.cu (CTA of rank 0 of cluster 0, thread 0) and of
     the step product in common.cuh."""
     k = constants()
-    G, es = (4 if cell == "lstm" else 1), DTYPE_SIZE[dtype]
+    G, es = gates_of(cell), DTYPE_SIZE[dtype]
     u, C, bs = p["units"], p["csize"], p["bs"]
     nu, nbv = min(u, H), min(bs, B)
     E = 16 // es

@@ -13,6 +13,8 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
+from ..contract import gates_of, has_cell_state
+
 T_SHORT, T_LONG = 100, 200
 
 
@@ -31,7 +33,7 @@ def gpu_problem(backend: str) -> Optional[str]:
 
 def _inputs(cell: str, T: int, B: int, H: int, dtype, device, requires_grad: bool):
     import torch
-    G = 4 if cell == "lstm" else 1
+    G = gates_of(cell)
     gen = torch.Generator(device="cpu").manual_seed(0)
     def rnd(*shape, scale=1.0):
         t = (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
@@ -39,7 +41,7 @@ def _inputs(cell: str, T: int, B: int, H: int, dtype, device, requires_grad: boo
     x = rnd(T, B, G * H, scale=0.5)
     w = rnd(G * H, H, scale=H ** -0.5)
     h0 = rnd(B, H, scale=0.1)
-    c0 = rnd(B, H, scale=0.1) if cell == "lstm" else None
+    c0 = rnd(B, H, scale=0.1) if has_cell_state(cell) else None
     return x, w, h0, c0
 
 
@@ -59,6 +61,9 @@ def measure(result: dict, backend: str, cell: str, H: int, B: int, dtype: str, t
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     pen = Penalties(norm_stabilizer=1.0, tar=1.0, ar=1.0)
+    # normprop: the module's constants at its default gammas (2, 2, 1): 1/sigma_c, 1/sigma_h
+    extra = {} if cell != "normprop" else dict(
+        cell_scale=torch.full((H,), 1.494, device=device), h_scale=2.584)
     fns = {}
     for T in (T_SHORT, T_LONG):
         fx = _inputs(cell, T, B, H, tdtype, device, False)
@@ -66,10 +71,10 @@ def measure(result: dict, backend: str, cell: str, H: int, B: int, dtype: str, t
 
         def fwd(a=fx):
             with torch.no_grad():
-                return recurrence(*a, cell=cell, penalties=pen, backend=backend)
+                return recurrence(*a, cell=cell, penalties=pen, backend=backend, **extra)
 
         def train(a=bx):
-            out = recurrence(*a, cell=cell, penalties=pen, backend=backend)
+            out = recurrence(*a, cell=cell, penalties=pen, backend=backend, **extra)
             (out.output.float().sum() + out.penalty).backward()
 
         fns[f"fwd{T}"] = fwd
