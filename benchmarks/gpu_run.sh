@@ -9,7 +9,8 @@
 # the phases run in this order, each with its own time limit, and every result is written to
 # $OUT as soon as it exists:
 #   1. persistent-kernel correctness at the benchmark shapes (pytest, per-test timeout: a grid
-#      barrier that never opens is reported by name instead of eating the run)
+#      barrier that never opens is reported by name instead of eating the run), and contract v2
+#      (normprop, cell norms, norm gradients) in bf16, which the CPU interpreter cannot run
 #   2. profile --measure at the key shapes (measured us/step beside the static estimate)
 #   3. the key benchmark rows: LSTM and IRNN H=1024 B=32 T=100, bf16 and fp16, training step
 #      and forward, all three penalties, ours vs nn.LSTM/nn.RNN + eager post-hoc, same run
@@ -69,7 +70,8 @@ EOF
 cat "$OUT/env.txt"
 
 KEY_TESTS="tests/test_triton_gpu.py::test_persistent_at_large_hidden \
-tests/test_triton_gpu.py::test_auto_variant_matches_reference"
+tests/test_triton_gpu.py::test_auto_variant_matches_reference \
+tests/test_triton_gpu.py::test_contract_v2_bf16"
 if ! skip 1; then
   say "1. persistent kernels at the benchmark shapes"
   # shellcheck disable=SC2086
