@@ -68,7 +68,8 @@ def _params(module, layers) -> list:
 
 def run_layers(module, x, h0, c0, lengths, masks):
     """``_layers`` on the native path: ``[T, B, F]`` -> (``[T, B, D*H]``, h_n, c_n); sets the
-    module's ``penalty``, ``penalty_terms`` and ``hidden_norms``."""
+    module's ``penalty``, ``penalty_terms`` (the five terms of each pass), ``hidden_norms``
+    (differentiable) and ``cell_norms`` (None)."""
     is_lstm = module._cell == "lstm"  # use_native let no other cell with a cell state here
     D, L, H = module.num_directions, module.num_layers, module.hidden_size
     whole = module.penalty_layers == "last" \
@@ -98,7 +99,7 @@ def run_layers(module, x, h0, c0, lengths, masks):
             pen = module._penalties(penalize, masks[d])
             states = out if D == 1 else out[..., d * H:(d + 1) * H]
             t, n = penalty_pass(states, h0[idx], pen, dev_lengths, reverse=d == 1)
-            norms[idx] = n.detach()
+            norms[idx] = n  # in the graph (its gradient is the pass's radial term)
             if penalize:
                 for k, name in enumerate(TERM_NAMES):
                     terms[name] = t[k] if terms[name] is None else terms[name] + t[k]
@@ -106,8 +107,12 @@ def run_layers(module, x, h0, c0, lengths, masks):
             out = F.dropout(out, module.dropout, True)
         layer_input = out
     module.penalty_terms = terms
-    module.penalty = terms["norm_stabilizer"] + terms["tar"] + terms["ar"]
+    total = terms[TERM_NAMES[0]]
+    for name in TERM_NAMES[1:]:
+        total = total + terms[name]
+    module.penalty = total
     module.hidden_norms = norms
+    module.cell_norms = None  # use_native sent every module that needs them elsewhere
     h_n = h_n[0] if len(h_n) == 1 else torch.cat(h_n, 0)
     c_n = (c_n[0] if len(c_n) == 1 else torch.cat(c_n, 0)) if is_lstm else None
     return out, h_n, c_n
