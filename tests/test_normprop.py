@@ -232,8 +232,12 @@ def test_sigmas_match_the_issue_numbers():
     assert (m.sigma_c, m.sigma_h) == (sigma_c, sigma_h)
 
 
-@pytest.mark.parametrize("gx, gh, gc", [(2.0, 2.0, 1.0), (1.0, 0.5, 3.0), (0.1, 0.2, 0.25)])
-def test_sigmas_against_dense_integration(gx, gh, gc):
+@pytest.mark.parametrize("gx, gh, gc, rel", [(2.0, 2.0, 1.0, 2e-5), (1.0, 0.5, 3.0, 2e-5),
+                                             (0.1, 0.2, 0.25, 1e-12), (3.0, 3.0, 3.0, 1e-3)])
+def test_sigmas_against_dense_integration(gx, gh, gc, rel):
+    """200 Gauss-Hermite nodes on integrands with poles near the real axis converge slowly:
+    measured errors 4.1e-6 / 8.7e-6 for the first two triples, ~1e-16 for the third, 2.9e-4
+    for the fourth (docs/normprop.md); the tolerances bound them."""
     s = math.hypot(gx, gh)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     E = _dense_expectation(sig, s)
@@ -242,10 +246,8 @@ def test_sigmas_against_dense_integration(gx, gh, gc):
     sigma_c2 = Q * (V + E ** 2) / (1 - V - E ** 2)
     sigma_h2 = _dense_expectation(lambda u: np.tanh(gc * u) ** 2, 1.0) * (V + E ** 2)
     got = NormPropLSTM(2, 3, gamma_x=gx, gamma_h=gh, gamma_c=gc)
-    # 200 Gauss-Hermite nodes on integrands with poles near the real axis: ~1e-5 (measured
-    # 4.1e-6 and 8.7e-6 for the first two triples; machine precision for the third)
-    assert got.sigma_c ** 2 == pytest.approx(sigma_c2, rel=2e-5)
-    assert got.sigma_h ** 2 == pytest.approx(sigma_h2, rel=2e-5)
+    assert got.sigma_c ** 2 == pytest.approx(sigma_c2, rel=rel)
+    assert got.sigma_h ** 2 == pytest.approx(sigma_h2, rel=rel)
     # the quadrature itself: E[z^2] = s^2, E[z^4] = 3 s^4 (exact for polynomials)
     assert gaussian_expectation(lambda z: z ** 2, s) == pytest.approx(s ** 2, rel=1e-12)
     assert gaussian_expectation(lambda z: z ** 4, s) == pytest.approx(3 * s ** 4, rel=1e-12)
