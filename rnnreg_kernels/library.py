@@ -93,8 +93,8 @@ def recurrence_fwd(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     T, B, _ = x_proj.shape
     spec = make_spec(cell, theta, ns, tar, ar, ns_initial, ns_eps, reverse, tf32, T, B,
                      w_hh.shape[1], lengths)
-    output, h_n, c_n, terms, norms, saved = _module(backend).forward(
-        spec, x_proj, w_hh, h0, c0, ar_mask, lengths)
+    output, h_n, c_n, terms, norms, _cell_norms, saved = _module(backend).forward(
+        spec, x_proj, w_hh, h0, c0, ar_mask, lengths, None)
     outs = [output, h_n, _empty(h_n) if c_n is None else c_n, terms, norms]
     outs += [_empty(h_n) if t is None else t for t in saved]
     return _dealias(outs, [x_proj, w_hh, h0, c0, ar_mask, lengths])
@@ -152,9 +152,9 @@ def recurrence_bwd(x_proj: Optional[torch.Tensor], w_hh: torch.Tensor, h0: torch
                      lengths)
     mod = _module(backend)
     dec = tuple(None if t.dim() == 1 and t.numel() == 0 else t for t in saved)
-    gx, gw, gh0, gc0 = mod.backward(
+    gx, gw, gh0, gc0, _g_scale = mod.backward(
         spec, x_proj if getattr(mod, "SAVE_X_PROJ", False) else None, w_hh, h0, c0, ar_mask,
-        lengths, output, norms, dec, g_out, g_hn, g_cn, g_terms)
+        lengths, None, output, norms, None, dec, g_out, g_hn, g_cn, g_terms, None, None)
     outs = [gx, gw, gh0, _empty(gh0) if gc0 is None else gc0]
     return _dealias(outs, [x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved,
                            g_out, g_hn, g_cn, g_terms])

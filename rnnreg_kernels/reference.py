@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .contract import Spec, acc_dtype_of
+from .contract import Spec, acc_dtype_of, has_cell_state
 from .penalties import (Penalties, Weights, hidden_norms, posthoc_terms, step_mask,
                         to_processing_order)
 
@@ -45,19 +45,32 @@ def _valid_steps(T: int, B: int, lengths: Optional[torch.Tensor], device) -> tor
     return step_mask(T, lengths, B, device).unsqueeze(-1)
 
 
+def _masked_norms(first: torch.Tensor, states: torch.Tensor, eps: float,
+                  valid: torch.Tensor) -> torch.Tensor:
+    """``[T+1, B]``: the norms of ``first [B, H]`` and ``states [T, B, H]``, 0 past a row's
+    length."""
+    n = torch.cat([hidden_norms(first.unsqueeze(0), eps), hidden_norms(states, eps)], 0)
+    n[1:] = torch.where(valid[..., 0], n[1:], 0.0)
+    return n
+
+
 def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
             c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
-            lengths: Optional[torch.Tensor]):
+            lengths: Optional[torch.Tensor], cell_scale: Optional[torch.Tensor] = None):
     """Forward of the contract; see :mod:`rnnreg_kernels.contract`.
 
-    Returns ``(output, h_n, c_n, terms, norms, saved)`` with ``saved = (hs, gates, cs)``:
-    ``hs [T, B, H]`` the states in processing order (acc dtype; zero past a row's length),
-    and for LSTM ``gates [T, B, 4H]`` (activated i, f, g, o) and ``cs [T, B, H]``.
+    Returns ``(output, h_n, c_n, terms, norms, cell_norms, saved)`` with
+    ``saved = (hs, gates, cs)``: ``hs [T, B, H]`` the states in processing order (acc dtype;
+    zero past a row's length), and for the LSTM-type cells ``gates [T, B, 4H]`` (activated
+    i, f, g, o) and ``cs [T, B, H]`` (the cell state after each step, carried past a row's
+    length).  ``cell_norms`` is ``[T+1, B]`` when ``spec.cell_norms``, else None.
     """
     T, B, GH = x_proj.shape
     H = w_hh.shape[1]
     acc = acc_dtype_of(x_proj.dtype)
-    lstm = spec.cell == "lstm"
+    lstm = spec.has_cell_state
+    a = cell_scale.to(acc) if spec.cell == "normprop" else None
+    s = float(spec.h_scale)
     xk = to_processing_order(x_proj, lengths, spec.reverse).to(acc)
     w_t = w_hh.to(acc).t()
     valid = _valid_steps(T, B, lengths, x_proj.device)
@@ -76,7 +89,10 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
             ifo[:, 2 * H:3 * H] = g
             i, f, o = ifo[:, :H], ifo[:, H:2 * H], ifo[:, 3 * H:]
             c_new = f * c + i * g
-            h_new = o * torch.tanh(c_new)
+            if a is None:
+                h_new = o * torch.tanh(c_new)
+            else:
+                h_new = o * torch.tanh(a * c_new) * s
             gates[k] = ifo
             c = c_new if full else torch.where(v, c_new, c)
             cs[k] = c
@@ -87,13 +103,14 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
         else:
             h = torch.where(v, h_new, h)
             hs[k] = torch.where(v, h_new, 0.0)
-    norms = torch.cat([hidden_norms(h0.to(acc).unsqueeze(0), spec.ns_eps),
-                       hidden_norms(hs, spec.ns_eps)], 0)
-    norms[1:] = torch.where(valid[..., 0], norms[1:], 0.0)
+    norms = _masked_norms(h0.to(acc), hs, spec.ns_eps, valid)
+    cell_norms = None
+    if lstm and spec.cell_norms:
+        cell_norms = _masked_norms(c0.to(acc), cs, spec.ns_eps, valid)
     terms = _terms(spec, h0.to(acc), hs, norms, ar_mask, valid)
     output = to_processing_order(hs, lengths, spec.reverse).to(x_proj.dtype)
     c_n = c.to(x_proj.dtype) if lstm else None
-    return output, h.to(x_proj.dtype), c_n, terms, norms, (hs, gates, cs)
+    return output, h.to(x_proj.dtype), c_n, terms, norms, cell_norms, (hs, gates, cs)
 
 
 def _ns_diffs(spec: Spec, norms: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -146,13 +163,33 @@ def _penalty_grads(spec: Spec, h0, hs, norms, ar_mask, valid, g_terms) -> tuple:
     return grad, grad_h0
 
 
-def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, saved,
-             grad_output, grad_h_n, grad_c_n, grad_terms):
-    """Backward of the contract; returns ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0)``."""
+def _radial(grad_n: Optional[torch.Tensor], norms: torch.Tensor,
+            valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[T+1, B, 1]``: grad_n[k] / n_k where step k is valid (k = 0 always) and n_k > 0, else
+    0; None when there is no gradient."""
+    if grad_n is None:
+        return None
+    n = norms
+    ok = n > 0
+    ok[1:] &= valid[..., 0]
+    return torch.where(ok, grad_n.to(n.dtype) / torch.where(ok, n, 1.0), 0.0).unsqueeze(-1)
+
+
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms,
+             grad_norms=None, grad_cell_norms=None):
+    """Backward of the contract; returns ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0,
+    grad_cell_scale)``."""
     hs, gates, cs = saved
     T, B, H = hs.shape
     acc = hs.dtype
-    lstm = spec.cell == "lstm"
+    lstm = spec.has_cell_state
+    normprop = spec.cell == "normprop"
+    a = cell_scale.to(acc) if normprop else None
+    s = float(spec.h_scale)
+    if grad_cell_norms is not None and cell_norms is None:
+        raise ValueError("grad_cell_norms: the forward computed no cell_norms "
+                         "(spec.cell_norms is False)")
     dtype = output.dtype
     valid = _valid_steps(T, B, lengths, hs.device)
     full = lengths is None
@@ -162,8 +199,13 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
     gk = to_processing_order(grad_output, lengths, spec.reverse).to(acc)
     pen, pen_h0 = _penalty_grads(spec, h0a, hs, norms, ar_mask, valid, g_terms)
     gk = gk + pen
+    rad_h = _radial(grad_norms, norms, valid)
+    if rad_h is not None:
+        gk = gk + rad_h[1:] * hs
+    rad_c = _radial(grad_cell_norms, cell_norms, valid) if lstm else None
     dh = grad_h_n.to(acc).clone()
     dc = grad_c_n.to(acc).clone() if lstm else None
+    grad_a = torch.zeros(H, dtype=acc, device=hs.device) if normprop else None
     dZ = torch.empty(T, B, w.shape[0], dtype=acc, device=hs.device)
     for k in range(T - 1, -1, -1):
         v = valid[k]
@@ -173,8 +215,17 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
             gt = gates[k]
             i, f, g, o = gt[:, :H], gt[:, H:2 * H], gt[:, 2 * H:3 * H], gt[:, 3 * H:]
             c_prev = cs[k - 1] if k > 0 else c0.to(acc)
-            tc = torch.tanh(cs[k])
-            dc_k = dc + dh_k * o * (1 - tc * tc)
+            if rad_c is not None:
+                dc = dc + rad_c[k + 1] * cs[k]
+            if normprop:
+                tc = torch.tanh(a * cs[k])
+                q = dh_k * o * (1 - tc * tc) * s  # dL/d(a*c_k)
+                dc_k = dc + q * a
+                grad_a += (torch.where(v, q * cs[k], 0.0) if not full else q * cs[k]).sum(0)
+                tc = tc * s  # h = o * tc below
+            else:
+                tc = torch.tanh(cs[k])
+                dc_k = dc + dh_k * o * (1 - tc * tc)
             dz = dZ[k]
             torch.mul(dc_k * g, i * (1 - i), out=dz[:, :H])
             torch.mul(dc_k * c_prev, f * (1 - f), out=dz[:, H:2 * H])
@@ -198,8 +249,12 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, 
     grad_x = to_processing_order(dZ, lengths, spec.reverse).to(dtype)
     if pen_h0 is not None:
         dh = dh + pen_h0
+    if rad_h is not None:
+        dh = dh + rad_h[0] * h0a
+    if rad_c is not None:
+        dc = dc + rad_c[0] * c0.to(acc)
     grad_c0 = dc.to(dtype) if lstm else None
-    return grad_x, grad_w.to(w_hh.dtype), dh.to(h0.dtype), grad_c0
+    return grad_x, grad_w.to(w_hh.dtype), dh.to(h0.dtype), grad_c0, grad_a
 
 
 def naive(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
