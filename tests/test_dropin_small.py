@@ -72,7 +72,8 @@ def test_penalty_is_zero_tensor_before_first_forward(make, dtype):
     m = make()
     assert isinstance(m.penalty, torch.Tensor) and m.penalty.dim() == 0
     assert m.penalty.item() == 0.0 and m.penalty.dtype == dtype
-    assert set(m.penalty_terms) == {"norm_stabilizer", "tar", "ar"}
+    assert set(m.penalty_terms) == {"norm_stabilizer", "tar", "ar", "cell_norm_stabilizer",
+                                    "norm_target"}
     for t in m.penalty_terms.values():
         assert isinstance(t, torch.Tensor) and t.dim() == 0 and t.item() == 0.0
     loss = torch.tensor(1.0, dtype=dtype) + m.penalty
