@@ -529,3 +529,25 @@ def test_empty_batch_state_dict_and_deepcopy():
     other.load_state_dict(m.state_dict())
     x = torch.randn(3, 2, 3, dtype=DT)
     torch.testing.assert_close(other(x)[0], m(x)[0])
+
+
+def _readme_example(tag):
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.search(rf"<!-- example:{tag} -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_examples_run():
+    """The README's normprop snippet and its custom norm penalty, as written there."""
+    ns = {"rnnreg_kernels": rnnreg_kernels, "x": torch.randn(4, 2, 50)}
+    exec(_readme_example("normprop").replace("1000", "6"), ns)  # a small hidden size
+    lstm = ns["lstm"]
+    assert isinstance(lstm, NormPropLSTM) and (ns["lstm"].sigma_c, lstm.sigma_h) == \
+        normprop_sigmas(2.0, 2.0, 1.0)
+    assert lstm.penalty_terms["cell_norm_stabilizer"] > 0 and lstm.cell_norms is not None
+    ns["task_loss"] = lambda out: out.square().mean()
+    exec(_readme_example("norm-penalty"), ns)
+    assert ns["relative"] > 0 and torch.isfinite(ns["loss"])
+    ns["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lstm.parameters())

@@ -300,13 +300,13 @@ def train_row(job: dict) -> dict:
 
 def format_table(rows: list) -> str:
     """The paper's layout: one line per model and beta, valid and test bpc."""
-    lines = [f"{'model':<12} {'beta':>6} {'target':<7} {'valid bpc':>10} {'test bpc':>9}  "
+    lines = [f"{'model':<14} {'beta':>6} {'target':<7} {'valid bpc':>10} {'test bpc':>9}  "
              f"paper PTB test (lr .002, gc 1 / best)"]
     for r in rows:
         paper = PAPER_PTB.get((r["model"], float(r["beta"])))
         ref = f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"
         vals = f"{_bpc(r['valid_bpc']):>10} {_bpc(r['test_bpc']):>9}"
-        lines.append(f"{LABELS[r['model']]:<12} {r['beta']:>6g} {r['target']:<7} {vals}  {ref}")
+        lines.append(f"{LABELS[r['model']]:<14} {r['beta']:>6g} {r['target']:<7} {vals}  {ref}")
     return "\n".join(lines)
 
 
