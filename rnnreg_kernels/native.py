@@ -36,8 +36,8 @@ from torch import _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .contract import Spec, acc_dtype_of
-from .penalties import (Penalties, as_penalties, penalty_weights, posthoc_terms,
-                        to_processing_order)
+from .penalties import (Penalties, Weights, as_penalties, hidden_norms, norm_terms,
+                        penalty_weights, posthoc_terms, step_mask, to_processing_order)
 
 SAVE_X_PROJ = False
 CELL_FUNCTIONS = {"lstm": "lstm", "relu": "rnn_relu", "tanh": "rnn_tanh"}
@@ -53,7 +53,16 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
-    """None unless the cell has no PyTorch kernel (``trec``)."""
+    """None unless the cell has no PyTorch kernel (``trec``, ``normprop``) or the case needs
+    the memory cells (``spec.cell_norms``)."""
+    if spec.cell == "normprop":
+        return ("cell 'normprop' has no PyTorch RNN kernel (cuDNN / ATen compute only "
+                "h = o * tanh(c), and do not expose the cell states c_t to rescale them); "
+                "use backend='reference' (CPU) or 'triton'/'cuda' (GPU)")
+    if spec.cell_norms:
+        return ("the cell norms (cell_norms=True or a cell norm-stabilizer) need the cell "
+                "state c_t of every step, which cuDNN / ATen RNN kernels do not expose (they "
+                "return only c_n); use backend='reference' (CPU) or 'triton'/'cuda' (GPU)")
     if spec.cell not in CELL_FUNCTIONS:
         return (f"cell {spec.cell!r} has no PyTorch RNN kernel (torch has lstm, relu and tanh "
                 f"RNNs); use backend='reference' (CPU) or 'triton'/'cuda' (GPU)")
@@ -187,14 +196,25 @@ def _grad_torch(states, coef, k_tar, k_ar, ar_mask, valid, need_tar, need_ar, ac
     return grad.to(states.dtype)
 
 
-def _backward(states, h0, ar_mask, lengths, saved, g_terms, cfg: _Pass):
-    """(grad_states ``[T, B, H]``, grad_h0 ``[B, H]`` or None): one pass over the states."""
+def _backward(states, h0, ar_mask, lengths, saved, g_terms, g_norms, cfg: _Pass):
+    """(grad_states ``[T, B, H]``, grad_h0 ``[B, H]`` or None): one pass over the states.
+
+    ``g_norms`` (``[T+1, B]`` processing order, or None) adds the radial term
+    g_norms[k] * h_k / n_k (and g_norms[0] * h0 / n0 into grad_h0), 0 where a norm is 0."""
     nt, dp, d0, n0, first = saved
     T, B, H = states.shape
     acc = nt.dtype
     g = g_terms.to(acc)
     coef = torch.zeros_like(nt)
     grad_h0 = None
+    if g_norms is not None:
+        gn = g_norms.to(acc)
+        gt = _to_steps(gn[1:], lengths, cfg.reverse)  # the involution: steps -> positions
+        safe = torch.where(nt > 0, nt, torch.ones_like(nt))
+        coef = torch.where(nt > 0, gt / safe, torch.zeros_like(nt))
+        r0 = torch.where(n0 > 0, gn[0] / torch.where(n0 > 0, n0, torch.ones_like(n0)),
+                         torch.zeros_like(n0))
+        grad_h0 = r0.unsqueeze(-1) * h0.to(acc)
     if cfg.w_ns:
         s_ns = 2.0 * cfg.w_ns * g[0]
         dnext = torch.zeros_like(dp)
@@ -203,9 +223,10 @@ def _backward(states, h0, ar_mask, lengths, saved, g_terms, cfg: _Pass):
         if d0 is not None:
             num = num.scatter_add(0, first.view(1, B), d0.view(1, B))
             c0 = torch.where(n0 > 0, -s_ns * d0 / torch.where(n0 > 0, n0, 1.0), 0.0)
-            grad_h0 = (c0.unsqueeze(-1) * h0.to(acc)).to(h0.dtype)
+            g0 = c0.unsqueeze(-1) * h0.to(acc)
+            grad_h0 = g0 if grad_h0 is None else grad_h0 + g0
         safe = torch.where(nt > 0, nt, torch.ones_like(nt))
-        coef = torch.where(nt > 0, s_ns * num / safe, torch.zeros_like(nt))
+        coef = coef + torch.where(nt > 0, s_ns * num / safe, torch.zeros_like(nt))
     need_tar = cfg.w_tar != 0.0 and T > 1
     need_ar = cfg.w_ar != 0.0
     k = torch.stack([2.0 * cfg.w_tar * g[1], 2.0 * cfg.w_ar * g[2]])
@@ -218,7 +239,7 @@ def _backward(states, h0, ar_mask, lengths, saved, g_terms, cfg: _Pass):
     else:
         grad = _grad_torch(states, coef, k[0], k[1], mask,
                            _valid(T, B, lengths, states.device), need_tar, need_ar, acc)
-    return grad, grad_h0
+    return grad, None if grad_h0 is None else grad_h0.to(h0.dtype)
 
 
 def _saved_of(rest, cfg: _Pass) -> tuple:
@@ -236,6 +257,7 @@ def _saved_of(rest, cfg: _Pass) -> tuple:
 
 class _PenaltyPass(torch.autograd.Function):
     """terms ``[3]`` and norms of ``states`` (time order); hand-written one-pass backward.
+    Both outputs are differentiable (the norms' gradient is the radial term).
 
     ``setup_context`` style with a generated vmap rule (forward and backward are plain torch
     ops on the CPU), so torch.func transforms (grad, vmap, jacrev) accept it."""
@@ -254,28 +276,40 @@ class _PenaltyPass(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.n_saved = len(saved)
         ctx.save_for_backward(states, h0, ar_mask, lengths, *saved)
-        ctx.mark_non_differentiable(norms, *saved)
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, g_terms, _g_norms, *_g_saved):
+    def backward(ctx, g_terms, g_norms, *_g_saved):
         states, h0, ar_mask, lengths, *rest = ctx.saved_tensors
         cfg = ctx.cfg
-        if g_terms is None or not (cfg.w_ns or cfg.w_tar or cfg.w_ar):
+        if not (cfg.w_ns or cfg.w_tar or cfg.w_ar):
+            g_terms = None
+        if g_terms is None and g_norms is None:
             return None, None, None, None, None
+        if g_terms is None:
+            g_terms = torch.zeros(3, dtype=rest[0].dtype, device=states.device)
         if torch.is_grad_enabled():  # create_graph: differentiate the post-hoc formulas
-            return _differentiable_grads(states, h0, lengths, g_terms, cfg)
+            return _differentiable_grads(states, h0, lengths, g_terms, g_norms, cfg)
         grad, grad_h0 = _backward(states, h0, ar_mask, lengths, _saved_of(rest, cfg), g_terms,
-                                  cfg)
+                                  g_norms, cfg)
         return grad, grad_h0, None, None, None
 
 
-def _differentiable_grads(states, h0, lengths, g_terms, cfg: _Pass):
+def _differentiable_grads(states, h0, lengths, g_terms, g_norms, cfg: _Pass):
     """The pass's gradients through plain autograd (used when a higher-order graph is built)."""
+    T, B, _ = states.shape
     proc = to_processing_order(states, lengths, cfg.reverse)
-    terms = posthoc_terms(h0, proc, cfg.penalties, lengths)
+    terms = posthoc_terms(h0, proc, cfg.penalties, lengths,
+                          weights=Weights(cfg.w_ns, cfg.w_tar, cfg.w_ar))[:3]
+    loss = (terms * g_terms.to(terms.dtype)).sum()
+    if g_norms is not None:
+        n = hidden_norms(torch.cat([h0.unsqueeze(0), proc], 0), cfg.ns_eps)
+        valid = step_mask(T, lengths, B, states.device)
+        n = torch.cat([n[:1], torch.where(valid, n[1:], torch.zeros_like(n[1:]))], 0)
+        loss = loss + (n * g_norms.to(n.dtype)).sum()
     inputs = [t for t in (states, h0) if t.requires_grad]
-    grads = torch.autograd.grad(terms, inputs, g_terms.to(terms.dtype), create_graph=True,
-                                allow_unused=True)
+    grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
     it = iter(grads)
     g_states = next(it) if states.requires_grad else None
     g_h0 = next(it) if h0.requires_grad else None
@@ -285,12 +319,21 @@ def _differentiable_grads(states, h0, lengths, g_terms, cfg: _Pass):
 def penalty_pass(states: torch.Tensor, h0: torch.Tensor, penalties: Penalties,
                  lengths: Optional[torch.Tensor] = None, reverse: bool = False
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(terms [3], norms [T+1, B])`` of ``states [T, B, H]`` (time order, contiguous in H
+    """``(terms [5], norms [T+1, B])`` of ``states [T, B, H]`` (time order, contiguous in H
     or not) for a recurrence run forward or ``reverse``; arguments already checked.
 
     ``lengths`` (int64, the states' device, values 1..T, or None) marks positions p < L_b
-    valid; ``norms`` are in processing order (the contract's), entries past a length 0.
+    valid; ``norms`` are in processing order (the contract's), entries past a length 0, and
+    differentiable.  ``terms`` follow :data:`~rnnreg_kernels.penalties.TERM_NAMES`: the
+    norm-stabilizer, TAR and AR from the pass, the cell norm-stabilizer 0 (hidden states
+    carry no memory cells: ``ValueError`` when it is asked for) and ``norm_target`` from the
+    differentiable norms (:func:`~rnnreg_kernels.penalties.norm_terms`).
     """
+    if penalties.cell_norm_stabilizer > 0:
+        raise ValueError("penalties.cell_norm_stabilizer: the fused penalty pass sees only "
+                         "hidden states, not the memory cells c_t; expected 0, got "
+                         f"{penalties.cell_norm_stabilizer!r} (use recurrence(cell='lstm') on "
+                         "a backend other than native, or the LSTM modules)")
     T, B, H = states.shape
     w = penalty_weights(penalties, T, B, H, lengths)
     cfg = _Pass(w.ns, w.tar, w.ar, penalties.ns_include_initial, float(penalties.ns_eps),
@@ -300,12 +343,17 @@ def penalty_pass(states: torch.Tensor, h0: torch.Tensor, penalties: Penalties,
         mask = mask.detach().to(device=states.device)
     # the pass accumulates in acc_dtype itself; autocast must not lower its sums
     with torch.autocast(device_type=states.device.type, enabled=False):
-        return tuple(_PenaltyPass.apply(states, h0, mask, lengths, cfg)[:2])
+        terms, norms = _PenaltyPass.apply(states, h0, mask, lengths, cfg)[:2]
+        terms = torch.cat([terms, norm_terms(norms, None, penalties, lengths)])
+    return terms, norms
 
 
 def activation_penalties(output: torch.Tensor, penalties: Optional[Penalties],
                          h0: Optional[torch.Tensor] = None, lengths=None):
-    """Norm-stabilizer, TAR and AR of any RNN's hidden states, one pass forward and backward.
+    """The penalties of any RNN's hidden states, one pass forward and backward.
+
+    Norm-stabilizer, TAR, AR and ``norm_target`` (the memory-cell norm-stabilizer needs the
+    cell states, which an RNN's output does not carry: ``ValueError`` when it is asked for).
 
     Args:
         output: ``[T, B, H]`` time-major hidden states h_1..h_T in time order (e.g. the output
@@ -318,10 +366,11 @@ def activation_penalties(output: torch.Tensor, penalties: Optional[Penalties],
         lengths: ``[B]`` valid steps per row (each in 1..T) or None: row b's states are
             ``output[:L_b, b]``; positions past its length are ignored (their gradient is 0).
     Returns:
-        ``(penalty, terms, norms)``: ``penalty`` the 0-dim sum of the three weighted terms,
-        ``terms`` a :class:`~rnnreg_kernels.Terms` of 0-dim tensors, ``norms [T+1, B]``
-        (``norms[0] = ||h0||``, ``norms[k] = ||h_k||``, 0 past a row's length; not
-        differentiable), all float32 (float64 for float64 input).  The definitions, counts and
+        ``(penalty, terms, norms)``: ``penalty`` the 0-dim sum of the weighted terms,
+        ``terms`` a :class:`~rnnreg_kernels.Terms` of 0-dim tensors (``cell_norm_stabilizer``
+        0), ``norms [T+1, B]`` (``norms[0] = ||h0||``, ``norms[k] = ||h_k||``, 0 past a row's
+        length; differentiable: its gradient enters the backward pass as the radial term),
+        all float32 (float64 for float64 input).  The definitions, counts and
         ``ns_eps`` are those of :func:`rnnreg_kernels.recurrence` (DESIGN.md section 2): the
         norm-stabilizer differences are between consecutive valid steps of a row.
     """
@@ -387,7 +436,7 @@ def recurrence(x_proj, w_hh, h0, c0, spec: Spec, penalties: Penalties,
                lengths: Optional[torch.Tensor]):
     """``backend="native"`` of :func:`rnnreg_kernels.recurrence` (arguments already checked).
 
-    Returns ``(output, h_n, c_n, terms [3], norms [T+1, B])`` in the autograd graph.
+    Returns ``(output, h_n, c_n, terms [5], norms [T+1, B])`` in the autograd graph.
     """
     why = unsupported_reason(spec, x_proj, w_hh)
     if why is not None:

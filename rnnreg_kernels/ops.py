@@ -13,9 +13,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import library  # noqa: F401  (registers the rnnreg:: custom ops)
-from .contract import CELLS, Spec, gates_of
+from .contract import CELLS, LSTM_CELLS, Spec, acc_dtype_of, gates_of, has_cell_state
 from .library import RawSpec
-from .penalties import Penalties, as_penalties, penalty_weights
+from .penalties import Penalties, as_penalties, norm_terms, penalty_weights
 
 BACKENDS = ("auto", "reference", "naive", "triton", "cuda", "native")
 _FUSED = ("triton", "cuda")  # auto's order of preference on CUDA tensors
@@ -28,11 +28,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Terms(NamedTuple):
-    """The three weighted penalty terms (0-dim tensors, each in the autograd graph)."""
+    """The five weighted penalty terms (0-dim tensors, each in the autograd graph), in the
+    order of :data:`rnnreg_kernels.penalties.TERM_NAMES`."""
 
     norm_stabilizer: torch.Tensor
     tar: torch.Tensor
     ar: torch.Tensor
+    cell_norm_stabilizer: torch.Tensor
+    norm_target: torch.Tensor
 
 
 class RecurrenceOutput(NamedTuple):
@@ -44,6 +47,7 @@ class RecurrenceOutput(NamedTuple):
     penalty: torch.Tensor
     terms: Terms
     norms: torch.Tensor
+    cell_norms: Optional[torch.Tensor] = None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -115,8 +119,12 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
 # each with a vmap rule that runs the backend once per vmapped slice:
 #
 # * _Recurrence: forward = a backend's forward; its outputs are (output, h_n, c_n, terms,
-#   norms, *saved) with the backend's saved tensors returned as non-differentiable outputs (a
-#   None encoded as a 1-D empty tensor), so that setup_context can keep them.
+#   norms, cell_norms, *saved) with the backend's saved tensors returned as non-differentiable
+#   outputs (a None encoded as a 1-D empty tensor), so that setup_context can keep them.
+#   norms and cell_norms are differentiable: their gradients go to the backend's backward as
+#   grad_norms / grad_cell_norms (the radial terms); cell_scale (normprop) is a differentiable
+#   input.  The terms that depend only on the norms (cell norm-stabilizer, norm_target) are
+#   torch ops on these outputs in recurrence() (penalties.norm_terms), outside the Function.
 # * _RecurrenceBackward: forward = the backend's backward; called by _Recurrence.backward, so
 #   that the first backward is itself a recorded op.  Its backward (the double backward) is
 #   the vector-Jacobian product of the first backward, computed by recomputing the recurrence
@@ -163,7 +171,7 @@ def _spec_of(raw, x_proj_shape, H, lengths) -> Spec:
     T, B = x_proj_shape[0], x_proj_shape[1]
     return make_spec(raw.cell, raw.theta, raw.norm_stabilizer, raw.tar, raw.ar,
                      raw.ns_include_initial, raw.ns_eps, raw.reverse, raw.allow_tf32, T, B, H,
-                     lengths)
+                     lengths, raw.h_scale, raw.cell_norms)
 
 
 def _encode(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -187,32 +195,47 @@ def _stack(results) -> tuple:
     return outs, (0,) * len(outs)
 
 
+# _Recurrence's outputs before the backend's saved tensors:
+# output, h_n, c_n, terms, norms, cell_norms
+_N_OUT = 6
+
+
 class _Recurrence(torch.autograd.Function):
-    """Autograd wrapper around one backend's forward/backward (no kernels here)."""
+    """Autograd wrapper around one backend's forward/backward (no kernels here).
+
+    Differentiable inputs: x_proj, w_hh, h0, c0, cell_scale.  Differentiable outputs:
+    output, h_n, c_n, terms, norms and cell_norms (their gradients reach the backend's
+    backward as grad_norms / grad_cell_norms, None where autograd had none)."""
 
     @staticmethod
-    def forward(raw, x_proj, w_hh, h0, c0, ar_mask, lengths):
-        # the custom op returns (output, h_n, c_n, terms, norms, *saved), encoded and with
-        # no aliasing (rnnreg_kernels.library)
+    def forward(raw, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale):
+        # the custom op returns (output, h_n, c_n, terms, norms, cell_norms, *saved), encoded
+        # and with no aliasing (rnnreg_kernels.library)
         return tuple(torch.ops.rnnreg.recurrence_fwd(x_proj, w_hh, h0, c0, ar_mask, lengths,
-                                                     *raw.args()))
+                                                     cell_scale, *raw.args()))
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        raw, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs
-        output, norms, saved = outputs[0], outputs[4], outputs[5:]
+        raw, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale = inputs
+        output, norms, cell_norms = outputs[0], outputs[4], outputs[5]
+        saved = outputs[_N_OUT:]
         ctx.raw = raw
         ctx.keep_x = _keeps_x_proj(raw.backend)
         keep = x_proj if ctx.keep_x else None
-        ctx.save_for_backward(keep, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved)
-        ctx.mark_non_differentiable(norms, *saved)
+        ctx.save_for_backward(keep, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+                              cell_norms, *saved)
+        if not (has_cell_state(raw.cell) and raw.cell_norms):
+            ctx.mark_non_differentiable(cell_norms)  # the empty placeholder
+        ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, g_out, g_hn, g_cn, g_terms, *_unused):
-        x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, *saved = ctx.saved_tensors
+    def backward(ctx, g_out, g_hn, g_cn, g_terms, g_norms, g_cell_norms, *_unused):
+        (x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms, cell_norms,
+         *saved) = ctx.saved_tensors
         raw = ctx.raw
-        lstm = raw.cell == "lstm"
+        lstm = has_cell_state(raw.cell)
+        normprop = raw.cell == "normprop"
         g_out = torch.zeros_like(output) if g_out is None else g_out.contiguous()
         g_hn = torch.zeros_like(h0) if g_hn is None else g_hn.contiguous()
         g_cn = (torch.zeros_like(h0) if g_cn is None else g_cn.contiguous()) if lstm \
@@ -220,61 +243,86 @@ class _Recurrence(torch.autograd.Function):
         acc = norms.dtype
         g_terms = torch.zeros(3, dtype=acc, device=h0.device) if g_terms is None \
             else g_terms.contiguous()
+        g_norms = None if g_norms is None else g_norms.to(acc).contiguous()
+        cell_norms_on = lstm and raw.cell_norms
+        g_cell_norms = None if g_cell_norms is None or not cell_norms_on \
+            else g_cell_norms.to(acc).contiguous()
+        if not cell_norms_on:
+            cell_norms = None
         if torch.compiler.is_compiling():  # traced by AOTAutograd: the op, nothing else
-            gx, gw, gh0, gc0 = torch.ops.rnnreg.recurrence_bwd(
-                x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, list(saved), g_out,
-                g_hn, g_cn if lstm else None, g_terms, *raw.args())
-        elif _legacy_batched(g_out, g_hn, g_cn, g_terms):
+            gx, gw, gh0, gc0, gcs = torch.ops.rnnreg.recurrence_bwd(
+                x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms, cell_norms,
+                list(saved), g_out, g_hn, g_cn if lstm else None, g_terms, g_norms,
+                g_cell_norms, *raw.args())
+        elif _legacy_batched(g_out, g_hn, g_cn, g_terms, g_norms, g_cell_norms):
             # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) batches
             # the grads without a torch.func transform, so no vmap rule runs: go through the
             # batchable naive recompute.
             _need_x(x_proj, raw.backend)
             spec = _spec_of(raw, output.shape, h0.shape[1], lengths)
-            gx, gw, gh0, gc0 = _naive_vjp(spec, lstm, x_proj, w_hh, h0, c0, ar_mask,
-                                          lengths, g_out, g_hn, g_cn, g_terms)
+            gx, gw, gh0, gc0, gcs = _naive_vjp(spec, x_proj, w_hh, h0, c0, ar_mask, lengths,
+                                               cell_scale, g_out, g_hn, g_cn, g_terms,
+                                               g_norms, g_cell_norms)
         else:
-            gx, gw, gh0, gc0 = _RecurrenceBackward.apply(
-                raw, ctx.keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, g_out,
-                g_hn, g_cn, g_terms, *saved)
-        return None, gx, gw, gh0, gc0 if lstm else None, None, None
+            gx, gw, gh0, gc0, gcs = _RecurrenceBackward.apply(
+                raw, ctx.keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output,
+                norms, cell_norms, g_out, g_hn, g_cn, g_terms, g_norms, g_cell_norms, *saved)
+        return (None, gx, gw, gh0, gc0 if lstm else None, None, None,
+                gcs if normprop else None)
 
     @staticmethod
     def vmap(info, in_dims, *args):
         return _stack([_Recurrence.apply(*row) for row in _slices(info, in_dims, args)])
 
 
+# _RecurrenceBackward's inputs: raw, keep_x, then these tensors, then *saved
+_BWD_TENSORS = ("x_proj", "w_hh", "h0", "c0", "ar_mask", "lengths", "cell_scale", "output",
+                "norms", "cell_norms", "g_out", "g_hn", "g_cn", "g_terms", "g_norms",
+                "g_cell_norms")
+_N_BWD = 2 + len(_BWD_TENSORS)
+
+
 class _RecurrenceBackward(torch.autograd.Function):
     """A backend's backward as a recorded op; its own backward recomputes (see above)."""
 
     @staticmethod
-    def forward(raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms,
-                g_out, g_hn, g_cn, g_terms, *saved):
-        lstm = raw.cell == "lstm"
+    def forward(raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output,
+                norms, cell_norms, g_out, g_hn, g_cn, g_terms, g_norms, g_cell_norms, *saved):
+        lstm = has_cell_state(raw.cell)
         return tuple(torch.ops.rnnreg.recurrence_bwd(
-            x_proj, w_hh, h0, c0, ar_mask, lengths, output, norms, list(saved), g_out, g_hn,
-            g_cn if lstm else None, g_terms, *raw.args()))
+            x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms, cell_norms,
+            list(saved), g_out, g_hn, g_cn if lstm else None, g_terms, g_norms, g_cell_norms,
+            *raw.args()))
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        raw, keep_x, x_proj, w_hh, h0, c0, ar_mask, lengths = inputs[:8]
-        g_out, g_hn, g_cn, g_terms = inputs[10:14]
-        ctx.raw, ctx.keep_x = raw, keep_x
+        t = dict(zip(_BWD_TENSORS, inputs[2:_N_BWD]))
+        ctx.raw, ctx.keep_x = inputs[0], inputs[1]
         ctx.n_inputs = len(inputs)
-        ctx.save_for_backward(x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
-                              g_terms)
+        ctx.has_g_norms = t["g_norms"] is not None
+        ctx.has_g_cell_norms = t["g_cell_norms"] is not None
+        ctx.save_for_backward(*(t[n] for n in ("x_proj", "w_hh", "h0", "c0", "ar_mask",
+                                               "lengths", "cell_scale", "g_out", "g_hn",
+                                               "g_cn", "g_terms", "g_norms", "g_cell_norms")))
 
     @staticmethod
-    def backward(ctx, v_x, v_w, v_h0, v_c0):
-        x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn, g_terms = ctx.saved_tensors
+    def backward(ctx, v_x, v_w, v_h0, v_c0, v_cs):
+        (x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, g_out, g_hn, g_cn, g_terms,
+         g_norms, g_cell_norms) = ctx.saved_tensors
         _need_x(x_proj, ctx.raw.backend)
-        lstm = ctx.raw.cell == "lstm"
+        lstm = has_cell_state(ctx.raw.cell)
+        normprop = ctx.raw.cell == "normprop"
         spec = _spec_of(ctx.raw, g_out.shape, h0.shape[1], lengths)
-        grads = _double_backward(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths,
-                                 g_out, g_hn, g_cn, g_terms, v_x, v_w, v_h0, v_c0)
-        gx, gw, gh0, gc0, gg_out, gg_hn, gg_cn, gg_terms = grads
-        head = (None, None, gx, gw, gh0, gc0, None, None, None, None)
-        tail = (gg_out, gg_hn, gg_cn if lstm else None, gg_terms)
-        return head + tail + (None,) * (ctx.n_inputs - 14)
+        grads = _double_backward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale,
+                                 g_out, g_hn, g_cn, g_terms, g_norms, g_cell_norms,
+                                 (v_x, v_w, v_h0, v_c0, v_cs))
+        gx, gw, gh0, gc0, gcs, gg_out, gg_hn, gg_cn, gg_terms, gg_n, gg_cn_norms = grads
+        head = (None, None, gx, gw, gh0, gc0 if lstm else None, None, None,
+                gcs if normprop else None, None, None, None)
+        tail = (gg_out, gg_hn, gg_cn if lstm else None, gg_terms,
+                gg_n if ctx.has_g_norms else None,
+                gg_cn_norms if ctx.has_g_cell_norms else None)
+        return head + tail + (None,) * (ctx.n_inputs - _N_BWD)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -295,53 +343,73 @@ def _need_x(x_proj, name: str) -> None:
             f"backend='reference'")
 
 
-def _naive_first(spec, lstm, ar_mask, lengths):
-    """(x, w, h0, c, g_out, g_hn, g_cn, g_terms) -> first-order grads (x, w, h0, c), by
-    torch.func.vjp of the naive loop (c and g_cn are empty tensors for plain RNN cells)."""
+def _naive_first(spec, ar_mask, lengths):
+    """(x, w, h0, c, a, g_out, g_hn, g_cn, g_terms, g_norms, g_cell_norms) -> first-order
+    grads (x, w, h0, c, a), by torch.func.vjp of the naive loop.  Placeholders (empty
+    tensors) stand for what a case does not have: c and g_cn for plain RNN cells, a for cells
+    other than normprop, the cell norms and their gradient without spec.cell_norms."""
     from torch.func import vjp
 
     from .reference import naive_from_spec
+    lstm = spec.has_cell_state
+    normprop = spec.cell == "normprop"
+    with_cn = lstm and spec.cell_norms
 
-    def forward(x, w, h, c):
-        output, h_n, c_n, terms = naive_from_spec(spec, x, w, h, c if lstm else None,
-                                                  ar_mask, lengths)
-        return output, h_n, (c_n if lstm else c), terms
+    def forward(x, w, h, c, a):
+        output, h_n, c_n, terms, norms, cnorms = naive_from_spec(
+            spec, x, w, h, c if lstm else None, ar_mask, lengths, a if normprop else None)
+        return (output, h_n, (c_n if lstm else c), terms, norms,
+                cnorms if with_cn else norms.new_zeros(0))
 
-    def first(x, w, h, c, go, ghn, gcn, gt):
-        _, pull = vjp(forward, x, w, h, c)
-        return pull((go, ghn, gcn if lstm else torch.zeros_like(c), gt))
+    def first(x, w, h, c, a, go, ghn, gcn, gt, gn, gm):
+        _, pull = vjp(forward, x, w, h, c, a)
+        return pull((go, ghn, gcn if lstm else torch.zeros_like(c), gt, gn,
+                     gm if with_cn else gn.new_zeros(0)))
     return first
 
 
-def _naive_vjp(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
-               g_terms):
-    """First-order grads (x, w, h0, c0 or None) by the naive recompute."""
-    first = _naive_first(spec, lstm, ar_mask, lengths)
+def _placeholders(spec, x_proj, h0, c0, cell_scale, g_out, g_cn, g_terms, g_norms,
+                  g_cell_norms) -> tuple:
+    """(c, a, g_cn, g_norms, g_cell_norms) with empty / zero tensors for the missing ones."""
+    T, B = g_out.shape[0], g_out.shape[1]
+    acc = g_terms.dtype
+    lstm = spec.has_cell_state
     c = c0 if lstm else h0.new_zeros(0)
+    a = cell_scale if spec.cell == "normprop" else h0.new_zeros(0, dtype=acc)
     gcn = g_cn if lstm else h0.new_zeros(0)
-    gx, gw, gh0, gc0 = first(x_proj, w_hh, h0, c, g_out, g_hn, gcn, g_terms)
-    return gx, gw, gh0, gc0 if lstm else None
+    zeros_n = torch.zeros(T + 1, B, dtype=acc, device=h0.device)
+    gn = zeros_n if g_norms is None else g_norms
+    gm = (zeros_n if g_cell_norms is None else g_cell_norms) if lstm and spec.cell_norms \
+        else zeros_n.new_zeros(0)
+    return c, a, gcn, gn, gm
 
 
-def _double_backward(spec, lstm, x_proj, w_hh, h0, c0, ar_mask, lengths, g_out, g_hn, g_cn,
-                     g_terms, v_x, v_w, v_h0, v_c0):
-    """VJP of (x, w, h0, c0, upstream grads) -> first-order grads, by recomputation through
-    the naive loop; returns grads for x, w, h0, c0 (None for RNN), g_out, g_hn, g_cn, g_terms."""
+def _naive_vjp(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, g_out, g_hn, g_cn,
+               g_terms, g_norms, g_cell_norms):
+    """First-order grads (x, w, h0, c0 or None, cell_scale or None) by the naive recompute."""
+    first = _naive_first(spec, ar_mask, lengths)
+    c, a, gcn, gn, gm = _placeholders(spec, x_proj, h0, c0, cell_scale, g_out, g_cn, g_terms,
+                                      g_norms, g_cell_norms)
+    gx, gw, gh0, gc0, ga = first(x_proj, w_hh, h0, c, a, g_out, g_hn, gcn, g_terms, gn, gm)
+    return (gx, gw, gh0, gc0 if spec.has_cell_state else None,
+            ga if spec.cell == "normprop" else None)
+
+
+def _double_backward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, g_out, g_hn,
+                     g_cn, g_terms, g_norms, g_cell_norms, vs):
+    """VJP of (x, w, h0, c0, cell_scale, upstream grads) -> first-order grads, by
+    recomputation through the naive loop; returns grads for x, w, h0, c0, cell_scale, g_out,
+    g_hn, g_cn, g_terms, g_norms, g_cell_norms (placeholder entries are meaningless)."""
     from torch.func import vjp
 
-    first = _naive_first(spec, lstm, ar_mask, lengths)
-
-    c = c0 if lstm else h0.new_zeros(0)
-    gcn = g_cn if lstm else h0.new_zeros(0)
-    zeros = [torch.zeros_like(t) for t in (x_proj, w_hh, h0, c)]
-    vs = [z if v is None else v for v, z in zip((v_x, v_w, v_h0, v_c0), zeros)]
-    if not lstm:
-        vs[3] = zeros[3]
-    _, pull2 = vjp(first, x_proj, w_hh, h0, c, g_out, g_hn, gcn, g_terms)
-    out = list(pull2(tuple(vs)))
-    if not lstm:
-        out[3] = None
-    return out
+    first = _naive_first(spec, ar_mask, lengths)
+    c, a, gcn, gn, gm = _placeholders(spec, x_proj, h0, c0, cell_scale, g_out, g_cn, g_terms,
+                                      g_norms, g_cell_norms)
+    prims = (x_proj, w_hh, h0, c, a)
+    vs = [torch.zeros_like(p) if v is None or p.numel() == 0 else v
+          for v, p in zip(vs, prims)]
+    _, pull2 = vjp(first, x_proj, w_hh, h0, c, a, g_out, g_hn, gcn, g_terms, gn, gm)
+    return list(pull2(tuple(vs)))
 
 
 def _check_tensor(name: str, t, shape: Sequence[int], what: str) -> None:
@@ -371,33 +439,79 @@ def _check_lengths(lengths, T: int, B: int, device) -> Optional[torch.Tensor]:
     return lengths.to(device=device, dtype=torch.int64).contiguous()
 
 
+def _check_cell_scale(cell: str, cell_scale, h_scale, H: int, device) -> None:
+    """The normprop arguments: ``cell_scale [H]`` and ``h_scale > 0`` for normprop, None and
+    1.0 for every other cell."""
+    if isinstance(h_scale, bool) or not isinstance(h_scale, (int, float)):
+        raise TypeError(f"h_scale: expected a positive finite number, got "
+                        f"{type(h_scale).__name__}")
+    if cell != "normprop":
+        if cell_scale is not None:
+            raise ValueError(f"cell_scale: only the normprop cell takes a cell scale; expected "
+                             f"None for cell {cell!r}, got a tensor")
+        if h_scale != 1.0:
+            raise ValueError(f"h_scale: only the normprop cell takes an output scale; expected "
+                             f"1.0 for cell {cell!r}, got {h_scale!r}")
+        return
+    if not math.isfinite(h_scale) or h_scale <= 0:
+        raise ValueError(f"h_scale: expected a positive finite number (1 / sigma_h), got "
+                         f"{h_scale!r}")
+    if cell_scale is None:
+        raise ValueError("cell_scale: the normprop cell needs its per-unit scale [H] "
+                         "(gamma_c / sigma_c), got None")
+    if not isinstance(cell_scale, torch.Tensor):
+        raise TypeError(f"cell_scale: expected a [H] = [{H}] floating tensor, got "
+                        f"{type(cell_scale).__name__}")
+    if tuple(cell_scale.shape) != (H,):
+        raise ValueError(f"cell_scale: expected shape [H] = [{H}], got "
+                         f"{list(cell_scale.shape)}")
+    if cell_scale.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"cell_scale: expected a floating dtype (float16, bfloat16, float32, "
+                        f"float64), got {cell_scale.dtype}")
+    if cell_scale.device != device:
+        raise ValueError(f"cell_scale: expected device {device} (the device of x_proj), got "
+                         f"{cell_scale.device}")
+
+
 def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
                c0: Optional[torch.Tensor] = None, *, cell: str,
                penalties: Optional[Penalties] = None,
                lengths: Union[torch.Tensor, Sequence[int], None] = None, reverse: bool = False,
-               backend: str = "auto", theta: float = 1.0) -> RecurrenceOutput:
+               backend: str = "auto", theta: float = 1.0,
+               cell_scale: Optional[torch.Tensor] = None, h_scale: float = 1.0,
+               cell_norms: bool = False) -> RecurrenceOutput:
     """One RNN layer in one direction, with the penalties computed alongside.
 
     Args:
         x_proj: ``[T, B, G*H]`` input projection with both biases added
-            (``x @ W_ih^T + b_ih + b_hh``); G = 4 for LSTM (gates i, f, g, o), else 1.
-            float16, bfloat16, float32 or float64.
+            (``x @ W_ih^T + b_ih + b_hh``); G = 4 for the LSTM-type cells (gates i, f, g, o),
+            else 1.  float16, bfloat16, float32 or float64.
         w_hh: ``[G*H, H]`` recurrent weight (PyTorch layout), same dtype and device.
         h0: ``[B, H]`` initial hidden state.
-        c0: ``[B, H]`` initial cell state, LSTM only (required there).
-        cell: ``"lstm"``, ``"relu"`` (IRNN), ``"tanh"`` or ``"trec"`` (z * [z > theta]).
+        c0: ``[B, H]`` initial cell state, LSTM-type cells only (required there).
+        cell: ``"lstm"``, ``"normprop"`` (the LSTM with h = o * tanh(cell_scale * c) *
+            h_scale), ``"relu"`` (IRNN), ``"tanh"`` or ``"trec"`` (z * [z > theta]).
         penalties: :class:`Penalties` (None = all off).
         lengths: ``[B]`` valid steps per row, each in 1..T, or None (all T).
         reverse: run time backwards (each row from its own last valid position).
         backend: ``"auto"``, ``"reference"``, ``"naive"``, ``"triton"``, ``"cuda"`` or
-            ``"native"`` (PyTorch's own RNN kernels + the fused penalty pass; no ``trec``).
+            ``"native"`` (PyTorch's own RNN kernels + the fused penalty pass; no ``trec``, no
+            ``normprop``, no cell norms).
         theta: threshold of the ``trec`` cell.
+        cell_scale: normprop only (required there): ``[H]`` floating tensor on x_proj's
+            device (any float dtype), gamma_c / sigma_c; it gets a gradient.
+        h_scale: normprop only: the positive constant 1 / sigma_h (1.0 for every other cell).
+        cell_norms: also return the memory-cell norms (LSTM-type cells only); implied by
+            ``penalties.cell_norm_stabilizer > 0``.
 
     Returns:
         :class:`RecurrenceOutput` ``(output [T, B, H], h_n [B, H], c_n [B, H] or None,
-        penalty (0-dim), terms (Terms of 0-dim), norms [T+1, B])``.  ``norms[k]`` is
-        sqrt(sum h^2 + H*eps) of the state after k processing steps (0 past a row's length),
-        float32 (float64 for float64 input); penalty and terms are float32 (float64 likewise).
+        penalty (0-dim), terms (Terms of 0-dim), norms [T+1, B], cell_norms [T+1, B] or
+        None)``.  ``norms[k]`` is sqrt(sum h^2 + H*eps) of the state after k processing steps
+        (0 past a row's length), ``cell_norms[k]`` the same of the cell state; both float32
+        (float64 for float64 input) and in the autograd graph: a differentiable function of
+        them is a penalty whose gradient reaches the backend's backward.  penalty (the sum of
+        the five terms) and terms are float32 (float64 likewise).
     """
     if not isinstance(x_proj, torch.Tensor):
         raise TypeError(f"x_proj: expected a [T, B, G*H] tensor, got {type(x_proj).__name__}")
@@ -414,6 +528,18 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     penalties = as_penalties(penalties)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
         raise ValueError(f"theta: expected a finite number, got {theta!r}")
+    if not isinstance(cell_norms, bool):
+        raise TypeError(f"cell_norms: expected a bool, got {type(cell_norms).__name__}")
+    lstm = has_cell_state(cell)
+    if cell_norms and not lstm:
+        raise ValueError(f"cell_norms: only the cells with a cell state "
+                         f"({', '.join(LSTM_CELLS)}) have cell norms; expected False for cell "
+                         f"{cell!r}, got True")
+    if penalties.cell_norm_stabilizer > 0 and not lstm:
+        raise ValueError(f"penalties.cell_norm_stabilizer: only the cells with a cell state "
+                         f"({', '.join(LSTM_CELLS)}) have one; expected 0 for cell {cell!r}, "
+                         f"got {penalties.cell_norm_stabilizer!r}")
+    want_cn = lstm and (cell_norms or penalties.needs_cell_norms)
     T, B, GH = x_proj.shape
     G = gates_of(cell)
     if T < 1 or B < 1 or GH < 1:
@@ -427,13 +553,13 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
                          f"{cell!r} (H from w_hh), got {GH}")
     _check_tensor("w_hh", w_hh, (G * H, H), "[G*H, H]")
     _check_tensor("h0", h0, (B, H), "[B, H]")
-    if cell == "lstm":
+    if lstm:
         if c0 is None:
-            raise ValueError("c0: the lstm cell needs an initial cell state [B, H], got None")
+            raise ValueError(f"c0: the {cell} cell needs an initial cell state [B, H], got None")
         _check_tensor("c0", c0, (B, H), "[B, H]")
     elif c0 is not None:
-        raise ValueError(f"c0: only the lstm cell has a cell state; expected None for cell "
-                         f"{cell!r}, got a tensor")
+        raise ValueError(f"c0: only the cells with a cell state ({', '.join(LSTM_CELLS)}) "
+                         f"take c0; expected None for cell {cell!r}, got a tensor")
     for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0)):
         if t is None:
             continue
@@ -443,6 +569,8 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         if t.device != x_proj.device:
             raise ValueError(f"{name}: expected device {x_proj.device} (the device of x_proj), "
                              f"got {t.device}")
+    _check_cell_scale(cell, cell_scale, h_scale, H, x_proj.device)
+    h_scale = float(h_scale)
     penalties.check_mask(B, H, x_proj.device, "x_proj")
     ar_mask = penalties.ar_mask
     if ar_mask is not None:
@@ -450,46 +578,58 @@ def recurrence(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     lengths = _check_lengths(lengths, T, B, x_proj.device)
     if lengths is not None and int(lengths.min()) == T:
         lengths = None  # every row is full: the plain path computes the same thing
+    acc = acc_dtype_of(x_proj.dtype)
+    if cell_scale is not None:
+        # the backends take it in acc dtype; autograd casts its gradient back
+        cell_scale = cell_scale.to(acc).contiguous()
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     if torch.compiler.is_compiling():
         # no value that depends on T may become a constant of the graph: the custom op
         # divides the coefficients itself, and the backend is chosen once per compile
         name = _compile_time_backend(backend, x_proj.device.type, x_proj.dtype, cell, H,
-                                     bool(reverse), tf32)
+                                     bool(reverse), tf32, h_scale, want_cn)
     else:
         w = penalty_weights(penalties, T, B, H, lengths)
         spec = Spec(cell=cell, theta=float(theta), w_ns=w.ns, w_tar=w.tar, w_ar=w.ar,
                     ns_include_initial=penalties.ns_include_initial,
-                    ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32)
+                    ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32,
+                    h_scale=h_scale, cell_norms=want_cn)
         name = resolve_backend(backend, spec, x_proj, w_hh)
     x_proj, w_hh, h0 = x_proj.contiguous(), w_hh.contiguous(), h0.contiguous()
     c0 = c0.contiguous() if c0 is not None else None
     if name == "naive":
         from .reference import naive
-        output, h_n, c_n, terms, norms = naive(
+        output, h_n, c_n, terms, norms, cnorms = naive(
             x_proj, w_hh, h0, c0, cell=cell, theta=float(theta), penalties=penalties,
-            lengths=lengths, reverse=bool(reverse))
+            lengths=lengths, reverse=bool(reverse), cell_scale=cell_scale, h_scale=h_scale,
+            cell_norms=want_cn)
     elif name == "native":
         from .native import recurrence as _native
         output, h_n, c_n, terms, norms = _native(x_proj, w_hh, h0, c0, spec, penalties,
                                                  lengths)
+        cnorms = None
     else:
         raw = RawSpec(backend=name, cell=cell, theta=float(theta),
                       norm_stabilizer=float(penalties.norm_stabilizer),
                       tar=float(penalties.tar), ar=float(penalties.ar),
                       ns_include_initial=penalties.ns_include_initial,
-                      ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32)
-        output, h_n, c_n, terms, norms = _Recurrence.apply(
-            raw, x_proj, w_hh, h0, c0, ar_mask, lengths)[:5]
-        if cell != "lstm":
+                      ns_eps=float(penalties.ns_eps), reverse=bool(reverse), allow_tf32=tf32,
+                      h_scale=h_scale, cell_norms=want_cn)
+        output, h_n, c_n, terms3, norms, cnorms = _Recurrence.apply(
+            raw, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale)[:_N_OUT]
+        if not lstm:
             c_n = None
+        if not want_cn:
+            cnorms = None
+        terms = torch.cat([terms3, norm_terms(norms, cnorms, penalties, lengths)])
     t = Terms(*terms.unbind(0))
-    return RecurrenceOutput(output, h_n, c_n, terms.sum(), t, norms)
+    return RecurrenceOutput(output, h_n, c_n, terms.sum(), t, norms, cnorms)
 
 
 @torch.compiler.assume_constant_result
 def _compile_time_backend(backend: str, device_type: str, dtype: torch.dtype, cell: str,
-                          H: int, reverse: bool, tf32: bool) -> str:
+                          H: int, reverse: bool, tf32: bool, h_scale: float = 1.0,
+                          cell_norms: bool = False) -> str:
     """:func:`resolve_backend` for a traced call, from what stays constant in the graph
     (a two-step probe stands in for the sequence; the backends decide on cell, dtype,
     device and H)."""
@@ -498,7 +638,8 @@ def _compile_time_backend(backend: str, device_type: str, dtype: torch.dtype, ce
     x = torch.zeros(2, 1, G * H, dtype=dtype, device=dev)
     w = torch.zeros(G * H, H, dtype=dtype, device=dev)
     spec = Spec(cell=cell, theta=1.0, w_ns=0.0, w_tar=0.0, w_ar=0.0,
-                ns_include_initial=False, ns_eps=1e-9, reverse=reverse, allow_tf32=tf32)
+                ns_include_initial=False, ns_eps=1e-9, reverse=reverse, allow_tf32=tf32,
+                h_scale=h_scale, cell_norms=cell_norms)
     name = resolve_backend(backend, spec, x, w)
     # native's recurrence() path computes the penalty divisors from T in Python, which a
     # traced graph would freeze; under torch.compile auto takes the reference custom ops

@@ -259,29 +259,41 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, out
 
 def naive(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
           c0: Optional[torch.Tensor], *, cell: str, theta: float, penalties: Penalties,
-          lengths: Optional[torch.Tensor], reverse: bool, weights: Optional[Weights] = None):
+          lengths: Optional[torch.Tensor], reverse: bool, weights: Optional[Weights] = None,
+          cell_scale: Optional[torch.Tensor] = None, h_scale: float = 1.0,
+          cell_norms: bool = False):
     """Plain-autograd recurrence with post-hoc penalties (the oracle of ``forward``/``backward``).
 
-    Returns ``(output, h_n, c_n, terms [3], norms [T+1, B])``, differentiable by autograd to
-    any order and composable with ``torch.func`` transforms.  ``weights`` (the divided
-    coefficients of a :class:`Spec`) replaces the coefficients of ``penalties`` when given.
+    Returns ``(output, h_n, c_n, terms [5], norms [T+1, B], cell_norms [T+1, B] or None)``,
+    differentiable by autograd to any order (``norms`` and ``cell_norms`` included) and
+    composable with ``torch.func`` transforms.  ``terms`` are all five terms of
+    :data:`~rnnreg_kernels.penalties.TERM_NAMES`, computed post hoc from the states and (for
+    the cell norm-stabilizer) the memory cells.  ``weights`` (the divided coefficients)
+    replaces the coefficients of ``penalties`` when given.  ``cell="normprop"``: ``cell_scale``
+    ``[H]`` and ``h_scale`` give h = o * tanh(cell_scale * c) * h_scale.  ``cell_norms``: also
+    return the memory-cell norms (LSTM-type cells).
     """
     T, B, _ = x_proj.shape
-    H = w_hh.shape[1]
     acc = acc_dtype_of(x_proj.dtype)
+    lstm = has_cell_state(cell)
     xk = to_processing_order(x_proj, lengths, reverse).to(acc)
     w = w_hh.to(acc)
     h = h0.to(acc)
-    c = c0.to(acc) if cell == "lstm" else None
+    c = c0.to(acc) if lstm else None
+    a = cell_scale.to(acc) if cell == "normprop" else None
     valid = _valid_steps(T, B, lengths, x_proj.device)
-    states = []
+    states, cells = [], []
     for k in range(T):
         z = xk[k] + h @ w.t()
-        if cell == "lstm":
+        if lstm:
             zi, zf, zg, zo = z.chunk(4, 1)
             c_new = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
-            h_new = torch.sigmoid(zo) * torch.tanh(c_new)
+            if cell == "normprop":
+                h_new = torch.sigmoid(zo) * torch.tanh(a * c_new) * h_scale
+            else:
+                h_new = torch.sigmoid(zo) * torch.tanh(c_new)
             c = torch.where(valid[k], c_new, c)
+            cells.append(torch.where(valid[k], c_new, torch.zeros_like(c_new)))
         elif cell == "relu":
             h_new = torch.relu(z)
         elif cell == "tanh":
@@ -291,26 +303,36 @@ def naive(x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
         h = torch.where(valid[k], h_new, h)
         states.append(torch.where(valid[k], h_new, torch.zeros_like(h_new)))
     hs = torch.stack(states, 0)
-    terms = posthoc_terms(h0.to(acc), hs, penalties, lengths, weights)
-    with torch.no_grad():
-        norms = hidden_norms(torch.cat([h0.to(acc).unsqueeze(0), hs], 0), penalties.ns_eps)
-        norms[1:] = torch.where(valid[..., 0], norms[1:], 0.0)
+    cs = torch.stack(cells, 0) if lstm else None
+    c0a = c0.to(acc) if lstm else None
+    terms = posthoc_terms(h0.to(acc), hs, penalties, lengths, weights, c0=c0a, cell_states=cs)
+    v = valid[..., 0]
+
+    def _norms(first, seq):
+        n = hidden_norms(torch.cat([first.unsqueeze(0), seq], 0), penalties.ns_eps)
+        return torch.cat([n[:1], torch.where(v, n[1:], torch.zeros_like(n[1:]))], 0)
+
+    norms = _norms(h0.to(acc), hs)
+    cnorms = _norms(c0a, cs) if lstm and cell_norms else None
     output = to_processing_order(hs, lengths, reverse).to(x_proj.dtype)
-    c_n = c.to(x_proj.dtype) if cell == "lstm" else None
-    return output, h.to(x_proj.dtype), c_n, terms, norms
+    c_n = c.to(x_proj.dtype) if lstm else None
+    return output, h.to(x_proj.dtype), c_n, terms, norms, cnorms
 
 
 def naive_from_spec(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
                     c0: Optional[torch.Tensor], ar_mask: Optional[torch.Tensor],
-                    lengths: Optional[torch.Tensor]):
+                    lengths: Optional[torch.Tensor], cell_scale: Optional[torch.Tensor] = None):
     """:func:`naive` driven by a backend :class:`Spec` (the weights already divided).
 
     The differentiable twin of any backend's ``forward`` on the same arguments, used by
-    ``ops`` to build higher-order graphs.  Returns ``(output, h_n, c_n, terms)``.
+    ``ops`` to build higher-order graphs.  Returns ``(output, h_n, c_n, terms [3], norms,
+    cell_norms or None)``: the backend-level outputs (the contract's three terms; the terms
+    that depend only on the norms are computed by ``ops`` outside the backend).
     """
     pen = Penalties(ns_include_initial=spec.ns_include_initial, ns_eps=spec.ns_eps,
                     ar_mask=ar_mask)
-    output, h_n, c_n, terms, _ = naive(
+    output, h_n, c_n, terms, norms, cnorms = naive(
         x_proj, w_hh, h0, c0, cell=spec.cell, theta=spec.theta, penalties=pen,
-        lengths=lengths, reverse=spec.reverse, weights=Weights(spec.w_ns, spec.w_tar, spec.w_ar))
-    return output, h_n, c_n, terms
+        lengths=lengths, reverse=spec.reverse, weights=Weights(spec.w_ns, spec.w_tar, spec.w_ar),
+        cell_scale=cell_scale, h_scale=spec.h_scale, cell_norms=spec.cell_norms)
+    return output, h_n, c_n, terms[:3], norms, cnorms

@@ -35,10 +35,10 @@ def test_check_quick_exits_0_and_prints_table():
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     rows = [ln for ln in lines if ln.startswith(("reference ", "naive "))]
-    # 2 backends x 4 cells x 4 cases, every one PASS with a gradcheck that ran
-    assert len(rows) == 2 * 4 * len(check.QUICK_PLAN), r.stdout
+    # 2 backends x 5 cells x 4 cases, every one PASS with a gradcheck that ran
+    assert len(rows) == 2 * 5 * len(check.QUICK_PLAN), r.stdout
     assert all(ln.rstrip().endswith("PASS") and " ok " in ln for ln in rows), r.stdout
-    assert {ln.split()[2] for ln in rows} == {"lstm", "relu", "tanh", "trec"}
+    assert {ln.split()[2] for ln in rows} == {"lstm", "relu", "tanh", "trec", "normprop"}
     summary = re.search(r"check: (\d+)/(\d+) passed, 0 failed", r.stdout)
     assert summary and summary.group(1) == summary.group(2), r.stdout  # GPU rows too, if any
     assert "triton on cpu" in r.stdout  # says why triton was skipped

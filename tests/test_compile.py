@@ -67,14 +67,28 @@ def test_inductor_fullgraph_values_and_grads():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_custom_ops_pass_opcheck():
-    from rnnreg_kernels.library import recurrence_fwd
+@pytest.mark.parametrize("cell, cell_norms", [("lstm", False), ("normprop", True)])
+def test_custom_ops_pass_opcheck(cell, cell_norms):
+    from rnnreg_kernels.library import recurrence_bwd, recurrence_fwd
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(3, 2, 20, generator=g), torch.randn(20, 5, generator=g) * 0.3,
-            torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g), None,
-            torch.tensor([3, 2]), "reference", "lstm", 1.0, 0.5, 0.5, 0.5, False, 1e-9,
-            True, False)
-    torch.library.opcheck(recurrence_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    T, B, H = 3, 2, 5
+    scale = torch.rand(H, generator=g) + 0.5 if cell == "normprop" else None
+    common = (torch.randn(T, B, 4 * H, generator=g), torch.randn(4 * H, H, generator=g) * 0.3,
+              torch.randn(B, H, generator=g), torch.randn(B, H, generator=g), None,
+              torch.tensor([3, 2]), scale)
+    flags = ("reference", cell, 1.0, 0.5, 0.5, 0.5, False, 1e-9, True, False,
+             1.5 if cell == "normprop" else 1.0, cell_norms)
+    torch.library.opcheck(recurrence_fwd, common + flags,
+                          test_utils=("test_schema", "test_faketensor"))
+    outs = recurrence_fwd(*common, *flags)
+    output, norms, cnorms, saved = outs[0], outs[4], outs[5], outs[6:]
+    grads = (torch.randn(T, B, H, generator=g), torch.randn(B, H, generator=g),
+             torch.randn(B, H, generator=g), torch.randn(3, generator=g),
+             torch.randn(T + 1, B, generator=g),
+             torch.randn(T + 1, B, generator=g) if cell_norms else None)
+    args = (common[0],) + common[1:] + (output, norms, cnorms if cell_norms else None,
+                                        list(saved)) + grads + flags
+    torch.library.opcheck(recurrence_bwd, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "tanh"])
@@ -94,11 +108,11 @@ def test_fake_saved_layout_matches_the_backends(cell, dtype):
                               torch.randn(G * H, H, dtype=dtype) * 0.3,
                               torch.randn(B, H, dtype=dtype),
                               torch.randn(B, H, dtype=dtype) if cell == "lstm" else None,
-                              None, None, backend, cell, 1.0, 0.0, 0.0, 0.0, False, 1e-9,
-                              False, False)
+                              None, None, None, backend, cell, 1.0, 0.0, 0.0, 0.0, False,
+                              1e-9, False, False, 1.0, False)
         layout = _saved_layout(backend, cell, dtype, T, B, H)
-        assert len(outs) == 5 + len(layout)
-        for t, slot in zip(outs[5:], layout):
+        assert len(outs) == 6 + len(layout)
+        for t, slot in zip(outs[6:], layout):
             if slot is None:
                 assert t.shape == (0,)
             else:

@@ -298,12 +298,13 @@ def run_backend(mod, spec, inp, mask, L, grads, dtype, device="cpu"):
     def cv(t):
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
     L = None if L is None else L.to(device)
-    fwd = mod.forward(spec, cv(inp["x"]), cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L)
+    fwd = mod.forward(spec, cv(inp["x"]), cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L,
+                      None)
     gt = grads["gt"].to(device=device, dtype=fwd[3].dtype)
-    bwd = mod.backward(spec, None, cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L,
-                       fwd[0], fwd[4], fwd[5], cv(grads["go"]), cv(grads["ghn"]),
-                       cv(grads["gcn"]), gt)
-    return list(fwd[:5]) + list(bwd)
+    bwd = mod.backward(spec, None, cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L, None,
+                       fwd[0], fwd[4], fwd[5], fwd[6], cv(grads["go"]), cv(grads["ghn"]),
+                       cv(grads["gcn"]), gt, None, None)
+    return list(fwd[:5]) + list(bwd[:4])
 
 
 NAMES = ("output", "h_n", "c_n", "terms", "norms", "grad_x_proj", "grad_w_hh", "grad_h0",

@@ -108,9 +108,10 @@ def _naive(cell, pen, inp, mask, L, grads, dtype, spec):
     p = Penalties(norm_stabilizer=pen.get("ns", 0.0), tar=pen.get("tar", 0.0),
                   ar=pen.get("ar", 0.0), ns_include_initial=pen.get("incl", False),
                   ar_mask=None if mask is None else mask.to(DEV, dtype))
-    out, h_n, c_n, terms, norms = reference.naive(
+    out, h_n, c_n, terms, norms, _ = reference.naive(
         leaves["x"], leaves["w"], leaves["h0"], leaves["c0"], cell=cell, theta=spec.theta,
         penalties=p, lengths=None if L is None else L.to(DEV), reverse=spec.reverse)
+    terms, norms = terms[:3], norms.detach()  # the contract's three terms
     loss = (out.double() * grads["go"].to(DEV)).sum() + (h_n.double() * grads["ghn"].to(DEV)).sum()
     loss = loss + (terms.double() * grads["gt"].to(DEV)).sum()
     if c_n is not None:
@@ -193,10 +194,12 @@ if mode == "planted":
 os.environ["RNNREG_CUDA_UNITS"] = "64"
 spec, inp, mask, L, grads = make_case("relu", 3, 3, 64, {{"ns": 0.5, "tar": 0.5, "ar": 0.5}})
 c = lambda t: None if t is None else t.to("cuda", torch.float32).contiguous()
-fwd = cuda.forward(spec, c(inp["x"]), c(inp["w"]), c(inp["h0"]), None, None, None, plant=plant)
+fwd = cuda.forward(spec, c(inp["x"]), c(inp["w"]), c(inp["h0"]), None, None, None, None,
+                   plant=plant)
 if plant == 0:
-    cuda.backward(spec, None, c(inp["w"]), c(inp["h0"]), None, None, None, fwd[0], fwd[4],
-                  fwd[5], c(grads["go"]), c(grads["ghn"]), None, grads["gt"].float().cuda())
+    cuda.backward(spec, None, c(inp["w"]), c(inp["h0"]), None, None, None, None, fwd[0],
+                  fwd[4], None, fwd[6], c(grads["go"]), c(grads["ghn"]), None,
+                  grads["gt"].float().cuda(), None, None)
 torch.cuda.synchronize()
 print("script done")
 """

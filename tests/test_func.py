@@ -113,3 +113,27 @@ def test_hessian_of_recurrence_is_symmetric():
         r = recurrence(x, w, h0, cell="tanh", penalties=Penalties(tar=1.0), backend="naive")
         return r.output.pow(2).sum() + r.penalty
     torch.testing.assert_close(hess, jacrev(jacrev(f_naive))(w).reshape(25, 25), **TOL)
+
+
+def test_hessian_through_norms_and_cell_scale_matches_naive():
+    """jacrev(jacrev(...)) of a norm penalty of the normprop cell w.r.t. cell_scale: the
+    vmap rules and the double backward carry grad_norms / grad_cell_norms / cell_scale."""
+    g = torch.Generator().manual_seed(2)
+    H = 3
+    x = torch.randn(3, 2, 4 * H, generator=g, dtype=DT)
+    w = torch.randn(4 * H, H, generator=g, dtype=DT) * 0.4
+    h0 = torch.randn(2, H, generator=g, dtype=DT)
+    c0 = torch.randn(2, H, generator=g, dtype=DT)
+    a = torch.rand(H, generator=g, dtype=DT) + 0.5
+    pen = Penalties(norm_target=0.5, cell_norm_stabilizer=0.7, norm_stabilizer=0.3)
+
+    def f(backend):
+        def loss(a):
+            r = recurrence(x, w, h0, c0, cell="normprop", cell_scale=a, h_scale=1.4,
+                           penalties=pen, backend=backend, lengths=torch.tensor([3, 2]))
+            n = r.norms
+            return (((n[1:] - n[:-1]) / n[:-1]) ** 2).sum() + r.penalty + r.output.sum()
+        return loss
+    hess = jacrev(jacrev(f("reference")))(a)
+    torch.testing.assert_close(hess, hess.t(), **TOL)
+    torch.testing.assert_close(hess, jacrev(jacrev(f("naive")))(a), **TOL)

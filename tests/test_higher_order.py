@@ -6,16 +6,22 @@ from torch import nn
 
 import rnnreg_kernels
 from rnnreg_kernels import LSTM, RNN, recurrence
-from rnnreg_kernels.check import THETA, make_inputs
+from rnnreg_kernels.check import H_SCALE, THETA, make_cell_scale, make_inputs
+
+LSTM_TYPE = ("lstm", "normprop")
 
 
 def _fn(backend, cell, pen, lengths, reverse):
     extra = {"theta": THETA} if cell == "trec" else {}
 
     def f(*ins):
+        if cell == "normprop":
+            *ins, a = ins
+            extra.update(cell_scale=a, h_scale=H_SCALE)
         r = recurrence(*ins, cell=cell, penalties=pen, lengths=lengths, reverse=reverse,
                        backend=backend, **extra)
-        outs = [r.output, r.h_n] + ([r.c_n] if cell == "lstm" else [])
+        outs = [r.output, r.h_n] + ([r.c_n] if cell in LSTM_TYPE else [])
+        outs += [r.norms] + ([r.cell_norms] if r.cell_norms is not None else [])
         return tuple(outs) + tuple(r.terms) + (r.penalty,)
     return f
 
@@ -23,12 +29,14 @@ def _fn(backend, cell, pen, lengths, reverse):
 def _inputs(cell, steps, config, seed=0):
     x, w, h0, c0, pen, lengths, reverse = make_inputs(cell, steps, config,
                                                       torch.device("cpu"), seed)
-    ins = [x, w, h0] + ([c0] if cell == "lstm" else [])
+    ins = [x, w, h0] + ([c0] if cell in LSTM_TYPE else [])
+    if cell == "normprop":
+        ins.append(make_cell_scale(cell, torch.device("cpu"), seed))
     return [t.clone().requires_grad_(True) for t in ins], pen, lengths, reverse
 
 
-@pytest.mark.parametrize("cell", ["lstm", "relu", "tanh", "trec"])
-@pytest.mark.parametrize("steps, config", [(3, "all+initial+mask+lengths+reverse"),
+@pytest.mark.parametrize("cell", ["lstm", "relu", "tanh", "trec", "normprop"])
+@pytest.mark.parametrize("steps, config", [(3, "all5+initial+mask+lengths+reverse"),
                                            (1, "ns+tar+ar")])
 def test_gradgradcheck_reference(cell, steps, config):
     ins, pen, lengths, reverse = _inputs(cell, steps, config)
@@ -40,7 +48,7 @@ def test_gradgradcheck_reference(cell, steps, config):
 def test_gradgradcheck_other_cpu_backends(backend, cell):
     """(Triton under the interpreter is too slow for gradgradcheck's many calls: its double
     backward is checked against naive by test_create_graph_matches_naive.)"""
-    ins, pen, lengths, reverse = _inputs(cell, 2, "all+initial+mask+lengths+reverse")
+    ins, pen, lengths, reverse = _inputs(cell, 2, "all5+initial+mask+lengths+reverse")
     f = _fn(backend, cell, pen, lengths, reverse)
     with rnnreg_kernels.higher_order_grads():
         assert torch.autograd.gradgradcheck(f, ins, fast_mode=True, atol=1e-6, rtol=1e-4)

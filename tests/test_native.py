@@ -94,7 +94,7 @@ def test_auto_env_override(monkeypatch):
 # ----------------------------------------------------------------------------- penalty op
 
 def _oracle(states, h0, pen, lengths):
-    """Published formulas: terms [3] and norms [T+1, B] (zeros past each length)."""
+    """Published formulas: terms [5] and norms [T+1, B] (zeros past each length)."""
     terms = posthoc_terms(h0, states, pen, lengths)
     with torch.no_grad():
         n = hidden_norms(torch.cat([h0.unsqueeze(0), states], 0), pen.ns_eps)
@@ -110,6 +110,7 @@ PEN_CASES = [  # (penalties kwargs, mask, lengths)
     (dict(COEF), False, False),
     (dict(COEF, ns_include_initial=True), True, True),
     (dict(COEF), True, True),
+    (dict(COEF, norm_target=0.6, norm_target_value=1.5), False, True),
 ]
 
 
@@ -132,7 +133,7 @@ def test_activation_penalties_matches_posthoc(kwargs, mask, lens, T, B, H):
     torch.testing.assert_close(torch.stack(list(terms)), t_ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(penalty, t_ref.sum(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(norms, n_ref, rtol=1e-12, atol=1e-14)
-    up = torch.tensor([0.3, -1.1, 0.7], dtype=DT)
+    up = torch.tensor([0.3, -1.1, 0.7, 0.0, 1.9], dtype=DT)
     ga = torch.autograd.grad((torch.stack(list(terms)) * up).sum(), [a, ha], allow_unused=True)
     go = torch.autograd.grad((t_ref * up).sum(), [o, ho], allow_unused=True)
     for x, y in zip(ga, go):
@@ -192,7 +193,8 @@ def test_triton_kernels_match_cpu_code(monkeypatch, dtype, tol):
     from rnnreg_kernels.triton import unavailable_reason
     if unavailable_reason(torch.device("cpu")) is not None:
         pytest.skip("triton cannot run on the CPU here (TRITON_INTERPRET unset)")
-    cases = [((7, 3, 5), COEF, False, False, False), ((1, 3, 5), COEF, True, True, True),
+    cases = [((7, 3, 5), COEF, False, False, False),
+             ((1, 3, 5), dict(COEF, norm_target=0.5), True, True, True),
              ((4, 5, 300), dict(COEF, ns_include_initial=True), True, True, False),
              ((3, 2, 6), dict(tar=1.0), False, True, True)]
     for (T, B, H), kw, mask, lens, strided in cases:
@@ -210,9 +212,10 @@ def test_triton_kernels_match_cpu_code(monkeypatch, dtype, tol):
             pen = Penalties(**kw, ar_mask=None if m is None else m.to(dtype))
             for rev in (False, True):
                 terms, norms = native.penalty_pass(s, h, pen, lengths, reverse=rev)
-                up = torch.tensor([0.3, -1.1, 0.7], dtype=terms.dtype)
-                gs, gh = torch.autograd.grad((terms * up).sum(), [b, h], allow_unused=True)
-                results.append([terms.detach(), norms, gs,
+                up = torch.tensor([0.3, -1.1, 0.7, 0.0, 0.4], dtype=terms.dtype)
+                loss = (terms * up).sum() + 0.1 * (norms ** 2).sum()  # + the radial term
+                gs, gh = torch.autograd.grad(loss, [b, h], allow_unused=True)
+                results.append([terms.detach(), norms.detach(), gs,
                                 torch.zeros_like(h) if gh is None else gh])
         half = len(results) // 2
         for got, ref in zip(results[half:], results[:half]):

@@ -20,8 +20,10 @@ def test_public_api():
     for name in ("recurrence", "RecurrenceOutput", "Penalties", "LSTM", "RNN", "IRNN", "Terms"):
         assert hasattr(rnnreg_kernels, name)
     r = recurrence(*_args(), cell="lstm", penalties=Penalties(tar=1.0))
-    assert r._fields == ("output", "h_n", "c_n", "penalty", "terms", "norms")
-    assert r.terms._fields == ("norm_stabilizer", "tar", "ar")
+    assert r._fields == ("output", "h_n", "c_n", "penalty", "terms", "norms", "cell_norms")
+    assert r.terms._fields == ("norm_stabilizer", "tar", "ar", "cell_norm_stabilizer",
+                               "norm_target")
+    assert r.cell_norms is None
     assert r.output.shape == (4, 3, 5) and r.h_n.shape == (3, 5) and r.c_n.shape == (3, 5)
     assert r.penalty.dim() == 0 and r.norms.shape == (5, 3) and r.norms.dtype == torch.float32
     assert r.penalty.item() == pytest.approx(r.terms.tar.item())
@@ -31,7 +33,7 @@ def test_public_api():
 
 
 @pytest.mark.parametrize("mutate, exc, match", [
-    (lambda a: {**a, "cell": "gru"}, ValueError, "cell: expected one of lstm, relu, tanh, trec, got 'gru'"),
+    (lambda a: {**a, "cell": "gru"}, ValueError, "cell: expected one of lstm, relu, tanh, trec, normprop, got 'gru'"),
     (lambda a: {**a, "backend": "cudnn"}, ValueError, "backend: expected one of auto, reference, naive, triton, cuda, native, got 'cudnn'"),
     (lambda a: {**a, "x_proj": a["x_proj"][0]}, ValueError, r"x_proj: expected 3 dimensions"),
     (lambda a: {**a, "x_proj": a["x_proj"].int()}, TypeError, r"x_proj: expected float16.*got torch.int32"),
@@ -59,7 +61,8 @@ def test_bad_arguments_name_what_is_wrong(mutate, exc, match):
 
 def test_c0_for_plain_rnn_is_an_error():
     x, w, h0, _ = _args("tanh")
-    with pytest.raises(ValueError, match="c0: only the lstm cell has a cell state"):
+    with pytest.raises(ValueError, match=r"c0: only the cells with a cell state \(lstm, "
+                                         r"normprop\) take c0; expected None for cell 'tanh'"):
         recurrence(x, w, h0, h0.clone(), cell="tanh")
 
 

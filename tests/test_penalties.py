@@ -145,7 +145,14 @@ def test_penalty_weights_divisors():
     assert wi.ns == pytest.approx(2.0 / 21)
     wl = penalty_weights(pen, 7, 3, 5, lengths=torch.tensor([7, 1, 3]))
     assert wl.ns == pytest.approx(2.0 / 8) and wl.ar == pytest.approx(4.0 / (11 * 5))
-    assert penalty_weights(pen, 1, 3, 5) == (0.0, 0.0, pytest.approx(4.0 / 15))
+    assert penalty_weights(pen, 1, 3, 5) == (0.0, 0.0, pytest.approx(4.0 / 15), 0.0, 0.0)
+    # the two norm-only terms: beta_c / |S| (the norm-stabilizer's S) and alpha / sum_b L_b
+    pn = Penalties(cell_norm_stabilizer=2.0, norm_target=3.0)
+    wn = penalty_weights(pn, 7, 3, 5, lengths=torch.tensor([7, 1, 3]))
+    assert wn.cell_ns == pytest.approx(2.0 / 8) and wn.norm_target == pytest.approx(3.0 / 11)
+    assert wn.ns == wn.tar == wn.ar == 0.0
+    wn1 = penalty_weights(pn, 1, 3, 5)
+    assert wn1.cell_ns == 0.0 and wn1.norm_target == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("kwargs, match", [
