@@ -657,7 +657,8 @@ class LSTM(_RecurrentBase):
     input ``[T, B, I]`` (``[B, T, I]`` if batch_first), ``[T, I]`` unbatched, or a
     ``PackedSequence``; ``hx = (h_0, c_0)`` each ``[L*D, B, H]`` (``[L*D, H]`` unbatched);
     output ``[T, B, D*H]`` (same layout rules; a ``PackedSequence`` for packed input);
-    ``h_n``, ``c_n`` ``[L*D, B, H]``.  Then ``penalty``, ``penalty_terms``, ``hidden_norms``.
+    ``h_n``, ``c_n`` ``[L*D, B, H]``.  Then ``penalty``, ``penalty_terms``, ``hidden_norms``,
+    ``cell_norms``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
