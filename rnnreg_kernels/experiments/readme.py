@@ -222,7 +222,9 @@ def comparison(rows: list) -> str:
     normprop = next((r for r in ran if r["model"] == "normprop" and r["beta"] == 0.0), None)
     if normprop and (0.0, "hidden") in lstm:
         parts.append(f"{LABELS['normprop']} (β = 0): test {normprop['test_bpc']:.3f} against "
-                     f"{lstm[(0.0, 'hidden')]['test_bpc']:.3f} for the plain LSTM.")
+                     f"{lstm[(0.0, 'hidden')]['test_bpc']:.3f} for the plain LSTM (its one-hot "
+                     f"input is scaled by sqrt(vocabulary), the unit-variance input its "
+                     f"constants assume; the plain LSTM's is not).")
     falling = [r for r in ran if len(r.get("curve", [])) >= 2
                and r["curve"][-1]["valid_bpc"] is not None
                and r["curve"][-2]["valid_bpc"] is not None
