@@ -10,6 +10,10 @@
 // dz_{k+1} for its units (the reduction runs over all gate rows), so each block stages the
 // whole dz of its batch tiles: in bf16/fp16 that is half the bytes of the fp32 exchange.
 // grad_w_hh is one GEMM on the host side afterwards (binding / cuda.py), from the fp32 dz copy.
+// The gradients of the norms outputs (grad_norms / grad_cell_norms, contract.py) enter as radial
+// terms: g_norms[k] joins the norm-stabilizer's coefficient of h_k / n_k, g_cnorms[k] adds
+// g_cnorms[k] * c_k / m_k to dc_k.  normprop (h = o * tanh(a * c) * h_scale) also sums
+// grad_cell_scale per (b, unit) over the steps and then over b, in a fixed order.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -26,19 +30,27 @@ __device__ __forceinline__ float load_h(const BwdArgs& a, int kk, int L, int b, 
   return to_f(out[((size_t)position(kk, L, a.s.reverse) * B + b) * H + i]);
 }
 
-// dPenalty/dh_k for row b, unit i at valid step k (1 <= k <= L), hk = h_k.
+// dPenalty/dh_k for row b, unit i at valid step k (1 <= k <= L), hk = h_k, plus the radial
+// term of grad_norms (both are a coefficient times h_k / n_k).
 template <typename T>
 __device__ __forceinline__ float penalty_grad(const BwdArgs& a, int k, int L, int b, int i,
                                               float hk, float cns, float ctar, float car) {
   const Scalars& s = a.s;
   const int B = s.B;
   float g = 0.f;
-  if (cns != 0.f) {
+  if (cns != 0.f || a.g_norms) {
     const float nk = a.norms[(size_t)k * B + b];
-    const float dk = (k >= 2 || s.ns_include_initial) ? nk - a.norms[(size_t)(k - 1) * B + b]
-                                                      : 0.f;
-    const float dn = k + 1 <= L ? a.norms[(size_t)(k + 1) * B + b] - nk : 0.f;
-    if (nk > 0.f) g += cns * (dk - dn) * hk / nk;
+    float coef = a.g_norms ? a.g_norms[(size_t)k * B + b] : 0.f;
+#ifdef RNNREG_PLANT_BUG
+    if (s.plant == 7 && a.g_norms) coef = a.g_norms[(size_t)(k - 1) * B + b];  // planted
+#endif
+    if (cns != 0.f) {
+      const float dk = (k >= 2 || s.ns_include_initial) ? nk - a.norms[(size_t)(k - 1) * B + b]
+                                                        : 0.f;
+      const float dn = k + 1 <= L ? a.norms[(size_t)(k + 1) * B + b] - nk : 0.f;
+      coef += cns * (dk - dn);
+    }
+    if (nk > 0.f) g += coef * hk / nk;
   }
   if (ctar != 0.f) {
     if (k >= 2) g += ctar * (hk - load_h<T>(a, k - 1, L, b, i));
@@ -72,8 +84,9 @@ struct CellGrad {
   float dh;     // carried dL/dh (+ grad_output + penalty gradient on valid steps)
   float kz[4];  // LSTM: dz[g] = kz[g] * dc (g < 3), dz[3] = kz[3] * dh; else dz[0] = kz[0] * dh
   float kc;     // LSTM: dc = dc0 + kc * dh
-  float dc0;    // LSTM: carried dL/dc
+  float dc0;    // LSTM: carried dL/dc (+ the radial term of grad_cell_norms)
   float fg;     // LSTM: forget gate (carries dc to step k-1)
+  float ka;     // normprop: grad_cell_scale contribution = ka * dh
   int pos;      // time position of step k, or -1 when the step is frozen (k > L)
 };
 
@@ -82,33 +95,44 @@ __device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, in
                                               const float* dhacc, const float* dcacc, float cns,
                                               float ctar, float car) {
   const Scalars& s = a.s;
-  const int B = s.B, H = s.H, GH = (s.cell == kLSTM ? 4 : 1) * H;
+  const int B = s.B, H = s.H, GH = (has_cell_state(s.cell) ? 4 : 1) * H;
   const int L = row_length(a.lengths, b, s.T);
   const size_t o = (size_t)b * H + i;
   CellGrad g;
   g.dh = dhacc[o];
 #pragma unroll
   for (int j = 0; j < 4; ++j) g.kz[j] = 0.f;
-  g.kc = g.dc0 = g.fg = 0.f;
+  g.kc = g.dc0 = g.fg = g.ka = 0.f;
   g.pos = -1;
   if (k > L) return g;
   g.pos = position(k, L, s.reverse);
   const float hk = load_h<T>(a, k, L, b, i);
   g.dh += to_f(static_cast<const T*>(a.g_out)[((size_t)g.pos * B + b) * H + i]);
   g.dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
-  if (s.cell == kLSTM) {
+  if (has_cell_state(s.cell)) {
     const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
     const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
     const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
     const float cp = k >= 2 ? a.cs[cidx - (size_t)B * H]
                             : to_f(static_cast<const T*>(a.c0)[o]);
-    const float tc = tanhf(a.cs[cidx]);
-    g.kc = og * (1.f - tc * tc);
+    const float ck = a.cs[cidx];
+    const float ca = a.cell_scale ? a.cell_scale[i] : 1.f;  // lstm: a = 1, h_scale = 1
+    const float tc = tanhf(ca * ck), os = og * s.h_scale, dtc = 1.f - tc * tc;
+    g.kc = os * ca * dtc;
+    g.ka = os * dtc * ck;
     g.kz[0] = gg * ig * (1.f - ig);
     g.kz[1] = cp * fg * (1.f - fg);
     g.kz[2] = ig * (1.f - gg * gg);
-    g.kz[3] = tc * og * (1.f - og);
+    g.kz[3] = tc * s.h_scale * og * (1.f - og);
     g.dc0 = dcacc[o];
+    if (a.g_cnorms) {  // radial term of the cell norm m_k
+      const float gm = a.g_cnorms[(size_t)k * B + b];
+      float mk = a.cnorms[(size_t)k * B + b];
+#ifdef RNNREG_PLANT_BUG
+      if (s.plant == 5) mk = a.cnorms[(size_t)(k - 1) * B + b];  // planted: m_{k-1}
+#endif
+      if (mk > 0.f) g.dc0 += gm * ck / mk;
+    }
     g.fg = fg;
   } else if (s.cell == kTanh) {
     g.kz[0] = 1.f - hk * hk;
@@ -123,7 +147,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   cg::grid_group grid = cg::this_grid();
   const Scalars& s = a.s;
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
-  const int G = cell == kLSTM ? 4 : 1, GH = G * H;
+  const bool lstm = has_cell_state(cell);
+  const int G = lstm ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_bwd;
   const int Kx = xrow(GH), ld = srow(GH, (int)sizeof(T));
   const int blk = blockIdx.x;
@@ -146,6 +171,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   float* dhacc = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(a.scratch) +
                                           align16(2 * (size_t)B * Kx * sizeof(T)));  // [B][H]
   float* dcacc = dhacc + (size_t)B * H;              // [B][H] carried dL/dc
+  float* gacc = dcacc + (size_t)B * H;               // [B][H] grad_cell_scale partials
 
   // W^T slice: wt[il][r] = w[r][j0 + il].
   for (int idx = tid; idx < units * ld; idx += kThreads) {
@@ -169,7 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
     for (int q = tid; q < nb * nu; q += kThreads) {
       const size_t o = (size_t)(b0 + q / nu) * H + j0 + q % nu;
       dhacc[o] = to_f(g_hn[o]);
-      if (cell == kLSTM) dcacc[o] = to_f(g_cn[o]);
+      if (lstm) dcacc[o] = to_f(g_cn[o]);
+      if (a.gcs) gacc[o] = 0.f;
     }
   }
 
@@ -208,8 +235,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
         }
         const int pos = cgr.pos;
         float dz[4];
-        if (cell == kLSTM) {
+        if (lstm) {
           const float dc = cgr.dc0 + cgr.kc * dh;
+          if (a.gcs) gacc[o] += cgr.ka * dh;
           dz[0] = cgr.kz[0] * dc;
           dz[1] = cgr.kz[1] * dc;
           dz[2] = cgr.kz[2] * dc;
@@ -244,16 +272,35 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
       const int bl = q / nu, il = q % nu, b = b0 + bl;
       const size_t o = (size_t)b * H + j0 + il;
       float g = dhacc[o] + dhs[bl * units + il];
-      if (cns != 0.f && s.ns_include_initial) {
+      if ((cns != 0.f && s.ns_include_initial) || a.g_norms) {  // radial terms of n_0
         const float n0 = a.norms[b];
-        const float d1 = a.norms[(size_t)B + b] - n0;
-        if (n0 > 0.f) g -= cns * d1 * to_f(h0[o]) / n0;
+        float coef = a.g_norms ? a.g_norms[b] : 0.f;
+        if (cns != 0.f && s.ns_include_initial) coef -= cns * (a.norms[(size_t)B + b] - n0);
+        if (n0 > 0.f) g += coef * to_f(h0[o]) / n0;
       }
       gh0[o] = from_f<T>(g);
-      if (cell == kLSTM) gc0[o] = from_f<T>(dcacc[o]);
+      if (lstm) {
+        float gc = dcacc[o];
+        if (a.g_cnorms) {  // radial term of m_0
+          const float m0 = a.cnorms[b];
+          if (m0 > 0.f) gc += a.g_cnorms[b] * to_f(static_cast<const T*>(a.c0)[o]) / m0;
+        }
+        gc0[o] = from_f<T>(gc);
+      }
     }
     __syncthreads();
   }
+  // grad_cell_scale of this block's units: the per-(b, unit) sums over the steps, summed over
+  // b in a fixed order (written by this block's threads; visible after the __syncthreads).
+  if (a.gcs)
+    for (int il = tid; il < nu; il += kThreads) {
+      float t = 0.f;
+      for (int b = 0; b < B; ++b) t += gacc[(size_t)b * H + j0 + il];
+#ifdef RNNREG_PLANT_BUG
+      if (s.plant == 4) t -= gacc[(size_t)(B - 1) * H + j0 + il];  // planted: last row lost
+#endif
+      a.gcs[j0 + il] = t;
+    }
 }
 
 const void* backward_kernel_ptr(int dtype) {

@@ -61,9 +61,11 @@ void check_maybe(const OptTensor& t, const char* name, at::IntArrayRef shape, at
 
 rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double theta, double w_ns,
                         double w_tar, double w_ar, bool incl, double ns_eps, bool reverse,
-                        bool tf32, int64_t plant) {
-  TORCH_CHECK(cell >= rnnreg::kLSTM && cell <= rnnreg::kTrec,
-              "cell: expected a code 0..3 (lstm, relu, tanh, trec), got ", cell);
+                        bool tf32, double h_scale, int64_t plant) {
+  TORCH_CHECK(cell >= rnnreg::kLSTM && cell <= rnnreg::kNormProp,
+              "cell: expected a code 0..4 (lstm, relu, tanh, trec, normprop), got ", cell);
+  TORCH_CHECK(cell == rnnreg::kNormProp || h_scale == 1.0,
+              "h_scale: expected 1.0 for every cell but normprop, got ", h_scale);
   TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "x_proj: expected T, B, H >= 1, got T=", T, ", B=", B,
               ", H=", H);
   const int64_t G = rnnreg::gates_of((int)cell);
@@ -89,6 +91,7 @@ rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double th
   s.ns_include_initial = incl ? 1 : 0;
   s.reverse = reverse ? 1 : 0;
   s.tf32 = tf32 ? 1 : 0;
+  s.h_scale = (float)h_scale;
   s.plant = (int)plant;
   return s;
 }
@@ -109,7 +112,7 @@ void poison(const std::vector<Tensor>& ts) {
 
 // "" when (cell, dtype, B, H) runs on `device` (units > 0 forces the units per block).
 std::string plan(int64_t cell, int64_t dtype, int64_t B, int64_t H, int64_t device, int64_t units) {
-  TORCH_CHECK(cell >= 0 && cell <= 3, "cell: expected a code 0..3, got ", cell);
+  TORCH_CHECK(cell >= 0 && cell <= 4, "cell: expected a code 0..4, got ", cell);
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype: expected a code 0..2, got ", dtype);
   TORCH_CHECK(B >= 1 && H >= 1, "expected B, H >= 1, got B=", B, ", H=", H);
   rnnreg::Plan p;
@@ -120,11 +123,12 @@ int64_t max_hidden(int64_t cell, int64_t dtype, int64_t device) {
   return rnnreg::max_hidden((int)cell, (int)dtype, 1, (int)device);
 }
 
-// Returns [output, h_n, c_n, terms, norms, hsave, gates, cs] (None where absent).
+// Returns [output, h_n, c_n, terms, norms, cell_norms, hsave, gates, cs] (None where absent).
 std::vector<Tensor> forward(const Tensor& x, const Tensor& w, const Tensor& h0, const OptTensor& c0,
-                            const OptTensor& mask, const OptTensor& lengths, int64_t cell,
-                            double theta, double w_ns, double w_tar, double w_ar, bool incl,
-                            double ns_eps, bool reverse, bool tf32, int64_t units,
+                            const OptTensor& mask, const OptTensor& lengths,
+                            const OptTensor& cell_scale, double h_scale, bool cell_norms,
+                            int64_t cell, double theta, double w_ns, double w_tar, double w_ar,
+                            bool incl, double ns_eps, bool reverse, bool tf32, int64_t units,
                             bool poison_outputs, int64_t plant) {
   TORCH_CHECK(x.is_cuda(), "x_proj: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 3, "x_proj: expected [T, B, G*H], got shape ", x.sizes());
@@ -132,17 +136,22 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& w, const Tensor& h0, 
   const int dtype = dtype_code(x.scalar_type());
   const int64_t T = x.size(0), B = x.size(1), H = w.size(1);
   const rnnreg::Scalars s = scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, incl, ns_eps, reverse,
-                                    tf32, plant);
+                                    tf32, h_scale, plant);
   const int64_t G = rnnreg::gates_of(s.cell);
-  const bool lstm = s.cell == rnnreg::kLSTM;
+  const bool lstm = rnnreg::has_cell_state(s.cell);
+  const bool np = s.cell == rnnreg::kNormProp;
   const auto dev = x.device();
   const auto st = x.scalar_type();
   check(x, "x_proj", {T, B, G * H}, st, dev);
   check(w, "w_hh", {G * H, H}, st, dev);
   check(h0, "h0", {B, H}, st, dev);
-  check_opt(c0, "c0", {B, H}, st, dev, lstm, "for the lstm cell");
+  check_opt(c0, "c0", {B, H}, st, dev, lstm, "for the lstm and normprop cells");
   check_maybe(mask, "ar_mask", {B, H}, st, dev);
   check_maybe(lengths, "lengths", {B}, at::kLong, dev);
+  check_opt(cell_scale, "cell_scale", {H}, at::kFloat, dev, np, "for the normprop cell");
+  TORCH_CHECK(!cell_norms || lstm,
+              "cell_norms: only the lstm and normprop cells have a cell state, got cell code ",
+              cell);
 
   c10::cuda::CUDAGuard guard(dev);
   const rnnreg::Plan p = plan_or_throw(s, dtype, dev.index(), units);
@@ -151,12 +160,13 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& w, const Tensor& h0, 
   Tensor hn = at::empty({B, H}, x.options());
   Tensor cn = lstm ? at::empty({B, H}, x.options()) : Tensor();
   Tensor norms = at::empty({T + 1, B}, f32);
+  Tensor cnorms = cell_norms ? at::empty({T + 1, B}, f32) : Tensor();
   Tensor terms = at::empty({3}, f32);
   Tensor hsave = dtype != rnnreg::kFloat32 ? at::empty({T, B, H}, f32) : Tensor();
   Tensor gates = lstm ? at::empty({T, B, 4 * H}, f32) : Tensor();
   Tensor cs = lstm ? at::empty({T, B, H}, f32) : Tensor();
   Tensor scratch = at::empty({(int64_t)rnnreg::fwd_scratch_floats((int)B, (int)H, p.blocks)}, f32);
-  if (poison_outputs) poison({out, hn, cn, norms, terms, hsave, gates, cs, scratch});
+  if (poison_outputs) poison({out, hn, cn, norms, cnorms, terms, hsave, gates, cs, scratch});
 
   rnnreg::FwdArgs a;
   a.s = s;
@@ -167,10 +177,12 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& w, const Tensor& h0, 
   a.c0 = ptr(c0);
   a.mask = ptr(mask);
   a.lengths = given(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
+  a.cell_scale = static_cast<const float*>(ptr(cell_scale));
   a.out = out.data_ptr();
   a.hn = hn.data_ptr();
   a.cn = lstm ? cn.data_ptr() : nullptr;
   a.norms = norms.data_ptr<float>();
+  a.cnorms = cnorms.defined() ? cnorms.data_ptr<float>() : nullptr;
   a.terms = terms.data_ptr<float>();
   a.hsave = hsave.defined() ? hsave.data_ptr<float>() : nullptr;
   a.gates = lstm ? gates.data_ptr<float>() : nullptr;
@@ -179,16 +191,20 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& w, const Tensor& h0, 
   const std::string err =
       rnnreg::launch_forward(dtype, a, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
   TORCH_CHECK(err.empty(), err);
-  return {out, hn, cn, terms, norms, hsave, gates, cs};
+  return {out, hn, cn, terms, norms, cnorms, hsave, gates, cs};
 }
 
-// Returns [grad_x_proj, grad_h0, grad_c0, dz] (grad_c0 None unless lstm; dz, the step-indexed
-// float32 copy of grad_x_proj, only when hsave is given, i.e. for bfloat16/float16).
+// Returns [grad_x_proj, grad_h0, grad_c0, grad_cell_scale, dz] (grad_c0 None unless the cell has a
+// cell state; grad_cell_scale [H] float32 for normprop only; dz, the step-indexed float32 copy of
+// grad_x_proj, only when hsave is given, i.e. for bfloat16/float16).  g_norms / g_cnorms may be
+// None (zero); cnorms is needed with g_cnorms.
 std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor& c0,
-                             const OptTensor& mask, const OptTensor& lengths, const Tensor& out,
-                             const Tensor& norms, const OptTensor& hsave, const OptTensor& gates,
-                             const OptTensor& cs, const Tensor& g_out, const Tensor& g_hn,
-                             const OptTensor& g_cn, const Tensor& g_terms, int64_t cell,
+                             const OptTensor& mask, const OptTensor& lengths,
+                             const OptTensor& cell_scale, double h_scale, const Tensor& out,
+                             const Tensor& norms, const OptTensor& cnorms, const OptTensor& hsave,
+                             const OptTensor& gates, const OptTensor& cs, const Tensor& g_out,
+                             const Tensor& g_hn, const OptTensor& g_cn, const Tensor& g_terms,
+                             const OptTensor& g_norms, const OptTensor& g_cnorms, int64_t cell,
                              double theta, double w_ns, double w_tar, double w_ar, bool incl,
                              double ns_eps, bool reverse, bool tf32, int64_t units,
                              bool poison_outputs, int64_t plant) {
@@ -197,25 +213,37 @@ std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor&
   const int dtype = dtype_code(out.scalar_type());
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
   const rnnreg::Scalars s = scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, incl, ns_eps, reverse,
-                                    tf32, plant);
+                                    tf32, h_scale, plant);
   const int64_t G = rnnreg::gates_of(s.cell);
-  const bool lstm = s.cell == rnnreg::kLSTM;
+  const bool lstm = rnnreg::has_cell_state(s.cell);
+  const bool np = s.cell == rnnreg::kNormProp;
   const bool half = dtype != rnnreg::kFloat32;
   const auto dev = out.device();
   const auto st = out.scalar_type();
   check(w, "w_hh", {G * H, H}, st, dev);
   check(h0, "h0", {B, H}, st, dev);
-  check_opt(c0, "c0", {B, H}, st, dev, lstm, "for the lstm cell");
+  check_opt(c0, "c0", {B, H}, st, dev, lstm, "for the lstm and normprop cells");
   check_maybe(mask, "ar_mask", {B, H}, st, dev);
   check_maybe(lengths, "lengths", {B}, at::kLong, dev);
+  check_opt(cell_scale, "cell_scale", {H}, at::kFloat, dev, np, "for the normprop cell");
   check(norms, "norms", {T + 1, B}, at::kFloat, dev);
+  check_maybe(g_norms, "grad_norms", {T + 1, B}, at::kFloat, dev);
+  TORCH_CHECK(!given(g_cnorms) || lstm,
+              "grad_cell_norms: only the lstm and normprop cells have cell norms, got cell code ",
+              cell);
+  check_maybe(g_cnorms, "grad_cell_norms", {T + 1, B}, at::kFloat, dev);
+  TORCH_CHECK(given(cnorms) || !given(g_cnorms),
+              "cell_norms: required with grad_cell_norms (the forward's cell_norms), got None");
+  check_maybe(cnorms, "cell_norms", {T + 1, B}, at::kFloat, dev);
   check_opt(hsave, "saved h (float32 states)", {T, B, H}, at::kFloat, dev, half,
             "for bfloat16/float16");
-  check_opt(gates, "saved gates", {T, B, 4 * H}, at::kFloat, dev, lstm, "for the lstm cell");
-  check_opt(cs, "saved cell states", {T, B, H}, at::kFloat, dev, lstm, "for the lstm cell");
+  check_opt(gates, "saved gates", {T, B, 4 * H}, at::kFloat, dev, lstm,
+            "for the lstm and normprop cells");
+  check_opt(cs, "saved cell states", {T, B, H}, at::kFloat, dev, lstm,
+            "for the lstm and normprop cells");
   check(g_out, "grad_output", {T, B, H}, st, dev);
   check(g_hn, "grad_h_n", {B, H}, st, dev);
-  check_opt(g_cn, "grad_c_n", {B, H}, st, dev, lstm, "for the lstm cell");
+  check_opt(g_cn, "grad_c_n", {B, H}, st, dev, lstm, "for the lstm and normprop cells");
   check(g_terms, "grad_terms", {3}, at::kFloat, dev);
 
   c10::cuda::CUDAGuard guard(dev);
@@ -224,9 +252,10 @@ std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor&
   Tensor gx = at::empty({T, B, G * H}, out.options());
   Tensor gh0 = at::empty({B, H}, out.options());
   Tensor gc0 = lstm ? at::empty({B, H}, out.options()) : Tensor();
+  Tensor gcs = np ? at::empty({H}, f32) : Tensor();
   Tensor dz = half ? at::empty({T, B, G * H}, f32) : Tensor();
   Tensor scratch = at::empty({(int64_t)rnnreg::bwd_scratch_floats((int)B, (int)H, (int)G)}, f32);
-  if (poison_outputs) poison({gx, gh0, gc0, dz, scratch});
+  if (poison_outputs) poison({gx, gh0, gc0, gcs, dz, scratch});
 
   rnnreg::BwdArgs a;
   a.s = s;
@@ -236,8 +265,10 @@ std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor&
   a.c0 = ptr(c0);
   a.mask = ptr(mask);
   a.lengths = given(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
+  a.cell_scale = static_cast<const float*>(ptr(cell_scale));
   a.out = out.data_ptr();
   a.norms = norms.data_ptr<float>();
+  a.cnorms = given(g_cnorms) ? static_cast<const float*>(ptr(cnorms)) : nullptr;
   a.hsave = static_cast<const float*>(ptr(hsave));
   a.gates = static_cast<const float*>(ptr(gates));
   a.cs = static_cast<const float*>(ptr(cs));
@@ -245,15 +276,18 @@ std::vector<Tensor> backward(const Tensor& w, const Tensor& h0, const OptTensor&
   a.g_hn = g_hn.data_ptr();
   a.g_cn = ptr(g_cn);
   a.g_terms = g_terms.data_ptr<float>();
+  a.g_norms = static_cast<const float*>(ptr(g_norms));
+  a.g_cnorms = static_cast<const float*>(ptr(g_cnorms));
   a.gx = gx.data_ptr();
   a.dz = dz.defined() ? dz.data_ptr<float>() : nullptr;
   a.gh0 = gh0.data_ptr();
   a.gc0 = lstm ? gc0.data_ptr() : nullptr;
+  a.gcs = np ? gcs.data_ptr<float>() : nullptr;
   a.scratch = scratch.data_ptr<float>();
   const std::string err =
       rnnreg::launch_backward(dtype, a, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
   TORCH_CHECK(err.empty(), err);
-  return {gx, gh0, gc0, dz};
+  return {gx, gh0, gc0, gcs, dz};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -6,9 +6,10 @@
 // tile of batch rows, computes its slice of z = x_k + h_{k-1} W^T (tensor cores for
 // bf16/fp16, FP32 FMAs for fp32: step_product in common.cuh), applies the cell, publishes its
 // slice of h_k, and writes its partial sum of squares of h_k per batch row.  A grid-wide
-// barrier ends the step.  The norms of step k-1 are reduced (in a fixed order, so
-// deterministically) by the block that owns the batch row (b % blocks) while the copies of the
-// first h tile of step k are in flight; TAR/AR/NS sums stay in registers until the end.
+// barrier ends the step.  The norms of step k-1 (and the cell norms, when asked for) are
+// reduced (in a fixed order, so deterministically) by the block that owns the batch row
+// (b % blocks) while the copies of the first h tile of step k are in flight; TAR/AR/NS sums
+// stay in registers until the end.  normprop is the LSTM with h = o * tanh(a * c) * h_scale.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -16,51 +17,64 @@
 namespace rnnreg {
 namespace cg = cooperative_groups;
 
-// norms[k, b] for this block's batch rows (b = blk + i * blocks), plus the NS sum.
-__device__ __forceinline__ void reduce_norms(const FwdArgs& a, const float* part, int k,
+// The per-block partial sums of squares: part[ch][k & 1][b][blk], channel 0 of h, channel 1 of
+// c (only with cell norms: channels() is then 2).
+__device__ __forceinline__ int channels(const FwdArgs& a) { return a.cnorms ? 2 : 1; }
+__device__ __forceinline__ float* partials(float* part, int ch, int k, int B, int nblk) {
+  return part + ((size_t)ch * 2 + (k & 1)) * B * nblk;
+}
+
+// norms[k, b] (and cnorms[k, b]) for this block's batch rows (b = blk + i * blocks), plus
+// the NS sum.
+__device__ __forceinline__ void reduce_norms(const FwdArgs& a, float* part, int k,
                                              float& acc_ns) {
   const Scalars& s = a.s;
   const int B = s.B, nblk = gridDim.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* pk = part + (size_t)(k & 1) * B * nblk;
+  const int nch = channels(a);
   for (int idx = warp;; idx += kWarps) {
     const long long bl = (long long)blockIdx.x + (long long)idx * nblk;
     if (bl >= B) break;
     const int b = (int)bl;
-    float sq = 0.f;
-    for (int i = lane; i < nblk; i += 32) sq += __ldcg(pk + (size_t)b * nblk + i);
-    sq = warp_sum(sq);
-    if (lane == 0) {
-      const bool valid = k <= row_length(a.lengths, b, s.T);
-      const float n = sqrtf(sq + s.heps);
-      a.norms[(size_t)k * B + b] = valid ? n : 0.f;
-      if (valid && s.w_ns != 0.f && (k >= 2 || (k == 1 && s.ns_include_initial))) {
-        const float d = n - a.norms[(size_t)(k - 1) * B + b];  // written by this thread
-        acc_ns += d * d;
+    const bool valid = k <= row_length(a.lengths, b, s.T);
+#pragma unroll 1
+    for (int ch = 0; ch < nch; ++ch) {
+      const float* pk = partials(part, ch, k, B, nblk);
+      float sq = 0.f;
+      for (int i = lane; i < nblk; i += 32) sq += __ldcg(pk + (size_t)b * nblk + i);
+      sq = warp_sum(sq);
+      if (lane == 0) {
+        const float n = sqrtf(sq + s.heps);
+        (ch ? a.cnorms : a.norms)[(size_t)k * B + b] = valid ? n : 0.f;
+        if (ch == 0 && valid && s.w_ns != 0.f && (k >= 2 || (k == 1 && s.ns_include_initial))) {
+          const float d = n - a.norms[(size_t)(k - 1) * B + b];  // written by this thread
+          acc_ns += d * d;
+        }
       }
     }
   }
 }
 
 // The inputs of one (b, j) cell update that do not depend on the exchange: x_k for the G
-// gates, c_{k-1} (LSTM), the fp32 h_{k-1} for TAR (bf16/fp16: the saved state; fp32 reads the
-// staged copy) and the AR mask.  Fetched for a thread's first item before the step product,
-// so that their global-memory latency overlaps the h copies and the product.
+// gates, c_{k-1} and the cell scale a_j (cells with a cell state), the fp32 h_{k-1} for TAR
+// (bf16/fp16: the saved state; fp32 reads the staged copy) and the AR mask.  Fetched for a
+// thread's first item before the step product, so that their global-memory latency overlaps
+// the h copies and the product.
 struct CellIn {
   float x[4];
-  float cp, hp, m;
+  float cp, hp, m, ca;
 };
 
 template <typename T>
 __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, int j) {
   const Scalars& s = a.s;
-  const int B = s.B, H = s.H, G = s.cell == kLSTM ? 4 : 1;
+  const int B = s.B, H = s.H, G = has_cell_state(s.cell) ? 4 : 1;
   const int L = row_length(a.lengths, b, s.T);
   const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;
   CellIn in;
 #pragma unroll
   for (int g = 0; g < 4; ++g) in.x[g] = 0.f;
   in.cp = in.hp = 0.f;
-  in.m = 1.f;
+  in.m = in.ca = 1.f;
   if (k <= L) {
     if (a.hsave && s.w_tar != 0.f && k >= 2) in.hp = a.hsave[sidx - (size_t)B * H];
     if (a.mask && s.w_ar != 0.f) in.m = to_f(static_cast<const T*>(a.mask)[(size_t)b * H + j]);
@@ -70,9 +84,11 @@ __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, in
     for (int g = 0; g < 4; ++g)
       if (g < G) in.x[g] = to_f(xr[(size_t)g * H + j]);
   }
-  if (s.cell == kLSTM)
+  if (has_cell_state(s.cell)) {
     in.cp = k == 1 ? to_f(static_cast<const T*>(a.c0)[(size_t)b * H + j])
                    : a.cs[sidx - (size_t)B * H];
+    if (a.cell_scale) in.ca = a.cell_scale[j];
+  }
   return in;
 }
 
@@ -81,7 +97,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   cg::grid_group grid = cg::this_grid();
   const Scalars& s = a.s;
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
-  const int G = cell == kLSTM ? 4 : 1, GH = G * H;
+  const bool lstm = has_cell_state(cell);
+  const int G = lstm ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_fwd;
   const int Hx = xrow(H), ld = srow(H, (int)sizeof(T)), R = G * units;
   const int blk = blockIdx.x, nblk = gridDim.x;
@@ -104,7 +121,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   T* hbuf = reinterpret_cast<T*>(a.scratch);       // [2][B][Hx] h exchange, input dtype
   float* part = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(a.scratch) +
                                          align16(2 * (size_t)B * Hx * sizeof(T)));  // [2][B][blocks]
-  float* bpart = part + 2 * (size_t)B * nblk;      // [blocks][3]
+  float* bpart = part + 4 * (size_t)B * nblk;      // [blocks][3]
+  const int nch = channels(a);
 
   // This block's rows of w_hh: local row r = g*units + jl is global row g*H + j0 + jl.
   for (int idx = tid; idx < R * ld; idx += kThreads) {
@@ -118,24 +136,26 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
     for (int idx = tid; idx < 2 * B * (Hx - H); idx += kThreads)
       hbuf[(size_t)(idx / (Hx - H)) * Hx + H + idx % (Hx - H)] = from_f<T>(0.f);
 
-  // Step 0: publish h0 and its partial sums of squares.
-  for (int b = warp; b < B; b += kWarps) {
-    float sq = 0.f;
-    for (int jl = lane; jl < nu; jl += 32) {
-      const float h = to_f(h0[(size_t)b * H + j0 + jl]);
-      __stcg(hbuf + (size_t)b * Hx + j0 + jl, h0[(size_t)b * H + j0 + jl]);
-      sq += h * h;
+  // Step 0: publish h0 and its partial sums of squares (and those of c0).
+  for (int b = warp; b < B; b += kWarps)
+    for (int ch = 0; ch < nch; ++ch) {
+      const T* src = ch ? static_cast<const T*>(a.c0) : h0;
+      float sq = 0.f;
+      for (int jl = lane; jl < nu; jl += 32) {
+        const float v = to_f(src[(size_t)b * H + j0 + jl]);
+        if (ch == 0) __stcg(hbuf + (size_t)b * Hx + j0 + jl, h0[(size_t)b * H + j0 + jl]);
+        sq += v * v;
+      }
+      sq = warp_sum(sq);
+      if (lane == 0) __stcg(partials(part, ch, 0, B, nblk) + (size_t)b * nblk + blk, sq);
     }
-    sq = warp_sum(sq);
-    if (lane == 0) __stcg(part + (size_t)b * nblk + blk, sq);
-  }
   float acc_ns = 0.f, acc_tar = 0.f, acc_ar = 0.f;
   grid.sync();
 
   for (int k = 1; k <= T_; ++k) {
     const T* hprev = hbuf + (size_t)((k - 1) & 1) * B * Hx;
     T* hcur = hbuf + (size_t)(k & 1) * B * Hx;
-    float* part_k = part + (size_t)(k & 1) * B * nblk;
+
     for (int b0 = 0; b0 < B; b0 += bs) {
       const int nb = min(bs, B - b0);
       stage_rows<T>(hs, ld, hprev, Hx, b0, nb);
@@ -149,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
       // One item per thread and nu a power of two <= 32: the row's nu items sit in aligned
       // groups of nu lanes, so the partial sums of squares are a segmented butterfly.
       const bool seg = nb * nu <= kThreads && nu <= 32 && (nu & (nu - 1)) == 0;
-      float my_sq = 0.f;
+      float my_sq = 0.f, my_csq = 0.f;
       for (int q = tid; q < nb * nu; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
         const int L = row_length(a.lengths, b, T_);
@@ -159,13 +179,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         if (k <= L) {
           const int pos = position(k, L, s.reverse);
           const float* zr = zs + (size_t)bl * R;
-          if (cell == kLSTM) {
+          if (lstm) {
             const float ig = sigmoidf_(zr[jl] + in.x[0]);
             const float fg = sigmoidf_(zr[units + jl] + in.x[1]);
             const float gg = tanhf(zr[2 * units + jl] + in.x[2]);
             const float og = sigmoidf_(zr[3 * units + jl] + in.x[3]);
             c = fg * in.cp + ig * gg;
-            h = og * tanhf(c);
+            h = og * tanhf(in.ca * c) * s.h_scale;  // lstm: a = 1, h_scale = 1
+#ifdef RNNREG_PLANT_BUG
+            if (s.plant == 6) h = og * tanhf(c) * s.h_scale;  // planted: cell_scale dropped
+#endif
             float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
             gs[j] = ig;
             gs[H + j] = fg;
@@ -187,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
           if (s.w_ar != 0.f) acc_ar += (in.m * h) * (in.m * h);
         } else {  // past the row's length: state frozen, position k-1 is never reached
           h = to_f(hs[(size_t)bl * ld + j]);
-          if (cell == kLSTM) {
+          if (lstm) {
             c = in.cp;
             a.cs[sidx] = c;
           }
@@ -196,16 +219,27 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         }
         __stcg(hcur + (size_t)b * Hx + j, from_f<T>(h));
         hn[bl * units + jl] = h;
+        // c_k for the per-row cell-norm sums below: over z of gate i of this item, which only
+        // this thread read (and only above)
+        if (a.cnorms) zs[(size_t)bl * R + jl] = c;
         my_sq = h * h;
+        my_csq = c * c;
         if (k == T_) {
           hn_out[(size_t)b * H + j] = from_f<T>(h);
-          if (cell == kLSTM) cn_out[(size_t)b * H + j] = from_f<T>(c);
+          if (lstm) cn_out[(size_t)b * H + j] = from_f<T>(c);
         }
       }
       if (seg) {
-        for (int o = nu / 2; o > 0; o >>= 1) my_sq += __shfl_xor_sync(0xffffffffu, my_sq, o);
-        if (tid < nb * nu && tid % nu == 0)
-          __stcg(part_k + (size_t)(b0 + tid / nu) * nblk + blk, my_sq);
+#pragma unroll 1
+        for (int ch = 0; ch < nch; ++ch) {
+          float v = ch ? my_csq : my_sq;
+#ifdef RNNREG_PLANT_BUG
+          if (s.plant == 3) v = my_sq;  // planted: the cell norms sum h^2
+#endif
+          for (int o = nu / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+          if (tid < nb * nu && tid % nu == 0)
+            __stcg(partials(part, ch, k, B, nblk) + (size_t)(b0 + tid / nu) * nblk + blk, v);
+        }
       } else {
 #ifdef RNNREG_PLANT_BUG
         if (s.plant != 1)  // planted race (hn written above, read below) for compute-sanitizer
@@ -214,13 +248,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         const int nb_slow = seg ? 0 : nb;  // (a bound of 0 when not taken: for the profile)
         for (int bl = warp; bl < nb_slow; bl += kWarps) {  // partial sums of squares per row
           const int b = b0 + bl;
-          float sq = 0.f;
-          for (int jl = lane; jl < nu; jl += 32) {
-            const float h = hn[bl * units + jl];
-            sq += h * h;
+#pragma unroll 1
+          for (int ch = 0; ch < nch; ++ch) {  // channel 1: c_k
+            float sq = 0.f;
+            for (int jl = lane; jl < nu; jl += 32) {
+              const float v = ch ? zs[(size_t)bl * R + jl] : hn[bl * units + jl];
+              sq += v * v;
+            }
+            sq = warp_sum(sq);
+            if (lane == 0) __stcg(partials(part, ch, k, B, nblk) + (size_t)b * nblk + blk, sq);
           }
-          sq = warp_sum(sq);
-          if (lane == 0) __stcg(part_k + (size_t)b * nblk + blk, sq);
         }
       }
       __syncthreads();

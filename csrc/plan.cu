@@ -93,6 +93,7 @@ const char* cell_name(int cell) {
     case kLSTM: return "lstm";
     case kReLU: return "relu";
     case kTanh: return "tanh";
+    case kNormProp: return "normprop";
     default: return "trec";
   }
 }

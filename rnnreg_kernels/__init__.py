@@ -1,7 +1,8 @@
 """rnnreg_kernels: fused RNN kernels with in-kernel activation regularizers.
 
-Public names: :func:`recurrence` (the op), :class:`RecurrenceOutput`, :class:`Terms`,
-:class:`Penalties`, :func:`activation_penalties` (the fused penalty pass over any RNN's
+Public names: :func:`recurrence` (the op: cells lstm, normprop, relu, tanh, trec; differentiable
+``norms`` / ``cell_norms``), :class:`RecurrenceOutput`, :class:`Terms` (the five weighted
+terms), :class:`Penalties`, :func:`activation_penalties` (the fused penalty pass over any RNN's
 output), :func:`higher_order_grads`, and the drop-in modules :class:`LSTM`, :class:`RNN`,
 :class:`IRNN`, :class:`NormPropLSTM` (Recurrent Normalization Propagation) and
 :class:`LockedDropout`.

@@ -27,7 +27,7 @@ from .contract import Spec
 
 SAVE_X_PROJ = False
 
-_CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3}
+_CELL_CODE = {"lstm": 0, "relu": 1, "tanh": 2, "trec": 3, "normprop": 4}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
 _HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
@@ -178,12 +178,6 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
 
     Loads the extension, JIT-building it once if it was not built at install time.
     """
-    if spec.cell == "normprop":
-        return ("cell 'normprop' is not yet in the CUDA kernels; use backend='reference' "
-                "(any device)")
-    if spec.cell_norms:
-        return ("the cell norms (cell_norms=True or a cell norm-stabilizer) are not yet in "
-                "the CUDA kernels; use backend='reference' (any device)")
     if x_proj.dtype not in _DTYPE_CODE:
         return (f"the cuda backend supports float32, bfloat16 and float16, got {x_proj.dtype}; "
                 "use backend='reference'")
@@ -204,20 +198,28 @@ def _scalars(spec: Spec):
             _poison())
 
 
+def _f32(t):
+    """An optional acc-dtype input as the contiguous float32 tensor the kernels read."""
+    return None if t is None else t.float().contiguous()
+
+
 def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale=None, *,
             plant: int = 0):
     """Forward of the contract (see :mod:`rnnreg_kernels.contract`), one cooperative launch.
 
     Returns ``(output [T, B, H], h_n [B, H], c_n [B, H] or None, terms [3] fp32,
-    norms [T+1, B] fp32, cell_norms (None: no cell norms here yet), saved)`` with ``saved = (hs, gates, cs)``: ``hs [T, B, H]`` fp32
-    states in processing order for bfloat16/float16 (None for float32, whose output holds
-    them), and for LSTM ``gates [T, B, 4H]`` (activated i, f, g, o) and ``cs [T, B, H]``
-    fp32, also in processing order.  ``plant`` is for the sanitizer test only.
+    norms [T+1, B] fp32, cell_norms [T+1, B] fp32 or None, saved)`` with
+    ``saved = (hs, gates, cs)``: ``hs [T, B, H]`` fp32 states in processing order for
+    bfloat16/float16 (None for float32, whose output holds them), and for the cells with a
+    cell state (lstm, normprop) ``gates [T, B, 4H]`` (activated i, f, g, o) and
+    ``cs [T, B, H]`` fp32, also in processing order.  ``cell_norms`` only with
+    ``spec.cell_norms``.  ``plant`` is for the sanitizer test only.
     """
     ext = load_extension()
-    out, h_n, c_n, terms, norms, hs, gates, cs = ext.forward(
-        x_proj, w_hh, h0, c0, ar_mask, lengths, *_scalars(spec), plant)
-    return out, h_n, c_n, terms, norms, None, (hs, gates, cs)
+    out, h_n, c_n, terms, norms, cnorms, hs, gates, cs = ext.forward(
+        x_proj, w_hh, h0, c0, ar_mask, lengths, _f32(cell_scale), float(spec.h_scale),
+        bool(spec.cell_norms), *_scalars(spec), plant)
+    return out, h_n, c_n, terms, norms, cnorms, (hs, gates, cs)
 
 
 @contextlib.contextmanager
@@ -268,23 +270,22 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, out
              grad_cell_norms=None, *, plant: int = 0):
     """Backward of the contract: one cooperative launch, then one GEMM for ``grad_w_hh``.
 
-    Returns ``(grad_x_proj [T, B, G*H], grad_w_hh [G*H, H], grad_h0 [B, H],
-    grad_c0 [B, H] or None, grad_cell_scale None)``.  ``grad_norms`` enters as the exactly
-    equivalent radial term added to ``grad_output``
-    (:func:`rnnreg_kernels.penalties.fold_radial`) until the kernels take it themselves.
+    ``grad_norms`` / ``grad_cell_norms`` (``[T+1, B]`` or None = zero) enter the kernel as the
+    radial terms of contract.py; a None costs nothing.  Returns ``(grad_x_proj [T, B, G*H],
+    grad_w_hh [G*H, H], grad_h0 [B, H], grad_c0 [B, H] or None, grad_cell_scale [H] fp32 or
+    None)`` (grad_c0 for lstm / normprop, grad_cell_scale for normprop only).
     """
-    from .penalties import fold_radial
     ext = load_extension()
     hs, gates, cs = saved
-    grad_output, extra_h0 = fold_radial(grad_norms, grad_output, output, h0, norms, lengths,
-                                        spec.reverse)
-    gx, gh0, gc0, dz = ext.backward(
-        w_hh, h0, c0, ar_mask, lengths, output, norms, hs, gates, cs, grad_output, grad_h_n,
-        grad_c_n, grad_terms.float().contiguous(), *_scalars(spec), plant)
+    gcn = _f32(grad_cell_norms)
+    gx, gh0, gc0, gcs, dz = ext.backward(
+        w_hh, h0, c0, ar_mask, lengths, _f32(cell_scale), float(spec.h_scale), output, norms,
+        _f32(cell_norms) if gcn is not None else None, hs, gates, cs, grad_output, grad_h_n,
+        grad_c_n, grad_terms.float().contiguous(), _f32(grad_norms), gcn, *_scalars(spec),
+        plant)
     gw = _grad_w_hh(spec, w_hh, h0, lengths, output, hs, gx, dz)
-    if extra_h0 is not None:
-        gh0 = (gh0.to(extra_h0.dtype) + extra_h0).to(gh0.dtype)
-    return gx, gw, gh0, (gc0 if spec.cell == "lstm" else None), None
+    return (gx, gw, gh0, gc0 if spec.has_cell_state else None,
+            gcs if spec.cell == "normprop" else None)
 
 
 __all__ = ["SAVE_X_PROJ", "unavailable_reason", "unsupported_reason", "forward", "backward"]

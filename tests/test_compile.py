@@ -117,3 +117,34 @@ def test_fake_saved_layout_matches_the_backends(cell, dtype):
                 assert t.shape == (0,)
             else:
                 assert (tuple(t.shape), t.dtype) == slot
+
+
+def test_fullgraph_recurrence_normprop_with_norm_terms_matches_eager():
+    """The custom ops with contract v2's new arguments (cell_scale, h_scale, cell_norms, the
+    norms' gradients) trace fullgraph; the norm-only terms (torch ops on the differentiable
+    norms) keep no T-dependent constant: one dynamic recompile at most over three lengths."""
+    from rnnreg_kernels import Penalties, recurrence
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    H, B = 4, 3
+    w = (torch.randn(4 * H, H, generator=g) * 0.4).requires_grad_()
+    a = (torch.rand(H, generator=g) + 0.5).requires_grad_()
+    pen = Penalties(norm_stabilizer=0.5, cell_norm_stabilizer=0.7, norm_target=0.3)
+
+    def f(x, h0, c0):
+        r = recurrence(x, w, h0, c0, cell="normprop", cell_scale=a, h_scale=1.5,
+                       penalties=pen, backend="reference")
+        n = r.norms
+        return r.output.pow(2).mean() + r.penalty + (((n[1:] - n[:-1]) / n[:-1]) ** 2).sum()
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=cnt)
+    for T in (3, 5, 6):
+        x, h0, c0 = (torch.randn(T, B, 4 * H, generator=g), torch.randn(B, H, generator=g),
+                     torch.randn(B, H, generator=g))
+        got = [compiled(x, h0, c0)]
+        got += list(torch.autograd.grad(got[0], [w, a]))
+        want = [f(x, h0, c0)]
+        want += list(torch.autograd.grad(want[0], [w, a]))
+        for u, v in zip(got, want):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    assert cnt.frame_count <= 2, cnt.frame_count

@@ -9,7 +9,9 @@ run on a CPU emulation of CUDA (csrc/emu/) against the float64 reference.
 * ``forward.cu`` / ``backward.cu`` / ``plan.cu`` compiled with g++ over ``csrc/emu`` (each CUDA
   thread an OS thread, barriers for __syncthreads / shuffles / grid.sync) run through
   ``rnnreg_kernels.cuda.forward/backward`` (so the grad_w_hh GEMM glue is covered too), with
-  NaN-poisoned outputs, scratch and shared memory.
+  NaN-poisoned outputs, scratch and shared memory, including contract v2 (issue 12): the
+  normprop cell and grad_cell_scale, cell_norms, the radial terms of grad_norms /
+  grad_cell_norms; planted bugs in that code (-DRNNREG_PLANT_BUG, plant codes 3-7) must fail.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import pytest
 import torch
 
 from rnnreg_kernels import cuda, reference
-from rnnreg_kernels.contract import Spec
+from rnnreg_kernels.contract import Spec, has_cell_state
 from rnnreg_kernels.penalties import Penalties, penalty_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +53,12 @@ def _nvcc():
 # Spec.allow_tf32 next to the FFMA path), the exchange staged with 16-byte cp.async
 # (LDGSTS.128), and no kernel above its committed static instruction count by more than 5 %.
 # Static counts of this version (before the tensor-core rewrite: forward 4496-4536, backward
-# 5432-5544, no HMMA, no LDGSTS; docs/cuda.md).  Update together with a kernel change.
+# 5432-5544, no HMMA, no LDGSTS; before contract v2 / issue 12's normprop cell, cell norms and
+# radial terms: forward 3864 / 5432 (fp32), backward 4216 / 7416; docs/cuda.md).  Update
+# together with a kernel change.
 SASS_BASELINE = {
-    "forward_kernel<bf16>": 3864, "forward_kernel<fp16>": 3864, "forward_kernel<fp32>": 5432,
-    "backward_kernel<bf16>": 4216, "backward_kernel<fp16>": 4216, "backward_kernel<fp32>": 7416,
+    "forward_kernel<bf16>": 4112, "forward_kernel<fp16>": 4112, "forward_kernel<fp32>": 5664,
+    "backward_kernel<bf16>": 4352, "backward_kernel<fp16>": 4352, "backward_kernel<fp32>": 7552,
 }
 _MANGLED = {"I13__nv_bfloat16E": "bf16", "I6__halfE": "fp16", "IfE": "fp32"}
 
@@ -232,53 +236,74 @@ class EmulatedExtension:
     def __init__(self, dll, sms=4):
         self.dll, self.sms = dll, sms
 
-    def _ia(self, T, B, H, cell, incl, rev, tf32, units, dtype):
-        return (ctypes.c_int * 10)(T, B, H, cell, int(incl), int(rev), units, self.sms,
-                                   _DT[dtype], int(tf32))
+    def plan(self, cell, dtype, B, H, device, units):
+        out = (ctypes.c_int * 4)()
+        return self.dll.emu_plan(cell, dtype, B, H, units, self.sms, 227 * 1024, out).decode()
 
-    def forward(self, x, w, h0, c0, mask, lengths, cell, theta, w_ns, w_tar, w_ar, incl, eps,
-                rev, tf32, units, poison, plant):
+    def _ia(self, T, B, H, cell, incl, rev, tf32, units, dtype, plant):
+        return (ctypes.c_int * 11)(T, B, H, cell, int(incl), int(rev), units, self.sms,
+                                   _DT[dtype], int(tf32), plant)
+
+    def forward(self, x, w, h0, c0, mask, lengths, cell_scale, h_scale, cell_norms, cell, theta,
+                w_ns, w_tar, w_ar, incl, eps, rev, tf32, units, poison, plant):
         T, B, _ = x.shape
         H = w.shape[1]
-        lstm = cell == 0
+        lstm = cell in (0, 4)
+        assert (cell_scale is not None) == (cell == 4) and (not cell_norms or lstm)
         out, hn = _nan(T, B, H, dtype=x.dtype), _nan(B, H, dtype=x.dtype)
         cn = _nan(B, H, dtype=x.dtype) if lstm else None
         norms, terms = _nan(T + 1, B), _nan(3)
+        cnorms = _nan(T + 1, B) if cell_norms else None
         hs = _nan(T, B, H) if x.dtype != torch.float32 else None
         gates, cs = (_nan(T, B, 4 * H), _nan(T, B, H)) if lstm else (None, None)
-        fa = (ctypes.c_float * 5)(theta, w_ns, w_tar, w_ar, H * eps)
-        err = self.dll.emu_forward(self._ia(T, B, H, cell, incl, rev, tf32, units, x.dtype), fa,
-                                   _ptrs(x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms,
-                                         hs, gates, cs))
+        fa = (ctypes.c_float * 6)(theta, w_ns, w_tar, w_ar, H * eps, h_scale)
+        err = self.dll.emu_forward(
+            self._ia(T, B, H, cell, incl, rev, tf32, units, x.dtype, plant), fa,
+            _ptrs(x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms, hs, gates, cs,
+                  cell_scale, cnorms))
         assert not err, err.decode()
-        return [out, hn, cn, terms, norms, hs, gates, cs]
+        return [out, hn, cn, terms, norms, cnorms, hs, gates, cs]
 
-    def backward(self, w, h0, c0, mask, lengths, out, norms, hs, gates, cs, g_out, g_hn, g_cn,
-                 g_terms, cell, theta, w_ns, w_tar, w_ar, incl, eps, rev, tf32, units, poison,
-                 plant):
+    def backward(self, w, h0, c0, mask, lengths, cell_scale, h_scale, out, norms, cnorms, hs,
+                 gates, cs, g_out, g_hn, g_cn, g_terms, g_norms, g_cnorms, cell, theta, w_ns,
+                 w_tar, w_ar, incl, eps, rev, tf32, units, poison, plant):
         T, B, H = out.shape
-        G = 4 if cell == 0 else 1
+        lstm = cell in (0, 4)
+        G = 4 if lstm else 1
+        assert (cell_scale is not None) == (cell == 4)
+        assert g_cnorms is None or cnorms is not None
         gx, gh0 = _nan(T, B, G * H, dtype=out.dtype), _nan(B, H, dtype=out.dtype)
-        gc0 = _nan(B, H, dtype=out.dtype) if cell == 0 else None
+        gc0 = _nan(B, H, dtype=out.dtype) if lstm else None
+        gcs = _nan(H) if cell == 4 else None
         dz = _nan(T, B, G * H) if out.dtype != torch.float32 else None
-        fa = (ctypes.c_float * 5)(theta, w_ns, w_tar, w_ar, H * eps)
-        err = self.dll.emu_backward(self._ia(T, B, H, cell, incl, rev, tf32, units, out.dtype), fa,
-                                    _ptrs(w, h0, c0, mask, lengths, out, norms, hs, gates, cs,
-                                          g_out, g_hn, g_cn, g_terms, gx, dz, gh0, gc0))
+        fa = (ctypes.c_float * 6)(theta, w_ns, w_tar, w_ar, H * eps, h_scale)
+        err = self.dll.emu_backward(
+            self._ia(T, B, H, cell, incl, rev, tf32, units, out.dtype, plant), fa,
+            _ptrs(w, h0, c0, mask, lengths, out, norms, hs, gates, cs, g_out, g_hn, g_cn, g_terms,
+                  gx, dz, gh0, gc0, cell_scale, cnorms, g_norms, g_cnorms, gcs))
         assert not err, err.decode()
-        return [gx, gh0, gc0, dz]
+        return [gx, gh0, gc0, gcs, dz]
 
 
-def make_case(cell, T, B, H, pen, lengths=None, reverse=False, seed=0):
-    """float64 inputs, upstream grads and the Spec of one case (shared with the GPU tests)."""
+def make_case(cell, T, B, H, pen, lengths=None, reverse=False, seed=0, *, cell_norms=False,
+              radial=False):
+    """float64 inputs, upstream grads and the Spec of one case (shared with the GPU tests).
+
+    normprop gets a random positive ``cell_scale`` (``inp["a"]``) and ``h_scale`` 1.7;
+    ``cell_norms`` asks for the cell norms; ``radial`` adds random ``grad_norms`` (and
+    ``grad_cell_norms`` with cell norms) as ``grads["gn"]`` / ``grads["gm"]``.
+    """
     g = torch.Generator().manual_seed(seed)
-    G = 4 if cell == "lstm" else 1
+    lstm = has_cell_state(cell)
+    G = 4 if lstm else 1
 
     def r(*s, scale=1.0):
         return torch.randn(*s, generator=g, dtype=torch.float64) * scale
 
     inp = dict(x=r(T, B, G * H, scale=0.5), w=r(G * H, H, scale=0.6 / math.sqrt(H)),
-               h0=r(B, H, scale=0.5), c0=r(B, H, scale=0.5) if cell == "lstm" else None)
+               h0=r(B, H, scale=0.5), c0=r(B, H, scale=0.5) if lstm else None)
+    if cell == "normprop":
+        inp["a"] = 0.5 + 1.5 * torch.rand(H, generator=g, dtype=torch.float64)
     mask = None
     if pen.get("mask"):
         mask = (torch.rand(B, H, generator=g, dtype=torch.float64) > 0.3).double() / 0.7
@@ -287,28 +312,38 @@ def make_case(cell, T, B, H, pen, lengths=None, reverse=False, seed=0):
                   ar=pen.get("ar", 0.0), ns_include_initial=pen.get("incl", False))
     wts = penalty_weights(p, T, B, H, L)
     spec = Spec(cell=cell, theta=0.3, w_ns=wts.ns, w_tar=wts.tar, w_ar=wts.ar,
-                ns_include_initial=p.ns_include_initial, ns_eps=p.ns_eps, reverse=reverse)
-    grads = dict(go=r(T, B, H), ghn=r(B, H), gcn=r(B, H) if cell == "lstm" else None,
-                 gt=torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64))
+                ns_include_initial=p.ns_include_initial, ns_eps=p.ns_eps, reverse=reverse,
+                h_scale=1.7 if cell == "normprop" else 1.0, cell_norms=cell_norms)
+    grads = dict(go=r(T, B, H), ghn=r(B, H), gcn=r(B, H) if lstm else None,
+                 gt=torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64),
+                 gn=r(T + 1, B) if radial else None,
+                 gm=r(T + 1, B) if radial and cell_norms else None)
     return spec, inp, mask, L, grads
 
 
-def run_backend(mod, spec, inp, mask, L, grads, dtype, device="cpu"):
-    """forward + backward of a backend module; returns 9 tensors (None where absent)."""
-    def cv(t):
-        return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+def run_backend(mod, spec, inp, mask, L, grads, dtype, device="cpu", plant=0):
+    """forward + backward of a backend module; returns the 11 tensors of NAMES (None where
+    absent).  ``plant`` (cuda only) selects a planted bug of a -DRNNREG_PLANT_BUG build."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def cv(t, dt=dtype):
+        return None if t is None else t.to(device=device, dtype=dt).contiguous()
+    kw = {"plant": plant} if plant else {}
     L = None if L is None else L.to(device)
-    fwd = mod.forward(spec, cv(inp["x"]), cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L,
-                      None)
-    gt = grads["gt"].to(device=device, dtype=fwd[3].dtype)
-    bwd = mod.backward(spec, None, cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L, None,
-                       fwd[0], fwd[4], fwd[5], fwd[6], cv(grads["go"]), cv(grads["ghn"]),
-                       cv(grads["gcn"]), gt, None, None)
-    return list(fwd[:5]) + list(bwd[:4])
+    a = cv(inp.get("a"), acc)
+    out, h_n, c_n, terms, norms, cnorms, saved = mod.forward(
+        spec, cv(inp["x"]), cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L, a, **kw)
+    gt = grads["gt"].to(device=device, dtype=terms.dtype)
+    gx, gw, gh0, gc0, ga = mod.backward(
+        spec, None, cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask), L, a, out, norms,
+        cnorms, saved, cv(grads["go"]), cv(grads["ghn"]), cv(grads["gcn"]), gt,
+        cv(grads.get("gn"), acc), cv(grads.get("gm"), acc), **kw)
+    return [out, h_n, c_n, terms, norms, gx, gw, gh0, gc0, cnorms, ga]
 
 
+# The first 9 are the v1 outputs (tests/test_cuda_gpu.py compares 9-long lists of its own).
 NAMES = ("output", "h_n", "c_n", "terms", "norms", "grad_x_proj", "grad_w_hh", "grad_h0",
-         "grad_c0")
+         "grad_c0", "cell_norms", "grad_cell_scale")
 
 
 def rel_errors(got, ref):
@@ -337,27 +372,154 @@ EMU_CASES = [
     ("trec", 6, 3, 9, PEN_ALL, None, False, 4),
     ("trec", 7, 3, 5, {}, [7, 1, 4], True, 5),
 ]
+# Contract v2 (issue 12), with a 9th field: "cn" cell norms, "rad" random grad_norms (and
+# grad_cell_norms with "cn").  Units 0 with H = 5 over 4 SMs: 2 units per block, the segmented
+# butterfly of the norm partials; units 3: the per-row warp loop.
+EMU_CASES_V2 = [
+    ("normprop", 7, 3, 5, PEN_ALL, None, False, 0, "cn+rad"),
+    ("normprop", 7, 3, 5, {"ns": 0.8}, [7, 2, 5], True, 2, "cn+rad"),
+    ("normprop", 1, 2, 5, {"tar": 1.0}, None, True, 0, "rad"),
+    ("normprop", 6, 5, 9, {"ar": 0.6, "mask": True}, [6, 1, 4, 6, 2], False, 3, ""),
+    ("lstm", 6, 3, 9, {"ns": 0.5, "incl": True}, [6, 1, 4], True, 3, "cn+rad"),
+    ("lstm", 5, 3, 5, PEN_ALL, None, False, 0, "cn"),
+    ("relu", 5, 3, 7, {"ns": 0.4}, [5, 2, 4], True, 0, "rad"),
+    ("tanh", 1, 3, 5, {}, None, False, 0, "rad"),
+]
 
 
-@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: f"{c[0]}-T{c[1]}B{c[2]}H{c[3]}")
-def test_emulated_kernels_match_reference_float32(emu, case, monkeypatch):
-    cell, T, B, H, pen, lengths, reverse, units = case
+def _case_id(c):
+    return f"{c[0]}-T{c[1]}B{c[2]}H{c[3]}" + (f"-{c[8]}" if len(c) > 8 and c[8] else "")
+
+
+def _run_emu_case(emu, case, monkeypatch, plant=0):
+    """(errors of the emulated kernels vs the float64 reference, the case's Spec)."""
+    cell, T, B, H, pen, lengths, reverse, units = case[:8]
+    v2 = case[8] if len(case) > 8 else ""
     monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
     monkeypatch.setenv("RNNREG_CUDA_UNITS", str(units) if units else "")
-    spec, inp, mask, L, grads = make_case(cell, T, B, H, pen, lengths, reverse, seed=T * H + B)
+    spec, inp, mask, L, grads = make_case(cell, T, B, H, pen, lengths, reverse, seed=T * H + B,
+                                          cell_norms="cn" in v2, radial="rad" in v2)
     ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
-    got = run_backend(cuda, spec, inp, mask, L, grads, torch.float32)
-    errs = rel_errors(got, ref)
+    got = run_backend(cuda, spec, inp, mask, L, grads, torch.float32, plant=plant)
+    return rel_errors(got, ref)
+
+
+@pytest.mark.parametrize("case", EMU_CASES + EMU_CASES_V2, ids=_case_id)
+def test_emulated_kernels_match_reference_float32(emu, case, monkeypatch):
+    errs = _run_emu_case(emu, case, monkeypatch)
     print(case, {k: f"{v:.1e}" for k, v in errs.items()})
+    v2 = case[8] if len(case) > 8 else ""
+    assert ("cell_norms" in errs) == ("cn" in v2), errs
+    assert ("grad_cell_scale" in errs) == (case[0] == "normprop"), errs
     assert all(e < 2e-5 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cell", ["lstm", "tanh"])
+def test_unsupported_reason_runs_normprop_and_cell_norms(emu, monkeypatch):
+    """The cuda backend takes normprop and cell norms (no refusal; the plan is the lstm's)."""
+    import dataclasses
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # CPU tensors stand in here
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    spec, *_ = make_case("normprop", 2, 3, 5, {})
+    x, w = torch.empty(2, 3, 20), torch.empty(20, 5)
+    assert cuda.unsupported_reason(spec, x, w) is None
+    assert cuda.unsupported_reason(dataclasses.replace(spec, cell_norms=True), x, w) is None
+    out_np, out_lstm = (ctypes.c_int * 4)(), (ctypes.c_int * 4)()
+    assert emu.emu_plan(4, 1, 32, 1024, 0, 132, 227 * 1024, out_np) == b""
+    assert emu.emu_plan(0, 1, 32, 1024, 0, 132, 227 * 1024, out_lstm) == b""
+    assert list(out_np) == list(out_lstm)
+    msg = emu.emu_plan(4, 0, 32, 4096, 0, 132, 227 * 1024, out_np).decode()
+    assert "cell=normprop" in msg and "H=4096" in msg, msg
+
+
+@pytest.mark.parametrize("cell", ["normprop", "lstm", "relu"])
+def test_recurrence_through_the_emulated_cuda_backend(emu, cell, monkeypatch):
+    """ops.recurrence(backend="cuda") (library custom ops, autograd, the five terms, the
+    differentiable norms) on the emulated kernels, against backend="reference" in float64."""
+    from rnnreg_kernels import ops
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)  # CPU tensors here
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    T, B, H = 5, 3, 5
+    lstm = has_cell_state(cell)
+    g = torch.Generator().manual_seed(7)
+    vals = [torch.randn(T, B, (4 if lstm else 1) * H, generator=g, dtype=torch.float64) * 0.5,
+            torch.randn((4 if lstm else 1) * H, H, generator=g, dtype=torch.float64) * 0.3,
+            torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5,
+            torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5,
+            0.5 + torch.rand(H, generator=g, dtype=torch.float64)]
+    pen = Penalties(norm_stabilizer=0.5, tar=0.3, ar=0.2, norm_target=0.4, norm_target_value=1.0,
+                    cell_norm_stabilizer=0.7 if lstm else 0.0)
+    res = []
+    for backend, dt in (("reference", torch.float64), ("cuda", torch.float32)):
+        leaves = [v.to(dt).requires_grad_() for v in vals]
+        r = ops.recurrence(leaves[0], leaves[1], leaves[2], leaves[3] if lstm else None,
+                           cell=cell, penalties=pen, lengths=[5, 2, 4], reverse=True,
+                           backend=backend, cell_scale=leaves[4] if cell == "normprop" else None,
+                           h_scale=1.3 if cell == "normprop" else 1.0)
+        loss = (r.output.double().square().sum() + r.penalty.double() + r.h_n.double().sum()
+                + r.norms.double().sum())
+        wrt = leaves[:3] + ([leaves[3]] if lstm else []) + ([leaves[4]] if cell == "normprop"
+                                                             else [])
+        res.append([r.output, r.penalty, r.norms, *r.terms,
+                    *torch.autograd.grad(loss, wrt)])
+    terms = [t.item() for t in res[0][3:8]]  # ns, tar, ar, cell ns, norm target (reference)
+    assert min(terms[:3] + terms[4:]) > 0 and (terms[3] > 0) == lstm, terms
+    for i, (got, want) in enumerate(zip(*res[::-1])):
+        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+        assert err < 2e-5, (i, err.item())
+
+
+def test_emulated_radial_terms_change_the_gradients(emu, monkeypatch):
+    """The radial grads are not negligible in the cases above: dropping grad_norms and
+    grad_cell_norms moves grad_x_proj, grad_h0 and grad_c0 far past the tolerance."""
+    case = EMU_CASES_V2[1]
+    cell, T, B, H, pen, lengths, reverse, units = case[:8]
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", str(units))
+    spec, inp, mask, L, grads = make_case(cell, T, B, H, pen, lengths, reverse, seed=T * H + B,
+                                          cell_norms=True, radial=True)
+    with_rad = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
+    without = run_backend(reference, spec, inp, mask, L, dict(grads, gn=None, gm=None),
+                          torch.float64)
+    errs = rel_errors(without, with_rad)
+    assert min(errs[k] for k in ("grad_x_proj", "grad_h0", "grad_c0")) > 1e-2, errs
+
+
+# Planted bugs in the contract-v2 code (-DRNNREG_PLANT_BUG, Scalars.plant) and the outputs
+# each must break: 3 cell norms sum h^2, 4 grad_cell_scale loses the last batch row, 5 the
+# radial term of c_k divides by m_{k-1}, 6 normprop drops cell_scale, 7 the radial term of h_k
+# reads grad_norms[k-1].
+PLANTS = {3: ("cell_norms",), 4: ("grad_cell_scale",), 5: ("grad_x_proj", "grad_c0"),
+          6: ("output", "grad_cell_scale"), 7: ("grad_x_proj",)}
+
+
+@pytest.fixture(scope="module")
+def emu_planted(tmp_path_factory):
+    return _build_emu(tmp_path_factory.mktemp("emu_planted"), "RNNREG_PLANT_BUG")
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_planted_v2_bug_fails_the_emulation(emu_planted, plant, monkeypatch):
+    case = EMU_CASES_V2[0]
+    if plant == min(PLANTS):  # plant 0 of the same build is right (once)
+        clean = _run_emu_case(emu_planted, case, monkeypatch)
+        assert all(e < 2e-5 for e in clean.values()), clean
+    errs = _run_emu_case(emu_planted, case, monkeypatch, plant=plant)
+    print(plant, {k: f"{v:.1e}" for k, v in errs.items()})
+    for name in PLANTS[plant]:
+        assert errs[name] > 1e-3, (plant, name, errs)
+
+
+@pytest.mark.parametrize("cell,dtype", [("lstm", torch.bfloat16), ("lstm", torch.float16),
+                                        ("tanh", torch.bfloat16), ("tanh", torch.float16),
+                                        ("normprop", torch.bfloat16)])
 def test_emulated_kernels_half_within_naive_error(emu, cell, dtype, monkeypatch):
     monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
     monkeypatch.setenv("RNNREG_CUDA_UNITS", "2")
-    spec, inp, mask, L, grads = make_case(cell, 6, 3, 9, PEN_ALL, [6, 2, 5], True, seed=3)
+    v2 = cell == "normprop"  # with cell norms and radial grads
+    spec, inp, mask, L, grads = make_case(cell, 6, 3, 9, PEN_ALL, [6, 2, 5], True, seed=3,
+                                          cell_norms=v2, radial=v2)
     rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
     mask_r = mask.to(dtype).double()
     ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)

@@ -74,6 +74,22 @@ def test_float32_matches_reference(cell, pen, opt):
     _check_f32((cell, pen, OPTIONS[opt]), seed=len(opt))
 
 
+@pytest.mark.parametrize("opt", ["plain", "lengths-reverse", "lengths-multiblock", "T1"])
+@pytest.mark.parametrize("cell", ["normprop", "lstm", "relu"])
+def test_float32_contract_v2_matches_reference(cell, opt):
+    """Contract v2 (issue 12): normprop with grad_cell_scale, cell norms (LSTM-type cells) and
+    random grad_norms / grad_cell_norms (the radial terms), against the float64 reference."""
+    T, B, H, lengths, reverse, units = OPTIONS[opt]
+    os.environ["RNNREG_CUDA_UNITS"] = str(units) if units else ""
+    cn = cell != "relu"
+    spec, inp, mask, L, grads = make_case(cell, T, B, H, PEN_ALL, lengths, reverse, seed=2,
+                                          cell_norms=cn, radial=True)
+    ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64, DEV)
+    errs = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, torch.float32, DEV), ref)
+    assert ("cell_norms" in errs) == cn and ("grad_cell_scale" in errs) == (cell == "normprop")
+    assert all(e < 2e-5 for e in errs.values()), errs
+
+
 @pytest.mark.parametrize("cell,T,B,H,dtype", [
     ("lstm", 20, 32, 1000, torch.float32),
     ("relu", 30, 8, 1024, torch.float32),
@@ -197,8 +213,8 @@ c = lambda t: None if t is None else t.to("cuda", torch.float32).contiguous()
 fwd = cuda.forward(spec, c(inp["x"]), c(inp["w"]), c(inp["h0"]), None, None, None, None,
                    plant=plant)
 if plant == 0:
-    cuda.backward(spec, None, c(inp["w"]), c(inp["h0"]), None, None, None, None, fwd[0],
-                  fwd[4], None, fwd[6], c(grads["go"]), c(grads["ghn"]), None,
+    cuda.backward(spec, None, c(inp["w"]), c(inp["h0"]), None, None, None, None, fwd[0], fwd[4],
+                  fwd[5], fwd[6], c(grads["go"]), c(grads["ghn"]), None,
                   grads["gt"].float().cuda(), None, None)
 torch.cuda.synchronize()
 print("script done")

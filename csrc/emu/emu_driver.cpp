@@ -33,8 +33,8 @@ void run_grid(void (*kernel)(Args), const Args& a, int blocks, size_t smem) {
   for (auto& th : threads) th.join();
 }
 
-// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32
-// fargs: theta, w_ns, w_tar, w_ar, heps
+// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32, plant
+// fargs: theta, w_ns, w_tar, w_ar, heps, h_scale
 rnnreg::Scalars scalars(const int* ia, const float* fa) {
   rnnreg::Scalars s;
   s.T = ia[0];
@@ -44,11 +44,13 @@ rnnreg::Scalars scalars(const int* ia, const float* fa) {
   s.ns_include_initial = ia[4];
   s.reverse = ia[5];
   s.tf32 = ia[9];
+  s.plant = ia[10];
   s.theta = fa[0];
   s.w_ns = fa[1];
   s.w_tar = fa[2];
   s.w_ar = fa[3];
   s.heps = fa[4];
+  s.h_scale = fa[5];
   return s;
 }
 
@@ -108,7 +110,8 @@ void emu_fragments(int bf16, const uint16_t* mat, uint32_t* ld_regs, const uint3
 }
 
 
-// ptrs: x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms, hsave, gates, cs
+// ptrs: x, w, h0, c0, mask, lengths, out, hn, cn, norms, terms, hsave, gates, cs, cell_scale,
+//       cnorms (the last two null when absent)
 const char* emu_forward(const int* ia, const float* fa, void** p) {
   rnnreg::FwdArgs a;
   a.s = scalars(ia, fa);
@@ -123,6 +126,8 @@ const char* emu_forward(const int* ia, const float* fa, void** p) {
   a.hsave = static_cast<float*>(p[11]);
   a.gates = static_cast<float*>(p[12]);
   a.cs = static_cast<float*>(p[13]);
+  a.cell_scale = static_cast<const float*>(p[14]);
+  a.cnorms = static_cast<float*>(p[15]);
   a.scratch = scratch.data();
   const int dtype = ia[8];
   if (dtype == rnnreg::kBFloat16)
@@ -135,7 +140,7 @@ const char* emu_forward(const int* ia, const float* fa, void** p) {
 }
 
 // ptrs: w, h0, c0, mask, lengths, out, norms, hsave, gates, cs, g_out, g_hn, g_cn, g_terms,
-//       gx, dz, gh0, gc0
+//       gx, dz, gh0, gc0, cell_scale, cnorms, g_norms, g_cnorms, gcs (null when absent)
 const char* emu_backward(const int* ia, const float* fa, void** p) {
   rnnreg::BwdArgs a;
   a.s = scalars(ia, fa);
@@ -155,6 +160,11 @@ const char* emu_backward(const int* ia, const float* fa, void** p) {
   a.gx = p[14];
   a.dz = static_cast<float*>(p[15]);
   a.gh0 = p[16]; a.gc0 = p[17];
+  a.cell_scale = static_cast<const float*>(p[18]);
+  a.cnorms = static_cast<const float*>(p[19]);
+  a.g_norms = static_cast<const float*>(p[20]);
+  a.g_cnorms = static_cast<const float*>(p[21]);
+  a.gcs = static_cast<float*>(p[22]);
   a.scratch = scratch.data();
   const int dtype = ia[8];
   if (dtype == rnnreg::kBFloat16)
