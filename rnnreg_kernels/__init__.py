@@ -4,7 +4,8 @@ Public names: :func:`recurrence` (the op: cells lstm, normprop, relu, tanh, trec
 ``norms`` / ``cell_norms``), :class:`RecurrenceOutput`, :class:`Terms` (the five weighted
 terms), :class:`Penalties`, :func:`activation_penalties` (the fused penalty pass over any RNN's
 output), :func:`higher_order_grads`, and the drop-in modules :class:`LSTM`, :class:`RNN`,
-:class:`IRNN` and :class:`LockedDropout`.
+:class:`IRNN`, :class:`NormPropLSTM` (Recurrent Normalization Propagation) and
+:class:`LockedDropout`.
 Importing never touches a GPU.
 """
 from .ops import (BackendUnavailableError, RecurrenceOutput, Terms, higher_order_grads,
@@ -13,9 +14,10 @@ from .penalties import Penalties
 from .native import activation_penalties
 from .modules import IRNN, LSTM, RNN
 from .nn import LockedDropout
+from .nn.normprop import NormPropLSTM
 
 __version__ = "0.1.0"
 
 __all__ = ["recurrence", "RecurrenceOutput", "Terms", "Penalties", "activation_penalties",
-           "LSTM", "RNN", "IRNN", "LockedDropout",
+           "LSTM", "RNN", "IRNN", "NormPropLSTM", "LockedDropout",
            "BackendUnavailableError", "higher_order_grads", "__version__"]

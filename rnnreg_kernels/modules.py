@@ -1,5 +1,8 @@
 """Drop-in ``LSTM``, ``RNN`` and ``IRNN`` modules with fused activation regularizers.
 
+(:class:`rnnreg_kernels.NormPropLSTM`, in :mod:`rnnreg_kernels.nn.normprop`, shares the
+implementation below; only its parameters and weight transforms differ.)
+
 The modules accept what ``torch.nn.LSTM`` / ``torch.nn.RNN`` accept (same constructor
 arguments in the same order, same parameter names and shapes, so ``state_dict`` loads both
 ways; time-major, ``batch_first``, unbatched 2-D and ``PackedSequence`` input; the same ``hx``
@@ -14,12 +17,17 @@ After each forward the module holds
 
 * ``module.penalty``: 0-dim tensor in the autograd graph, the sum of the terms below; add it to
   the loss (a zero tensor of the accumulation dtype when no penalty is active);
-* ``module.penalty_terms``: ``{"norm_stabilizer": t, "tar": t, "ar": t}`` (0-dim tensors,
-  already weighted by their coefficients);
-* ``module.hidden_norms``: list of ``num_layers * num_directions`` detached ``[T+1, B]`` tensors
-  (layer-major like ``h_n``), ``||h_k||`` after k processing steps (k = 0 is the initial state;
-  a reverse direction counts from each row's last valid step; entries past a row's length 0);
-  rows in the caller's batch order, also for a ``PackedSequence``.
+* ``module.penalty_terms``: ``{"norm_stabilizer", "tar", "ar", "cell_norm_stabilizer",
+  "norm_target"}`` -> 0-dim tensors, already weighted by their coefficients;
+* ``module.hidden_norms``: list of ``num_layers * num_directions`` ``[T+1, B]`` tensors
+  (layer-major like ``h_n``), ``||h_k|| = sqrt(sum_i h_{k,i}^2 + H * ns_eps)`` after k processing
+  steps (k = 0 is the initial state; a reverse direction counts from each row's last valid
+  step; entries past a row's length 0); rows in the caller's batch order, also for a
+  ``PackedSequence``.  They are in the autograd graph: any differentiable function of them is a
+  penalty (its gradient reaches the kernels as the radial term ``(dL/dn_k) h_k / n_k``);
+* ``module.cell_norms``: the same for the memory cells ``||c_k||`` (LSTM, NormPropLSTM) when a
+  forward computes them (``cell_norm_stabilizer > 0`` or ``track_cell_norms=True``: every layer
+  and direction), else None.
 
 Penalty conventions (decided by the project lead):
 
@@ -31,6 +39,9 @@ Penalty conventions (decided by the project lead):
 * ``ar_mask`` (forward keyword, ``[B, H]`` applied to every direction or ``[B, D*H]`` split
   between the directions; ``[H]`` / ``[D*H]`` for unbatched input) multiplies h before AR in the
   penalized layers, in the caller's batch order.
+* ``cell_norm_stabilizer`` is the norm-stabilizer's formula on ``||c_t||`` (same S,
+  ``ns_include_initial``, ``ns_eps``); ``norm_target`` is ``alpha / sum_b L_b * sum_b sum_{t=1..L_b}
+  (||h_t|| - norm_target_value)^2``.  Both follow ``penalty_layers`` and the bidirectional mean.
 
 Other extras: ``weight_drop`` is DropConnect on ``weight_hh_l{k}{_reverse}`` in training mode as
 in awd-lstm-lm (``F.dropout`` on the weight, one mask per forward and weight, scaled by
@@ -45,7 +56,8 @@ on the raw one) and ``dropout_mode="locked"`` makes ``dropout`` between layers l
 PyTorch's own RNN kernels instead of one ``recurrence`` per layer and direction; a stack with
 ``penalty_layers="last"`` is then one call, and ``hidden_norms`` is ``None`` for its inner
 layers (with ``output_dropout`` active, ``dropout_mode="locked"``, under ``torch.compile`` or a
-torch.func transform, the layers go through ``recurrence`` one by one instead).  ``proj_size > 0`` is not supported
+torch.func transform, for the normprop cell and whenever cell norms are needed, which PyTorch's
+kernels do not expose, the layers go through ``recurrence`` one by one instead).  ``proj_size > 0`` is not supported
 (``ValueError``; ``RNN`` / ``IRNN`` reject any ``proj_size`` with ``nn.RNN``'s message).
 ``_flat_weights`` lists the weights in ``_flat_weights_names`` order, read by name at each
 access.  Before the first forward ``penalty`` is a 0-dim zero tensor and ``penalty_terms``
@@ -76,23 +88,31 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import native_modules
-from .contract import acc_dtype_of
+from .contract import LSTM_CELLS, acc_dtype_of, has_cell_state
 from .nn.dropout import check_probability, locked_mask
 from .ops import recurrence
-from .penalties import TERM_NAMES, Penalties
+from .penalties import DEFAULT_NORM_TARGET, TERM_NAMES, Penalties
 
 __all__ = ["LSTM", "RNN", "IRNN"]
 
 _NOT_GIVEN = object()  # RNN / IRNN: ``proj_size`` given at all (nn.RNN rejects any value)
 _PROJ_SIZE_RNN = "proj_size argument is only supported for LSTM, not RNN or GRU"
 
-_OUTPUT_ATTRS = ("_penalty", "_penalty_terms", "hidden_norms")
+_OUTPUT_ATTRS = ("_penalty", "_penalty_terms", "hidden_norms", "cell_norms")
+_NORM_TARGET_VALUE = DEFAULT_NORM_TARGET  # r of the norm_target term (||h_t|| - r)^2
 
 
 def _check_coefficient(owner: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not math.isfinite(value) or value < 0:
         raise ValueError(f"{owner}: {name} expected a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def _check_finite(owner: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} expected a finite number, got {value!r}")
     return float(value)
 
 
@@ -113,6 +133,15 @@ def _packed_to_padded(data: torch.Tensor, batch_sizes: torch.Tensor):
     return padded.view(steps, batch, -1), positions, lengths
 
 
+def _total(terms: dict) -> torch.Tensor:
+    """The sum of the weighted terms, in ``TERM_NAMES`` order."""
+    values = [terms[name] for name in TERM_NAMES]
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
 class _RecurrentBase(nn.Module):
     """Shared implementation of :class:`LSTM`, :class:`RNN` and :class:`IRNN`."""
 
@@ -121,7 +150,9 @@ class _RecurrentBase(nn.Module):
                  bidirectional: bool, device, dtype, *, norm_stabilizer: float, tar: float,
                  ar: float, ns_include_initial: bool, ns_eps: float, penalty_layers: str,
                  weight_drop: float, backend: str, theta: float, output_dropout: float = 0.0,
-                 dropout_mode: str = "standard"):
+                 dropout_mode: str = "standard", cell_norm_stabilizer: float = 0.0,
+                 norm_target: float = 0.0, norm_target_value: float = _NORM_TARGET_VALUE,
+                 track_cell_norms: bool = False):
         super().__init__()
         name = type(self).__name__
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) \
@@ -172,6 +203,22 @@ class _RecurrentBase(nn.Module):
         self.ar = _check_coefficient(name, "ar", ar)
         self.ns_include_initial = ns_include_initial
         self.ns_eps = _check_coefficient(name, "ns_eps", ns_eps)
+        self.cell_norm_stabilizer = _check_coefficient(name, "cell_norm_stabilizer",
+                                                       cell_norm_stabilizer)
+        self.norm_target = _check_coefficient(name, "norm_target", norm_target)
+        self.norm_target_value = _check_finite(name, "norm_target_value", norm_target_value)
+        if not isinstance(track_cell_norms, bool):
+            raise ValueError(f"{name}: track_cell_norms expected a bool, "
+                             f"got {track_cell_norms!r}")
+        if not has_cell_state(cell):
+            for arg, value in (("cell_norm_stabilizer", self.cell_norm_stabilizer),
+                               ("track_cell_norms", track_cell_norms)):
+                if value:
+                    raise ValueError(
+                        f"{name}: {arg} needs a memory cell, which only the cells "
+                        f"{', '.join(LSTM_CELLS)} have (rnnreg_kernels.LSTM, NormPropLSTM); "
+                        f"got {arg}={value!r} for the {cell!r} cell")
+        self.track_cell_norms = track_cell_norms
         self.penalty_layers = penalty_layers
         self.weight_drop = float(weight_drop)
         self.output_dropout = check_probability(name, "output_dropout", output_dropout)
@@ -186,8 +233,8 @@ class _RecurrentBase(nn.Module):
         self._penalty: Optional[torch.Tensor] = None
         self._penalty_terms: Optional[dict] = None
         self.hidden_norms: Optional[list] = None
+        self.cell_norms: Optional[list] = None
 
-        gates = 4 if cell == "lstm" else 1
         directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
         self._flat_weights_names = []
@@ -196,22 +243,49 @@ class _RecurrentBase(nn.Module):
             layer_input = input_size if layer == 0 else hidden_size * directions
             for direction in range(directions):
                 suffix = "_reverse" if direction == 1 else ""
-                shapes = [("weight_ih", (gates * hidden_size, layer_input)),
-                          ("weight_hh", (gates * hidden_size, hidden_size))]
-                if bias:
-                    shapes += [("bias_ih", (gates * hidden_size,)),
-                               ("bias_hh", (gates * hidden_size,))]
                 names = []
-                for stem, shape in shapes:
+                for stem, shape in self._direction_shapes(layer_input):
                     pname = f"{stem}_l{layer}{suffix}"
                     setattr(self, pname, nn.Parameter(torch.empty(shape, **factory)))
                     names.append(pname)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
 
+    def _direction_shapes(self, layer_input: int) -> list:
+        """``(stem, shape)`` of one layer and direction's parameters, in ``nn.LSTM``'s order
+        (``weight_ih``, ``weight_hh``, then ``bias_ih``, ``bias_hh`` when ``bias``)."""
+        gh, hidden = self.gates * self.hidden_size, self.hidden_size
+        shapes = [("weight_ih", (gh, layer_input)), ("weight_hh", (gh, hidden))]
+        if self.bias:
+            shapes += [("bias_ih", (gh,)), ("bias_hh", (gh,))]
+        return shapes
+
+    def _projection(self, idx: int, layer_input: torch.Tensor) -> tuple:
+        """Layer and direction ``idx``'s op inputs: ``(x_proj [T, B, G*H], w_hh [G*H, H],
+        cell keywords of recurrence())`` (DropConnect on ``weight_hh`` in training)."""
+        weights = [getattr(self, n) for n in self._all_weights[idx]]
+        w_ih, w_hh = weights[0], weights[1]
+        if self.weight_drop and self.training:
+            w_hh = F.dropout(w_hh, self.weight_drop, True)
+        bias = weights[2] + weights[3] if self.bias else None
+        x_proj = F.linear(layer_input, w_ih, bias)  # autocast may change its dtype
+        return x_proj, w_hh.to(x_proj.dtype), {}
+
+    @property
+    def gates(self) -> int:
+        """G: 4 for the LSTM-type cells, 1 for the plain RNN cells."""
+        return 4 if has_cell_state(self._cell) else 1
+
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def needs_cell_norms(self) -> bool:
+        """Whether a forward computes ``cell_norms`` (``track_cell_norms`` or a cell
+        norm-stabilizer)."""
+        return has_cell_state(self._cell) and (self.track_cell_norms
+                                                or self.cell_norm_stabilizer > 0)
 
     def _zero_penalty(self) -> torch.Tensor:
         w = getattr(self, self._flat_weights_names[0])
@@ -273,9 +347,14 @@ class _RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
-        for extra in ("norm_stabilizer", "tar", "ar", "weight_drop", "output_dropout"):
+        for extra in ("norm_stabilizer", "tar", "ar", "cell_norm_stabilizer", "norm_target",
+                      "weight_drop", "output_dropout"):
             if getattr(self, extra):
                 s += f", {extra}={getattr(self, extra)}"
+        if self.norm_target:
+            s += f", norm_target_value={self.norm_target_value}"
+        if self.track_cell_norms:
+            s += ", track_cell_norms=True"
         if self.dropout_mode != "standard":
             s += f", dropout_mode={self.dropout_mode!r}"
         if self.penalty_layers != "last":
@@ -325,7 +404,7 @@ class _RecurrentBase(nn.Module):
         """nn.LSTM / nn.RNN's rank checks of ``hx`` for plain (not packed) input."""
         want = 3 if batched else 2
         kind = "batched 3-D" if batched else "unbatched 2-D"
-        if self._cell == "lstm":
+        if has_cell_state(self._cell):
             if hx[0].dim() != want or hx[1].dim() != want:
                 raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but "
                                    f"got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
@@ -358,7 +437,7 @@ class _RecurrentBase(nn.Module):
 
     def forward(self, input, hx=None, *, ar_mask: Optional[torch.Tensor] = None):
         """Run the stacked recurrence; see the class docstrings for shapes and returns."""
-        is_lstm = self._cell == "lstm"
+        is_lstm = has_cell_state(self._cell)
         layers, directions, hidden = self.num_layers, self.num_directions, self.hidden_size
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
@@ -427,6 +506,9 @@ class _RecurrentBase(nn.Module):
             c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
             self.hidden_norms = [None if n is None else n.index_select(1, unsorted_indices)
                                  for n in self.hidden_norms]
+            if self.cell_norms is not None:
+                self.cell_norms = [None if n is None else n.index_select(1, unsorted_indices)
+                                   for n in self.cell_norms]
         hidden_out = (h_n, c_n) if is_lstm else h_n
         if packed:
             flat = out.reshape(steps * batch, out.shape[-1]).index_select(0, positions)
@@ -444,7 +526,10 @@ class _RecurrentBase(nn.Module):
         share = float(self.num_directions)
         return Penalties(norm_stabilizer=self.norm_stabilizer / share, tar=self.tar / share,
                          ar=self.ar / share, ns_include_initial=self.ns_include_initial,
-                         ns_eps=self.ns_eps, ar_mask=mask if self.ar else None)
+                         ns_eps=self.ns_eps, ar_mask=mask if self.ar else None,
+                         cell_norm_stabilizer=self.cell_norm_stabilizer / share,
+                         norm_target=self.norm_target / share,
+                         norm_target_value=self.norm_target_value)
 
     def _layers(self, x, h0, c0, lengths, masks, last_masks=None):
         """Time-major ``[T, B, F]`` -> (``[T, B, D*H]``, ``h_n``, ``c_n``); sets the extras.
@@ -460,10 +545,11 @@ class _RecurrentBase(nn.Module):
                 and native_modules.use_native(self, x)):
             return native_modules.run_layers(self, x, h0, c0, lengths, masks)
         # --- every other backend: one recurrence() per layer and direction
-        is_lstm = self._cell == "lstm"
+        is_lstm = has_cell_state(self._cell)
         directions = self.num_directions
         terms = dict.fromkeys(TERM_NAMES)
-        h_n, c_n, norms = [], [], []
+        h_n, c_n, norms, cell_norms = [], [], [], []
+        want_cell_norms = self.needs_cell_norms
         layer_input = x
         for layer in range(self.num_layers):
             last = layer == self.num_layers - 1
@@ -472,22 +558,19 @@ class _RecurrentBase(nn.Module):
             outs = []
             for direction in range(directions):
                 idx = layer * directions + direction
-                weights = [getattr(self, n) for n in self._all_weights[idx]]
-                w_ih, w_hh = weights[0], weights[1]
-                if self.weight_drop and self.training:
-                    w_hh = F.dropout(w_hh, self.weight_drop, True)
-                bias = weights[2] + weights[3] if self.bias else None
-                x_proj = F.linear(layer_input, w_ih, bias)  # autocast may change its dtype
+                x_proj, w_hh, cell_kw = self._projection(idx, layer_input)
                 res = recurrence(
-                    x_proj, w_hh.to(x_proj.dtype), h0[idx].to(x_proj.dtype),
+                    x_proj, w_hh, h0[idx].to(x_proj.dtype),
                     c0[idx].to(x_proj.dtype) if is_lstm else None, cell=self._cell,
                     penalties=self._penalties(penalize, layer_masks[direction]), lengths=lengths,
-                    reverse=direction == 1, backend=self.backend, theta=self.theta)
+                    reverse=direction == 1, backend=self.backend, theta=self.theta,
+                    cell_norms=want_cell_norms, **cell_kw)
                 outs.append(res.output)
                 h_n.append(res.h_n)
                 if is_lstm:
                     c_n.append(res.c_n)
-                norms.append(res.norms.detach())
+                norms.append(res.norms)
+                cell_norms.append(res.cell_norms)
                 if penalize:
                     for name in TERM_NAMES:
                         value = getattr(res.terms, name)
@@ -501,14 +584,15 @@ class _RecurrentBase(nn.Module):
                     out = F.dropout(out, self.dropout, True)
             layer_input = out
         self.penalty_terms = terms
-        self.penalty = terms["norm_stabilizer"] + terms["tar"] + terms["ar"]
+        self.penalty = _total(terms)
         self.hidden_norms = norms
+        self.cell_norms = cell_norms if want_cell_norms else None
         return out, torch.stack(h_n), torch.stack(c_n) if is_lstm else None
 
     def _empty_forward(self, x, h0, c0):
         """Batch of 0 rows (``nn.LSTM`` accepts it): empty results that stay in the graph
         (every weight, ``x`` and ``hx`` get zero gradients, as in ``nn.LSTM``), zero penalty."""
-        is_lstm = self._cell == "lstm"
+        is_lstm = has_cell_state(self._cell)
         hidden, directions = self.hidden_size, self.num_directions
         h_n, c_n = [], []
         layer_input = x
@@ -516,10 +600,10 @@ class _RecurrentBase(nn.Module):
             outs = []
             for direction in range(directions):
                 idx = layer * directions + direction
-                weights = [getattr(self, n) for n in self._all_weights[idx]]
-                bias = weights[2] + weights[3] if self.bias else None
-                x_proj = F.linear(layer_input, weights[0], bias)             # [T, 0, G*H]
-                rec = h0[idx].to(x_proj.dtype) @ weights[1].to(x_proj.dtype).t()  # [0, G*H]
+                x_proj, w_hh, cell_kw = self._projection(idx, layer_input)   # [T, 0, G*H]
+                rec = h0[idx].to(x_proj.dtype) @ w_hh.t()                     # [0, G*H]
+                if cell_kw.get("cell_scale") is not None:  # NormPropLSTM: gamma_c too
+                    rec = rec * cell_kw["cell_scale"].repeat(self.gates).to(rec.dtype)
                 outs.append((x_proj + rec)[..., :hidden])
                 h_n.append(h0[idx] + rec[:, :hidden])
                 if is_lstm:
@@ -528,8 +612,11 @@ class _RecurrentBase(nn.Module):
         zero = layer_input.sum().to(acc_dtype_of(x.dtype))  # exactly 0, in the graph
         self.penalty_terms = dict.fromkeys(TERM_NAMES, zero)
         self.penalty = zero
+        count = self.num_layers * directions
         self.hidden_norms = [x.new_zeros(x.shape[0] + 1, 0, dtype=zero.dtype)
-                             for _ in range(self.num_layers * directions)]
+                             for _ in range(count)]
+        self.cell_norms = ([x.new_zeros(x.shape[0] + 1, 0, dtype=zero.dtype)
+                            for _ in range(count)] if self.needs_cell_norms else None)
         return layer_input, torch.stack(h_n), torch.stack(c_n) if is_lstm else None
 
 
@@ -549,6 +636,13 @@ _EXTRAS_DOC = """
             "locked" (one mask per sequence and layer, awd-lstm-lm's ``dropouth``).
         backend: "auto", "reference", "naive", "triton", "cuda" or "native"; may be changed
             later.
+        norm_target: alpha of the norm target term ``alpha / sum_b L_b * sum (||h_t|| - r)^2``
+            (0 = off; the norm-stabilizer paper's ``(||h|| - 5)^2`` cost).
+        norm_target_value: its r (default 5.0).
+        cell_norm_stabilizer: beta of the norm-stabilizer on the memory cell ``c_t`` (LSTM and
+            NormPropLSTM only; 0 = off).
+        track_cell_norms: compute ``module.cell_norms`` (in the graph) even without the cell
+            norm-stabilizer (LSTM and NormPropLSTM only).
 """
 
 
@@ -563,7 +657,8 @@ class LSTM(_RecurrentBase):
     input ``[T, B, I]`` (``[B, T, I]`` if batch_first), ``[T, I]`` unbatched, or a
     ``PackedSequence``; ``hx = (h_0, c_0)`` each ``[L*D, B, H]`` (``[L*D, H]`` unbatched);
     output ``[T, B, D*H]`` (same layout rules; a ``PackedSequence`` for packed input);
-    ``h_n``, ``c_n`` ``[L*D, B, H]``.  Then ``penalty``, ``penalty_terms``, ``hidden_norms``.
+    ``h_n``, ``c_n`` ``[L*D, B, H]``.  Then ``penalty``, ``penalty_terms``, ``hidden_norms``,
+    ``cell_norms``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
@@ -573,7 +668,9 @@ class LSTM(_RecurrentBase):
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
                  backend: str = "auto", output_dropout: float = 0.0,
-                 dropout_mode: str = "standard"):
+                 dropout_mode: str = "standard", cell_norm_stabilizer: float = 0.0,
+                 norm_target: float = 0.0, norm_target_value: float = _NORM_TARGET_VALUE,
+                 track_cell_norms: bool = False):
         if proj_size != 0:
             raise ValueError(f"LSTM: proj_size expected 0 (rnnreg_kernels has no projected "
                              f"LSTM), got {proj_size!r}; use torch.nn.LSTM for proj_size > 0")
@@ -583,7 +680,9 @@ class LSTM(_RecurrentBase):
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
                          backend=backend, theta=1.0, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode)
+                         dropout_mode=dropout_mode, cell_norm_stabilizer=cell_norm_stabilizer,
+                         norm_target=norm_target, norm_target_value=norm_target_value,
+                         track_cell_norms=track_cell_norms)
         self.reset_parameters()
 
 
@@ -606,7 +705,10 @@ class RNN(_RecurrentBase):
                  ar: float = 0.0, ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
                  backend: str = "auto", output_dropout: float = 0.0,
-                 dropout_mode: str = "standard", proj_size=_NOT_GIVEN):
+                 dropout_mode: str = "standard", norm_target: float = 0.0,
+                 norm_target_value: float = _NORM_TARGET_VALUE,
+                 cell_norm_stabilizer: float = 0.0, track_cell_norms: bool = False,
+                 proj_size=_NOT_GIVEN):
         if proj_size is not _NOT_GIVEN:
             raise ValueError(_PROJ_SIZE_RNN)
         if nonlinearity not in ("tanh", "relu", "trec"):
@@ -618,7 +720,10 @@ class RNN(_RecurrentBase):
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
                          backend=backend, theta=theta, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode)
+                         dropout_mode=dropout_mode, norm_target=norm_target,
+                         norm_target_value=norm_target_value,
+                         cell_norm_stabilizer=cell_norm_stabilizer,
+                         track_cell_norms=track_cell_norms)
         self.nonlinearity = nonlinearity
         self.reset_parameters()
 
@@ -643,7 +748,10 @@ class IRNN(RNN):
                  ns_include_initial: bool = False, ns_eps: float = 1e-9,
                  penalty_layers: str = "last", weight_drop: float = 0.0,
                  backend: str = "auto", output_dropout: float = 0.0,
-                 dropout_mode: str = "standard", proj_size=_NOT_GIVEN):
+                 dropout_mode: str = "standard", norm_target: float = 0.0,
+                 norm_target_value: float = _NORM_TARGET_VALUE,
+                 cell_norm_stabilizer: float = 0.0, track_cell_norms: bool = False,
+                 proj_size=_NOT_GIVEN):
         if proj_size is not _NOT_GIVEN:
             raise ValueError(_PROJ_SIZE_RNN)
         for arg, value in (("identity_scale", identity_scale), ("init_std", init_std)):
@@ -658,7 +766,10 @@ class IRNN(RNN):
                          ns_include_initial=ns_include_initial, ns_eps=ns_eps,
                          penalty_layers=penalty_layers, weight_drop=weight_drop,
                          backend=backend, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode)
+                         dropout_mode=dropout_mode, norm_target=norm_target,
+                         norm_target_value=norm_target_value,
+                         cell_norm_stabilizer=cell_norm_stabilizer,
+                         track_cell_norms=track_cell_norms)
         self.identity_scale = float(identity_scale)
         self.init_std = float(init_std)
         self.reset_parameters()

@@ -1,7 +1,9 @@
 """The modules' ``native`` path: whole layers (or the whole stack) through ``torch._VF``.
 
 :func:`use_native` decides, per forward, whether a module runs here: ``backend="native"``, or
-``"auto"`` when :func:`rnnreg_kernels.ops.resolve_backend` picks ``native`` for the case.
+``"auto"`` when :func:`rnnreg_kernels.ops.resolve_backend` picks ``native`` for the case; never
+for the normprop cell or a module that needs its cell norms (``cell_norm_stabilizer``,
+``track_cell_norms``): PyTorch's kernels expose no ``c_t``.
 :func:`run_layers` then replaces the per-layer, per-direction ``recurrence()`` calls of
 ``_RecurrentBase._layers``:
 
@@ -25,6 +27,9 @@ from .contract import Spec, gates_of
 from .native import penalty_pass, vf_call
 from .penalties import TERM_NAMES
 
+# the cells use_native asks resolve_backend about (it answers "not native" for trec)
+NATIVE_CELLS = ("lstm", "relu", "tanh", "trec")
+
 
 def use_native(module, x: torch.Tensor) -> bool:
     """Whether ``module``'s backend resolves to ``native`` for input ``x [T, B, F]``."""
@@ -34,6 +39,11 @@ def use_native(module, x: torch.Tensor) -> bool:
     if backend not in ("auto", "native"):
         return False
     cell = module._cell
+    if cell not in NATIVE_CELLS or getattr(module, "needs_cell_norms", False):
+        # PyTorch's kernels have no normprop cell and never expose the cell states c_t: such
+        # modules take the per-layer recurrence() path (where backend="native" then raises
+        # recurrence's own error saying why and what runs it)
+        return False
     H = module.hidden_size
     w_hh = getattr(module, module._all_weights[-1][1])
     spec = Spec(cell=cell, theta=module.theta, w_ns=0.0, w_tar=0.0, w_ar=0.0,
@@ -58,8 +68,9 @@ def _params(module, layers) -> list:
 
 def run_layers(module, x, h0, c0, lengths, masks):
     """``_layers`` on the native path: ``[T, B, F]`` -> (``[T, B, D*H]``, h_n, c_n); sets the
-    module's ``penalty``, ``penalty_terms`` and ``hidden_norms``."""
-    is_lstm = module._cell == "lstm"
+    module's ``penalty``, ``penalty_terms`` (the five terms of each pass), ``hidden_norms``
+    (differentiable) and ``cell_norms`` (None)."""
+    is_lstm = module._cell == "lstm"  # use_native let no other cell with a cell state here
     D, L, H = module.num_directions, module.num_layers, module.hidden_size
     whole = module.penalty_layers == "last" \
         and getattr(module, "dropout_mode", "standard") == "standard"
@@ -88,7 +99,7 @@ def run_layers(module, x, h0, c0, lengths, masks):
             pen = module._penalties(penalize, masks[d])
             states = out if D == 1 else out[..., d * H:(d + 1) * H]
             t, n = penalty_pass(states, h0[idx], pen, dev_lengths, reverse=d == 1)
-            norms[idx] = n.detach()
+            norms[idx] = n  # in the graph (its gradient is the pass's radial term)
             if penalize:
                 for k, name in enumerate(TERM_NAMES):
                     terms[name] = t[k] if terms[name] is None else terms[name] + t[k]
@@ -96,8 +107,12 @@ def run_layers(module, x, h0, c0, lengths, masks):
             out = F.dropout(out, module.dropout, True)
         layer_input = out
     module.penalty_terms = terms
-    module.penalty = terms["norm_stabilizer"] + terms["tar"] + terms["ar"]
+    total = terms[TERM_NAMES[0]]
+    for name in TERM_NAMES[1:]:
+        total = total + terms[name]
+    module.penalty = total
     module.hidden_norms = norms
+    module.cell_norms = None  # use_native sent every module that needs them elsewhere
     h_n = h_n[0] if len(h_n) == 1 else torch.cat(h_n, 0)
     c_n = (c_n[0] if len(c_n) == 1 else torch.cat(c_n, 0)) if is_lstm else None
     return out, h_n, c_n

@@ -7,6 +7,7 @@ the hidden states that torch.nn produces (layer by layer where more than the las
 penalized).
 """
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -256,9 +257,8 @@ def _expected_terms(outs, h0, pen, layers, H, lengths=None):
             states = to_processing_order(outs[layer][..., d * H:(d + 1) * H], lengths, d == 1)
             p = pen
             if pen.ar_mask is not None and pen.ar_mask.shape[1] == D * H:
-                p = Penalties(pen.norm_stabilizer, pen.tar, pen.ar, pen.ns_include_initial,
-                              pen.ns_eps, pen.ar_mask[:, d * H:(d + 1) * H])
-            total = total + posthoc_terms(h0[layer * D + d], states, p, lengths)[:3] / D
+                p = dataclasses.replace(pen, ar_mask=pen.ar_mask[:, d * H:(d + 1) * H])
+            total = total + posthoc_terms(h0[layer * D + d], states, p, lengths) / D
     return total
 
 
@@ -271,9 +271,10 @@ def _expected_terms(outs, h0, pen, layers, H, lengths=None):
     ("relu", 2, False, "last", False),
 ])
 def test_penalties_against_torch_outputs(kind, layers, bi, which, include):
-    """Values and gradients of the penalties vs posthoc_terms on nn.LSTM/nn.RNN outputs."""
+    """Values and gradients of the penalties vs posthoc_terms on nn.LSTM/nn.RNN outputs (every
+    term but the memory-cell norm-stabilizer, which needs the cell states: test_normprop)."""
     torch.manual_seed(6)
-    coeffs = dict(norm_stabilizer=0.7, tar=1.3, ar=0.4)
+    coeffs = dict(norm_stabilizer=0.7, tar=1.3, ar=0.4, norm_target=0.6, norm_target_value=1.2)
     ref, ours = _pair(kind, 3, 5, layers, bidirectional=bi,
                       extra=dict(coeffs, ns_include_initial=include, penalty_layers=which))
     D, T, B = 2 if bi else 1, 5, 3
@@ -281,7 +282,7 @@ def test_penalties_against_torch_outputs(kind, layers, bi, which, include):
     h0 = torch.randn(layers * D, B, 5, dtype=DT)
     c0 = torch.randn(layers * D, B, 5, dtype=DT) if kind == "lstm" else None
     pen = Penalties(**coeffs, ns_include_initial=include)
-    g_terms = torch.tensor([1.7, -0.6, 2.1], dtype=DT)
+    g_terms = torch.tensor([1.7, -0.6, 2.1, 0.9, -1.3], dtype=DT)
     g_out = torch.randn(T, B, D * 5, dtype=DT)
     penalized = range(layers) if which == "all" else [layers - 1]
 
@@ -294,9 +295,10 @@ def test_penalties_against_torch_outputs(kind, layers, bi, which, include):
     leaves = [_leaf(t) for t in (x, h0, c0) if t is not None]
     hx = (leaves[1], leaves[2]) if kind == "lstm" else leaves[1]
     out, _ = ours(leaves[0], hx)
-    got = torch.stack([ours.penalty_terms[n] for n in TERM_NAMES[:3]])
+    got = torch.stack([ours.penalty_terms[n] for n in TERM_NAMES])
     torch.testing.assert_close(got, expect.detach(), **TOL)
-    assert all(expect > 0)
+    on = [TERM_NAMES.index(n) for n in ("norm_stabilizer", "tar", "ar", "norm_target")]
+    assert all(expect[on] > 0) and expect[TERM_NAMES.index("cell_norm_stabilizer")] == 0
     torch.testing.assert_close(ours.penalty, got.sum(), **TOL)
     assert ours.penalty.dim() == 0 and ours.penalty.dtype == DT
     loss = (out * g_out).sum() + (got * g_terms).sum()
@@ -310,14 +312,14 @@ def test_penalties_packed_with_ar_mask(enforce_sorted):
     """Ragged rows (one of length 1), reverse direction from each row's end, AR mask rows in
     the caller's order, penalty gradients, hidden_norms."""
     torch.manual_seed(7)
-    coeffs = dict(norm_stabilizer=0.5, tar=0.9, ar=1.1)
+    coeffs = dict(norm_stabilizer=0.5, tar=0.9, ar=1.1, norm_target=0.7, norm_target_value=0.4)
     ref, ours = _pair("lstm", 3, 4, 1, bidirectional=True, extra=coeffs)
     T, B, H = 5, 4, 4
     lengths = torch.tensor([5, 4, 2, 1]) if enforce_sorted else torch.tensor([2, 5, 1, 4])
     x = torch.randn(T, B, 3, dtype=DT)
     mask = (torch.rand(B, 2 * H, dtype=DT) > 0.3).to(DT) / 0.7
     pen = Penalties(**coeffs, ar_mask=mask)
-    g_terms = torch.tensor([0.8, 1.4, -0.5], dtype=DT)
+    g_terms = torch.tensor([0.8, 1.4, -0.5, 0.3, 1.6], dtype=DT)
     grads = {}
     for name, module in (("ref", ref), ("ours", ours)):
         xl = _leaf(x)
@@ -329,13 +331,14 @@ def test_penalties_packed_with_ar_mask(enforce_sorted):
                                     lengths)
         else:
             out, (h_n, _) = module(packed, ar_mask=mask)
-            terms = torch.stack([module.penalty_terms[n] for n in TERM_NAMES[:3]])
+            terms = torch.stack([module.penalty_terms[n] for n in TERM_NAMES])
         loss = (terms * g_terms).sum() + h_n.sum()
         grads[name] = (terms.detach(), torch.autograd.grad(loss, [xl] + list(module.parameters())))
     torch.testing.assert_close(grads["ours"][0], grads["ref"][0], **TOL)
     for a, b in zip(grads["ref"][1], grads["ours"][1]):
         torch.testing.assert_close(b, a, **TOL)
-    # hidden_norms: [T+1, B] per direction, caller's row order, zero past each row's length
+    # hidden_norms: [T+1, B] per direction, caller's row order, zero past each row's length,
+    # in the graph (their gradient is tested in test_normprop)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
     padded, _ = pad_packed_sequence(ref(packed)[0], total_length=T)
     assert len(ours.hidden_norms) == 2
@@ -344,7 +347,7 @@ def test_penalties_packed_with_ar_mask(enforce_sorted):
         expect = hidden_norms(torch.cat([torch.zeros(1, B, H, dtype=DT), states]), 1e-9)
         k = torch.arange(T + 1).view(-1, 1)
         expect = torch.where(k <= lengths.view(1, B), expect, torch.zeros_like(expect))
-        assert not norms.requires_grad and norms.shape == (T + 1, B)
+        assert norms.requires_grad and norms.shape == (T + 1, B)
         torch.testing.assert_close(norms, expect.detach(), **TOL)
 
 

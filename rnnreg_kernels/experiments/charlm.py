@@ -21,9 +21,14 @@ zero biases, Le et al. 2015) and TRec (thresholded rectifier, theta = 1, initial
 IRNN), each with beta = 0 and ``--beta``.  The one-hot input makes ``weight_ih`` a character
 embedding: for relu and TRec it starts ``N(0, 1)`` (as ``nn.Embedding``; IRNN's N(0, 0.001)
 barely learned in short runs, and TRec needs inputs above its threshold to fire at all).
-LSTM (PyTorch's init) with beta = 0 and ``--beta`` on the hidden state; the memory-cell row
-runs when ``rnnreg_kernels.LSTM`` accepts ``cell_norm_stabilizer`` and is reported as
-skipped before.
+LSTM (PyTorch's init) with beta = 0 and ``--beta`` on the hidden state, and with ``--beta`` on
+the memory cell (``cell_norm_stabilizer``, the slides' "penalize: memory cell" row).  The
+normprop LSTM (``rnnreg_kernels.NormPropLSTM``, Recurrent Normalization Propagation, its
+defaults gamma = (2, 2, 1)) is one more row at beta = 0, beside the plain LSTM; its one-hot
+input is scaled by sqrt(vocabulary), so that each input component has unit second moment
+(the variance the normprop constants assume; a plain one-hot vector through unit-norm
+weight rows would reach the gates with variance ~1/vocabulary).  The memory-cell and normprop
+rows need the cell states, so they run on ``reference`` on the CPU (never ``native``).
 
 Sizes: ``--quick`` (tests / CI: about 30 CPU seconds), the CPU default (hidden 256, 6000
 steps of 32 x 50: an estimated 1900 CPU seconds from the per-step CPU time of these models,
@@ -36,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import math
 import os
 import sys
@@ -61,7 +65,9 @@ SIZES = {
 # relu and TRec: weight_ih acts as a character embedding (one-hot input) and starts N(0, 1)
 # as nn.Embedding does; IRNN's own N(0, 0.001) left the quick runs near the unigram level.
 EMBED_STD = 1.0
-LABELS = {"tanh": "tanh", "relu": "relu (IRNN)", "trec": "TRec", "lstm": "LSTM"}
+LABELS = {"tanh": "tanh", "relu": "relu (IRNN)", "trec": "TRec", "lstm": "LSTM",
+          "normprop": "normprop LSTM"}
+MODELS = ",".join(LABELS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gradient-norm clipping, 0 = off (default 1)")
     parser.add_argument("--beta", type=common.positive_float, default=500.0,
                         help="norm-stabilizer beta of the stabilized rows (default 500)")
-    parser.add_argument("--models", default="tanh,relu,trec,lstm",
-                        help="comma-separated cells to train (default tanh,relu,trec,lstm)")
+    parser.add_argument("--models", default=MODELS,
+                        help=f"comma-separated cells to train (default {MODELS})")
     parser.add_argument("--eval-streams", type=common.positive_int, default=10,
                         help="parallel streams the valid / test text is cut into (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every model (default 0)")
@@ -138,20 +144,25 @@ def streams(ids, count: int):
 # ----------------------------------------------------------------------------- model
 
 def row_plan(cells: list, beta: float) -> list:
-    """The table's rows: dicts with model, beta, target and (for skipped rows) a note."""
-    import rnnreg_kernels
-
+    """The table's rows: dicts with model, beta and target ("hidden" or "cell": what the
+    norm-stabilizer penalizes).  Every RNN and the LSTM at beta = 0 and ``beta`` on the hidden
+    state, the LSTM also on its memory cell; the normprop LSTM at beta = 0 only (a comparison
+    row beside the plain LSTM, kept to one row for the run's cost)."""
     rows = []
     for cell in cells:
-        for b in (0.0, beta):
+        for b in ((0.0,) if cell == "normprop" else (0.0, beta)):
             rows.append({"model": cell, "beta": b, "target": "hidden"})
         if cell == "lstm":
-            row = {"model": "lstm", "beta": beta, "target": "cell"}
-            if "cell_norm_stabilizer" not in inspect.signature(rnnreg_kernels.LSTM).parameters:
-                row["skipped"] = ("norm-stabilizer on the LSTM memory cell: rnnreg_kernels.LSTM "
-                                  "has no cell_norm_stabilizer yet (its issue has not landed)")
-            rows.append(row)
+            rows.append({"model": "lstm", "beta": beta, "target": "cell"})
     return rows
+
+
+def input_scale(rnn) -> float:
+    """The factor on the one-hot input: sqrt(vocabulary) for the normprop LSTM (unit second
+    moment per input component, what its constants assume), 1 for every other model."""
+    import rnnreg_kernels
+
+    return math.sqrt(rnn.input_size) if isinstance(rnn, rnnreg_kernels.NormPropLSTM) else 1.0
 
 
 def build_model(row: dict, vocab: int, hidden: int, backend: str, device):
@@ -165,6 +176,9 @@ def build_model(row: dict, vocab: int, hidden: int, backend: str, device):
         kw = ({"cell_norm_stabilizer": beta} if row["target"] == "cell"
               else {"norm_stabilizer": beta})
         rnn = rnnreg_kernels.LSTM(vocab, hidden, backend=backend, device=device, **kw)
+    elif cell == "normprop":
+        rnn = rnnreg_kernels.NormPropLSTM(vocab, hidden, norm_stabilizer=beta, backend=backend,
+                                          device=device)
     elif cell == "relu":
         rnn = rnnreg_kernels.IRNN(vocab, hidden, init_std=EMBED_STD, norm_stabilizer=beta,
                                   backend=backend, device=device)
@@ -180,7 +194,7 @@ def build_model(row: dict, vocab: int, hidden: int, backend: str, device):
         rnn = rnnreg_kernels.RNN(vocab, hidden, nonlinearity="tanh", norm_stabilizer=beta,
                                  backend=backend, device=device)
     else:
-        raise ValueError(f"charlm: unknown model {cell!r}; expected tanh, relu, trec or lstm")
+        raise ValueError(f"charlm: unknown model {cell!r}; expected one of {MODELS}")
     return rnn, torch.nn.Linear(hidden, vocab, device=device)
 
 
@@ -189,7 +203,8 @@ def _forward(rnn, readout, x, state, vocab: int):
     import torch
 
     onehot = torch.nn.functional.one_hot(x, vocab).to(readout.weight.dtype)
-    out, state = rnn(onehot, state)
+    scale = input_scale(rnn)
+    out, state = rnn(onehot * scale if scale != 1.0 else onehot, state)
     return readout(out), state
 
 
@@ -285,16 +300,13 @@ def train_row(job: dict) -> dict:
 
 def format_table(rows: list) -> str:
     """The paper's layout: one line per model and beta, valid and test bpc."""
-    lines = [f"{'model':<12} {'beta':>6} {'target':<7} {'valid bpc':>10} {'test bpc':>9}  "
+    lines = [f"{'model':<14} {'beta':>6} {'target':<7} {'valid bpc':>10} {'test bpc':>9}  "
              f"paper PTB test (lr .002, gc 1 / best)"]
     for r in rows:
         paper = PAPER_PTB.get((r["model"], float(r["beta"])))
         ref = f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"
-        if r.get("skipped"):
-            vals = f"{'skipped':>10} {'':>9}"
-        else:
-            vals = f"{_bpc(r['valid_bpc']):>10} {_bpc(r['test_bpc']):>9}"
-        lines.append(f"{LABELS[r['model']]:<12} {r['beta']:>6g} {r['target']:<7} {vals}  {ref}")
+        vals = f"{_bpc(r['valid_bpc']):>10} {_bpc(r['test_bpc']):>9}"
+        lines.append(f"{LABELS[r['model']]:<14} {r['beta']:>6g} {r['target']:<7} {vals}  {ref}")
     return "\n".join(lines)
 
 
@@ -308,14 +320,14 @@ def plot(path: str, rows: list, unigram: float, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"tanh": "C0", "relu": "C1", "trec": "C2", "lstm": "C3"}
+    colors = {"tanh": "C0", "relu": "C1", "trec": "C2", "lstm": "C3", "normprop": "C4"}
     for r in rows:
         pts = [(c["step"], c["valid_bpc"]) for c in r.get("curve", [])
                if c["valid_bpc"] is not None and math.isfinite(c["valid_bpc"])]
         if not pts:
             continue
         ax.plot(*zip(*pts), marker=".", color=colors[r["model"]],
-                ls="-" if r["beta"] > 0 else "--",
+                ls=":" if r["target"] == "cell" else ("-" if r["beta"] > 0 else "--"),
                 label=f"{LABELS[r['model']]} beta={r['beta']:g} ({r['target']})")
     ax.axhline(unigram, color="gray", ls=":", label=f"unigram entropy {unigram:.2f}")
     ax.set_xlabel("training step")
@@ -345,7 +357,7 @@ def main(args: argparse.Namespace) -> int:
     bad = [c for c in cells if c not in LABELS]
     if bad or not cells:
         print(f"experiment charlm: --models expected a comma-separated subset of "
-              f"tanh,relu,trec,lstm, got {args.models!r}", file=sys.stderr)
+              f"{MODELS}, got {args.models!r}", file=sys.stderr)
         return 2
     try:
         text, name = load_corpus(args.corpus)
@@ -380,24 +392,13 @@ def main(args: argparse.Namespace) -> int:
           f"{unigram:.3f} bits; hidden {args.hidden}, {args.steps} steps of {args.batch} x "
           f"{args.seq_len} characters, Adam lr {args.lr:g}, clip {args.clip:g}, beta "
           f"{args.beta:g}; device {device}, backend {args.backend}, {args.workers} worker(s)")
-    for r in rows:
-        if r.get("skipped"):
-            print(f"  skipped: {LABELS[r['model']]} beta={r['beta']:g} on the {r['target']}: "
-                  f"{r['skipped']}")
-    todo = [r for r in rows if not r.get("skipped")]
-    # longest first (LSTM), so two workers finish together
-    order = sorted(range(len(todo)), key=lambda i: todo[i]["model"] != "lstm")
-    jobs = [{"row": todo[i], "config": cfg, "vocab": len(chars), "train": train,
+    # longest first (the LSTMs), so two workers finish together
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["model"] not in ("lstm", "normprop"))
+    jobs = [{"row": rows[i], "config": cfg, "vocab": len(chars), "train": train,
              "valid": valid, "test": test, "index": n} for n, i in enumerate(order)]
     results = common.run_jobs(train_row, jobs, args.workers, args.threads)
     done = {order[n]: res for n, res in enumerate(results)}
-    out_rows, k = [], 0
-    for r in rows:
-        if r.get("skipped"):
-            out_rows.append(dict(r, valid_bpc=None, test_bpc=None))
-        else:
-            out_rows.append(done[k])
-            k += 1
+    out_rows = [done[i] for i in range(len(rows))]
     for r in out_rows:
         paper = PAPER_PTB.get((r["model"], float(r["beta"])))
         r["paper_ptb_test_bpc"] = ({"lr.002_gc1": paper[0], "best": paper[1]}
@@ -406,7 +407,8 @@ def main(args: argparse.Namespace) -> int:
     png = os.path.join(args.out, "charlm.png")
     plot(png, out_rows, unigram,
          f"char-level LM on {name}: hidden {args.hidden}, {args.steps} steps of "
-         f"{args.batch}x{args.seq_len}; dashed beta=0, solid beta={args.beta:g}")
+         f"{args.batch}x{args.seq_len}; dashed beta=0, solid beta={args.beta:g} (hidden), "
+         f"dotted beta={args.beta:g} (memory cell)")
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     doc = {"experiment": "charlm", "command": common.command_line(),
            "created_utc": common.now_utc(),

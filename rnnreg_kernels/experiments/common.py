@@ -239,7 +239,8 @@ def backend_used(module, cell: str) -> str:
     w = module.weight_hh_l0
     try:
         spec = Spec(cell=cell, theta=float(getattr(module, "theta", 1.0)), w_ns=1.0, w_tar=0.0,
-                    w_ar=0.0, ns_include_initial=False, ns_eps=1e-9, reverse=False)
+                    w_ar=0.0, ns_include_initial=False, ns_eps=1e-9, reverse=False,
+                    cell_norms=bool(getattr(module, "needs_cell_norms", False)))
         return ops.resolve_backend(module.backend, spec, w.new_zeros(1, 1, w.shape[0]), w)
     except (TypeError, ValueError, RuntimeError) as exc:
         return f"{module.backend} (not resolved: {exc})"

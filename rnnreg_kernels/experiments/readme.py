@@ -212,6 +212,19 @@ def comparison(rows: list) -> str:
     if pairs:
         parts.append("β = 500 against β = 0 here: " + "; ".join(pairs) + ". In the paper's "
                      "lr .002, gc 1 column β = 500 is better for tanh, relu and TRec.")
+    lstm = {(r["beta"], r["target"]): r for r in ran if r["model"] == "lstm"}
+    cell = next((r for (b, t), r in lstm.items() if t == "cell"), None)
+    hidden = lstm.get((cell["beta"], "hidden")) if cell else None
+    if cell and hidden:
+        parts.append(f"LSTM with the norm-stabilizer on the memory cell (β = {cell['beta']:g}): "
+                     f"test {cell['test_bpc']:.3f} against {hidden['test_bpc']:.3f} on the "
+                     f"hidden state.")
+    normprop = next((r for r in ran if r["model"] == "normprop" and r["beta"] == 0.0), None)
+    if normprop and (0.0, "hidden") in lstm:
+        parts.append(f"{LABELS['normprop']} (β = 0): test {normprop['test_bpc']:.3f} against "
+                     f"{lstm[(0.0, 'hidden')]['test_bpc']:.3f} for the plain LSTM (its one-hot "
+                     f"input is scaled by sqrt(vocabulary), the unit-variance input its "
+                     f"constants assume; the plain LSTM's is not).")
     falling = [r for r in ran if len(r.get("curve", [])) >= 2
                and r["curve"][-1]["valid_bpc"] is not None
                and r["curve"][-2]["valid_bpc"] is not None
