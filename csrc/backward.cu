@@ -90,12 +90,12 @@ struct CellGrad {
   int pos;      // time position of step k, or -1 when the step is frozen (k > L)
 };
 
-template <typename T>
+template <typename T, bool Gated>
 __device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, int i,
                                               const float* dhacc, const float* dcacc, float cns,
                                               float ctar, float car) {
   const Scalars& s = a.s;
-  const int B = s.B, H = s.H, GH = (has_cell_state(s.cell) ? 4 : 1) * H;
+  const int B = s.B, H = s.H, GH = (Gated ? 4 : 1) * H;
   const int L = row_length(a.lengths, b, s.T);
   const size_t o = (size_t)b * H + i;
   CellGrad g;
@@ -109,7 +109,7 @@ __device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, in
   const float hk = load_h<T>(a, k, L, b, i);
   g.dh += to_f(static_cast<const T*>(a.g_out)[((size_t)g.pos * B + b) * H + i]);
   g.dh += penalty_grad<T>(a, k, L, b, i, hk, cns, ctar, car);
-  if (has_cell_state(s.cell)) {
+  if (Gated) {
     const float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
     const float ig = gs[i], fg = gs[H + i], gg = gs[2 * H + i], og = gs[3 * H + i];
     const size_t cidx = ((size_t)(k - 1) * B + b) * H + i;
@@ -142,12 +142,13 @@ __device__ __forceinline__ CellGrad cell_grad(const BwdArgs& a, int k, int b, in
   return g;
 }
 
-template <typename T>
+// Gated: lstm and normprop; else relu, tanh, trec (as forward_kernel).
+template <typename T, bool Gated>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
   cg::grid_group grid = cg::this_grid();
   const Scalars& s = a.s;
-  const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
-  const bool lstm = has_cell_state(cell);
+  const int T_ = s.T, B = s.B, H = s.H;
+  constexpr bool lstm = Gated;
   const int G = lstm ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_bwd;
   const int Kx = xrow(GH), ld = srow(GH, (int)sizeof(T));
@@ -209,7 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
       if (rec) stage_rows<T>(dzs, ld, dz_next, Kx, b0, nb);
       CellGrad first{};  // this thread's first item, while the copies are in flight
       if (tid < nb * nu)
-        first = cell_grad<T>(a, k, b0 + tid / nu, j0 + tid % nu, dhacc, dcacc, cns, ctar, car);
+        first = cell_grad<T, Gated>(a, k, b0 + tid / nu, j0 + tid % nu, dhacc, dcacc, cns,
+                                    ctar, car);
       if (rec) {
         cp_async_wait_all();
         __syncthreads();
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
         const int bl = q / nu, il = q % nu, b = b0 + bl, i = j0 + il;
         const size_t o = (size_t)b * H + i;
         const CellGrad cgr =
-            q == tid ? first : cell_grad<T>(a, k, b, i, dhacc, dcacc, cns, ctar, car);
+            q == tid ? first : cell_grad<T, Gated>(a, k, b, i, dhacc, dcacc, cns, ctar, car);
         const float dh = cgr.dh + (rec ? dhs[bl * units + il] : 0.f);
         const size_t zstep = ((size_t)(k - 1) * B + b) * GH + i;  // step-indexed [T, B, GH]
         if (cgr.pos < 0) {  // frozen step: the gradient passes through unchanged
@@ -303,14 +305,21 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BwdArgs a) {
     }
 }
 
-const void* backward_kernel_ptr(int dtype) {
-  if (dtype == kBFloat16) return reinterpret_cast<const void*>(&backward_kernel<__nv_bfloat16>);
-  if (dtype == kFloat16) return reinterpret_cast<const void*>(&backward_kernel<__half>);
-  return reinterpret_cast<const void*>(&backward_kernel<float>);
+template <bool Gated>
+static const void* backward_kernel_ptr_(int dtype) {
+  if (dtype == kBFloat16)
+    return reinterpret_cast<const void*>(&backward_kernel<__nv_bfloat16, Gated>);
+  if (dtype == kFloat16) return reinterpret_cast<const void*>(&backward_kernel<__half, Gated>);
+  return reinterpret_cast<const void*>(&backward_kernel<float, Gated>);
+}
+
+const void* backward_kernel_ptr(int dtype, int cell) {
+  return has_cell_state(cell) ? backward_kernel_ptr_<true>(dtype)
+                              : backward_kernel_ptr_<false>(dtype);
 }
 
 std::string launch_backward(int dtype, const BwdArgs& args, cudaStream_t stream) {
-  const void* fn = backward_kernel_ptr(dtype);
+  const void* fn = backward_kernel_ptr(dtype, args.s.cell);
   cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)args.plan.smem_bwd);
   if (e != cudaSuccess)

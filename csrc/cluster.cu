@@ -58,10 +58,10 @@ struct ClusterIn {
   float m;
 };
 
-template <typename T>
+template <typename T, bool Gated>
 __device__ __forceinline__ ClusterIn cluster_inputs(const ClusterFwdArgs& a, int k, int b, int j) {
   const Scalars& s = a.s;
-  const int B = s.B, H = s.H, G = s.cell == kLSTM ? 4 : 1;
+  const int B = s.B, H = s.H, G = Gated ? 4 : 1;
   ClusterIn in;
 #pragma unroll
   for (int g = 0; g < 4; ++g) in.x[g] = 0.f;
@@ -204,12 +204,14 @@ __device__ void cluster_product(const T* X, int M, const T* W, int N, int ld, in
   (void)lane;
 }
 
-template <typename T, int NTG>
+// Gated: lstm; else relu, tanh, trec (the activation picked at run time).  The host picks
+// the instantiation by cell, so each kernel carries only its cells' update code.
+template <typename T, int NTG, bool Gated>
 __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwdArgs a) {
 #if defined(RNNREG_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   const Scalars& s = a.s;
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
-  const int G = cell == kLSTM ? 4 : 1, GH = G * H, es = (int)sizeof(T);
+  const int G = Gated ? 4 : 1, GH = G * H, es = (int)sizeof(T);
   const int u = a.plan.units, C = a.plan.csize, bs = a.plan.bs;
   const int rank = cluster_rank(), cid = blockIdx.x / C;
   const int j0 = rank * u, nu = min(u, H - j0);
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
     const T hv = static_cast<const T*>(a.h0)[o];
     hl[bl * u + jl] = hv;
     hf[bl * u + jl] = to_f(hv);
-    if (cell == kLSTM) cf[bl * u + jl] = to_f(static_cast<const T*>(a.c0)[o]);
+    if (Gated) cf[bl * u + jl] = to_f(static_cast<const T*>(a.c0)[o]);
   }
   cluster_sync();  // every CTA's buffers are initialized before anyone writes into them
 
@@ -271,12 +273,12 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
       #pragma unroll 1
       for (int q = tid; q < items; q += kThreads) {
         const int bl = q / nu, jl = q % nu, b = cb0 + bl, j = j0 + jl;
-        const ClusterIn in = q == tid ? first : cluster_inputs<T>(a, k, b, j);
+        const ClusterIn in = q == tid ? first : cluster_inputs<T, Gated>(a, k, b, j);
         const float hp = hf[bl * u + jl];
         float h = hp;
         if (k <= row_length(a.lengths, b, T_)) {
           const float* zr = zs + (size_t)bl * R;
-          if (cell == kLSTM) {
+          if (Gated) {
             const float ig = sigmoidf_(zr[jl] + in.x[0]);
             const float fg = sigmoidf_(zr[u + jl] + in.x[1]);
             const float gg = tanhf(zr[2 * u + jl] + in.x[2]);
@@ -348,7 +350,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
         if (k <= L) {
           out[((size_t)position(k, L, s.reverse) * B + b) * H + j] = from_f<T>(h);
           if (a.hsave) a.hsave[sidx] = h;
-          if (cell == kLSTM) {
+          if (Gated) {
             const float* gr = gsm + (size_t)bl * 4 * u + jl;
             float* gs = a.gates + ((size_t)(k - 1) * B + b) * GH;
             gs[j] = gr[0];
@@ -360,10 +362,10 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
           out[((size_t)(k - 1) * B + b) * H + j] = from_f<T>(0.f);
           if (a.hsave) a.hsave[sidx] = 0.f;
         }
-        if (cell == kLSTM) a.cs[sidx] = cf[bl * u + jl];
+        if (Gated) a.cs[sidx] = cf[bl * u + jl];
         if (k == T_) {
           static_cast<T*>(a.hn)[(size_t)b * H + j] = from_f<T>(h);
-          if (cell == kLSTM) static_cast<T*>(a.cn)[(size_t)b * H + j] = from_f<T>(cf[bl * u + jl]);
+          if (Gated) static_cast<T*>(a.cn)[(size_t)b * H + j] = from_f<T>(cf[bl * u + jl]);
         }
       }
       // ... the norms of step k-1 (batch rows bl = rank + i*C; one lane per CTA of the
@@ -387,7 +389,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
       }
     }
     // ... and x_{k+1} of this thread's first item.
-    if (tid < items && k < T_) first = cluster_inputs<T>(a, k + 1, cb0 + tid / nu, j0 + tid % nu);
+    if (tid < items && k < T_)
+      first = cluster_inputs<T, Gated>(a, k + 1, cb0 + tid / nu, j0 + tid % nu);
   }
   cluster_wait();
   // The norms of step T (as above).
@@ -429,18 +432,23 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
 #endif
 }
 
-template <int NTG>
+template <int NTG, bool Gated>
 const void* cluster_kernel_ptr(int dtype) {
   if (dtype == kBFloat16)
-    return reinterpret_cast<const void*>(&cluster_forward_kernel<__nv_bfloat16, NTG>);
-  if (dtype == kFloat16) return reinterpret_cast<const void*>(&cluster_forward_kernel<__half, NTG>);
-  return reinterpret_cast<const void*>(&cluster_forward_kernel<float, NTG>);
+    return reinterpret_cast<const void*>(&cluster_forward_kernel<__nv_bfloat16, NTG, Gated>);
+  if (dtype == kFloat16)
+    return reinterpret_cast<const void*>(&cluster_forward_kernel<__half, NTG, Gated>);
+  return reinterpret_cast<const void*>(&cluster_forward_kernel<float, NTG, Gated>);
 }
 
 int cluster_ntg(int bs) { return bs > 8 ? 2 : 1; }
 
-const void* cluster_forward_kernel_ptr(int dtype, int bs) {
-  return cluster_ntg(bs) == 2 ? cluster_kernel_ptr<2>(dtype) : cluster_kernel_ptr<1>(dtype);
+const void* cluster_forward_kernel_ptr(int dtype, int bs, int cell) {
+  if (cell == kLSTM)
+    return cluster_ntg(bs) == 2 ? cluster_kernel_ptr<2, true>(dtype)
+                                : cluster_kernel_ptr<1, true>(dtype);
+  return cluster_ntg(bs) == 2 ? cluster_kernel_ptr<2, false>(dtype)
+                              : cluster_kernel_ptr<1, false>(dtype);
 }
 
 namespace {
@@ -524,7 +532,7 @@ std::string try_cluster_plan(int cell, int dtype, int B, int H, int device, int 
            " KiB of this device";
   // Batch slices: as many clusters as fit at once (at least one row each), then the largest
   // slice that fits in shared memory.
-  const void* fn = cluster_forward_kernel_ptr(dtype, 1);
+  const void* fn = cluster_forward_kernel_ptr(dtype, 1, cell);
   p.bs = 1;
   p.clusters = 1;
   p.smem = cluster_layout(G, H, p.units, 1, es).total;
@@ -579,7 +587,7 @@ int cluster_max_hidden(int cell, int dtype, int B, int device, int csize_max) {
 }
 
 std::string launch_cluster_forward(int dtype, const ClusterFwdArgs& args, cudaStream_t stream) {
-  const void* fn = cluster_forward_kernel_ptr(dtype, args.plan.bs);
+  const void* fn = cluster_forward_kernel_ptr(dtype, args.plan.bs, args.s.cell);
   cudaError_t e = set_attributes(fn, args.plan);
   if (e != cudaSuccess)
     return std::string("rnnreg cluster forward: cudaFuncSetAttribute failed: ") +

@@ -54,8 +54,8 @@ int cluster_max_hidden(int cell, int dtype, int B, int device, int csize_max);
 std::string launch_cluster_forward(int dtype, const ClusterFwdArgs& a, cudaStream_t stream);
 
 // The kernel for a batch slice of `bs` rows: n8 tiles of batch rows one (bs <= 8) or two at a
-// time (cluster_ntg).
+// time (cluster_ntg); one instantiation for lstm, one for relu / tanh / trec.
 int cluster_ntg(int bs);
-const void* cluster_forward_kernel_ptr(int dtype, int bs);
+const void* cluster_forward_kernel_ptr(int dtype, int bs, int cell);
 
 }  // namespace rnnreg

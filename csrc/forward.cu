@@ -64,10 +64,10 @@ struct CellIn {
   float cp, hp, m, ca;
 };
 
-template <typename T>
+template <typename T, bool Gated>
 __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, int j) {
   const Scalars& s = a.s;
-  const int B = s.B, H = s.H, G = has_cell_state(s.cell) ? 4 : 1;
+  const int B = s.B, H = s.H, G = Gated ? 4 : 1;
   const int L = row_length(a.lengths, b, s.T);
   const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;
   CellIn in;
@@ -84,7 +84,7 @@ __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, in
     for (int g = 0; g < 4; ++g)
       if (g < G) in.x[g] = to_f(xr[(size_t)g * H + j]);
   }
-  if (has_cell_state(s.cell)) {
+  if (Gated) {
     in.cp = k == 1 ? to_f(static_cast<const T*>(a.c0)[(size_t)b * H + j])
                    : a.cs[sidx - (size_t)B * H];
     if (a.cell_scale) in.ca = a.cell_scale[j];
@@ -92,12 +92,15 @@ __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, in
   return in;
 }
 
-template <typename T>
+// Gated: the 4-gate cells with a cell state (lstm, normprop); else the one-gate RNN cells
+// (relu, tanh, trec: the activation is picked at run time).  Each kernel carries only its
+// cells' update code (the host picks the instantiation by cell: cell_is_gated).
+template <typename T, bool Gated>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   cg::grid_group grid = cg::this_grid();
   const Scalars& s = a.s;
   const int T_ = s.T, B = s.B, H = s.H, cell = s.cell;
-  const bool lstm = has_cell_state(cell);
+  constexpr bool lstm = Gated;
   const int G = lstm ? 4 : 1, GH = G * H;
   const int units = a.plan.units, bs = a.plan.bs_fwd;
   const int Hx = xrow(H), ld = srow(H, (int)sizeof(T)), R = G * units;
@@ -160,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
       const int nb = min(bs, B - b0);
       stage_rows<T>(hs, ld, hprev, Hx, b0, nb);
       CellIn first{};  // inputs of this thread's first item, fetched while the copies fly
-      if (tid < nb * nu) first = cell_inputs<T>(a, k, b0 + tid / nu, j0 + tid % nu);
+      if (tid < nb * nu) first = cell_inputs<T, Gated>(a, k, b0 + tid / nu, j0 + tid % nu);
       if (b0 == 0) reduce_norms(a, part, k - 1, acc_ns);  // also while the copies are in flight
       cp_async_wait_all();
       __syncthreads();
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
         const int bl = q / nu, jl = q % nu, b = b0 + bl, j = j0 + jl;
         const int L = row_length(a.lengths, b, T_);
         const size_t sidx = ((size_t)(k - 1) * B + b) * H + j;  // step-indexed [T, B, H]
-        const CellIn in = q == tid ? first : cell_inputs<T>(a, k, b, j);
+        const CellIn in = q == tid ? first : cell_inputs<T, Gated>(a, k, b, j);
         float h, c = 0.f;
         if (k <= L) {
           const int pos = position(k, L, s.reverse);
@@ -292,14 +295,21 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   }
 }
 
-const void* forward_kernel_ptr(int dtype) {
-  if (dtype == kBFloat16) return reinterpret_cast<const void*>(&forward_kernel<__nv_bfloat16>);
-  if (dtype == kFloat16) return reinterpret_cast<const void*>(&forward_kernel<__half>);
-  return reinterpret_cast<const void*>(&forward_kernel<float>);
+template <bool Gated>
+static const void* forward_kernel_ptr_(int dtype) {
+  if (dtype == kBFloat16)
+    return reinterpret_cast<const void*>(&forward_kernel<__nv_bfloat16, Gated>);
+  if (dtype == kFloat16) return reinterpret_cast<const void*>(&forward_kernel<__half, Gated>);
+  return reinterpret_cast<const void*>(&forward_kernel<float, Gated>);
+}
+
+const void* forward_kernel_ptr(int dtype, int cell) {
+  return has_cell_state(cell) ? forward_kernel_ptr_<true>(dtype)
+                              : forward_kernel_ptr_<false>(dtype);
 }
 
 std::string launch_forward(int dtype, const FwdArgs& args, cudaStream_t stream) {
-  const void* fn = forward_kernel_ptr(dtype);
+  const void* fn = forward_kernel_ptr(dtype, args.s.cell);
   cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)args.plan.smem_fwd);
   if (e != cudaSuccess)

@@ -67,7 +67,7 @@ std::string try_plan(int cell, int dtype, int B, int H, const Device& d, int dev
   cudaGetDevice(&dev_saved);
   if (dev_saved != device) cudaSetDevice(device);
   std::string why;
-  const void* fns[2] = {forward_kernel_ptr(dtype), backward_kernel_ptr(dtype)};
+  const void* fns[2] = {forward_kernel_ptr(dtype, cell), backward_kernel_ptr(dtype, cell)};
   const size_t smem[2] = {p.smem_fwd, p.smem_bwd};
   for (int i = 0; i < 2 && why.empty(); ++i) {
     int per_sm = 0;

@@ -128,8 +128,9 @@ int max_hidden(int cell, int dtype, int B, int device);
 std::string launch_forward(int dtype, const FwdArgs& a, cudaStream_t stream);
 std::string launch_backward(int dtype, const BwdArgs& a, cudaStream_t stream);
 
-// Kernel entry points as `const void*` for occupancy queries (defined with the kernels).
-const void* forward_kernel_ptr(int dtype);
-const void* backward_kernel_ptr(int dtype);
+// Kernel entry points as `const void*` for occupancy queries (defined with the kernels): the
+// instantiation for `cell` (one for the 4-gate cells lstm / normprop, one for relu / tanh / trec).
+const void* forward_kernel_ptr(int dtype, int cell);
+const void* backward_kernel_ptr(int dtype, int cell);
 
 }  // namespace rnnreg

@@ -54,13 +54,23 @@ def _nvcc():
 # (LDGSTS.128), and no kernel above its committed static instruction count by more than 5 %.
 # Static counts of this version (before the tensor-core rewrite: forward 4496-4536, backward
 # 5432-5544, no HMMA, no LDGSTS; before contract v2 / issue 12's normprop cell, cell norms and
-# radial terms: forward 3864 / 5432 (fp32), backward 4216 / 7416; docs/cuda.md).  Update
-# together with a kernel change.
+# radial terms: forward 3864 / 5432 (fp32), backward 4216 / 7416; before the cell became a
+# template parameter (one kernel carrying every cell): forward 4112 / 5664 (fp32), backward
+# 4352 / 7552; docs/cuda.md).  Update together with a kernel change.
 SASS_BASELINE = {
-    "forward_kernel<bf16>": 4112, "forward_kernel<fp16>": 4112, "forward_kernel<fp32>": 5664,
-    "backward_kernel<bf16>": 4352, "backward_kernel<fp16>": 4352, "backward_kernel<fp32>": 7552,
+    "forward_kernel<bf16,gated>": 4024, "forward_kernel<fp16,gated>": 4024,
+    "forward_kernel<fp32,gated>": 5592,
+    "forward_kernel<bf16,rnn>": 3680, "forward_kernel<fp16,rnn>": 3680,
+    "forward_kernel<fp32,rnn>": 5264,
+    "backward_kernel<bf16,gated>": 4272, "backward_kernel<fp16,gated>": 4272,
+    "backward_kernel<fp32,gated>": 7496,
+    "backward_kernel<bf16,rnn>": 4056, "backward_kernel<fp16,rnn>": 4056,
+    "backward_kernel<fp32,rnn>": 7288,
 }
-_MANGLED = {"I13__nv_bfloat16E": "bf16", "I6__halfE": "fp16", "IfE": "fp32"}
+_MANGLED = {"I13__nv_bfloat16L": "bf16", "I6__halfL": "fp16", "IfL": "fp32"}
+# the cell instantiation (template <typename T, bool Gated>): Lb1E 4-gate lstm / normprop,
+# Lb0E the RNN cells relu / tanh / trec
+_CELLS = {"Lb1E": "gated", "Lb0E": "rnn"}
 
 
 def _cuobjdump():
@@ -83,6 +93,7 @@ def sass_stats(obj):
     for chunk in re.split(r"\n\s*Function : ", res.stdout)[1:]:
         mangled = chunk.split("\n", 1)[0].strip()
         kind = next((v for k, v in _MANGLED.items() if k in mangled), "?")
+        kind += "," + next((v for k, v in _CELLS.items() if k in mangled), "?")
         base = "forward_kernel" if "forward_kernel" in mangled else "backward_kernel"
         ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", chunk)
         stats[f"{base}<{kind}>"] = {
@@ -121,10 +132,11 @@ def test_nvcc_sm90_compiles_without_spills(name, tmp_path):
     if stats is None:
         pytest.skip("cuobjdump not found (it ships in the triton wheel); SASS gate skipped")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    assert len(stats) == 3, stats
+    assert set(stats) == {f"{name[:-3]}_kernel<{d},{c}>" for d in ("bf16", "fp16", "fp32")
+                          for c in ("gated", "rnn")}, stats
     for kernel, st in sorted(stats.items()):
         print(kernel, st)
-        if kernel.endswith("<fp32>"):
+        if "<fp32," in kernel:
             assert st["HMMA1688"] > 0, (kernel, "no TF32 tensor-core product", st)
         else:
             assert st["HMMA16816"] > 0 and st["LDSM"] > 0, (kernel, "no tensor-core product", st)

@@ -29,18 +29,27 @@ void run_cluster_grid(void (*kernel)(Args), const Args& a, int blocks, int csize
   for (auto& th : threads) th.join();
 }
 
-template <int NTG>
-void run(int dtype, const rnnreg::ClusterFwdArgs& a) {
+template <int NTG, bool Gated>
+void run_cell(int dtype, const rnnreg::ClusterFwdArgs& a) {
   const int blocks = a.plan.csize * a.plan.clusters;
   if (dtype == rnnreg::kBFloat16)
-    run_cluster_grid(&rnnreg::cluster_forward_kernel<__nv_bfloat16, NTG>, a, blocks,
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<__nv_bfloat16, NTG, Gated>, a, blocks,
                      a.plan.csize, a.plan.smem);
   else if (dtype == rnnreg::kFloat16)
-    run_cluster_grid(&rnnreg::cluster_forward_kernel<__half, NTG>, a, blocks, a.plan.csize,
-                     a.plan.smem);
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<__half, NTG, Gated>, a, blocks,
+                     a.plan.csize, a.plan.smem);
   else
-    run_cluster_grid(&rnnreg::cluster_forward_kernel<float, NTG>, a, blocks, a.plan.csize,
-                     a.plan.smem);
+    run_cluster_grid(&rnnreg::cluster_forward_kernel<float, NTG, Gated>, a, blocks,
+                     a.plan.csize, a.plan.smem);
+}
+
+// The instantiation the CUDA launch picks (cluster_forward_kernel_ptr): lstm or the RNN cells.
+template <int NTG>
+void run(int dtype, const rnnreg::ClusterFwdArgs& a) {
+  if (a.s.cell == rnnreg::kLSTM)
+    run_cell<NTG, true>(dtype, a);
+  else
+    run_cell<NTG, false>(dtype, a);
 }
 
 }  // namespace

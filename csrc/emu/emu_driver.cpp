@@ -96,6 +96,27 @@ void frag_kernel(FragArgs f) {
   for (int j = 0; j < 4; ++j) f.d[4 * lane + j] = d[j];
 }
 
+// The dtype dispatch of one cell instantiation (Gated: lstm / normprop; else relu / tanh / trec).
+template <bool Gated>
+void run_forward(int dtype, const rnnreg::FwdArgs& a) {
+  if (dtype == rnnreg::kBFloat16)
+    run_grid(&rnnreg::forward_kernel<__nv_bfloat16, Gated>, a, a.plan.blocks, a.plan.smem_fwd);
+  else if (dtype == rnnreg::kFloat16)
+    run_grid(&rnnreg::forward_kernel<__half, Gated>, a, a.plan.blocks, a.plan.smem_fwd);
+  else
+    run_grid(&rnnreg::forward_kernel<float, Gated>, a, a.plan.blocks, a.plan.smem_fwd);
+}
+
+template <bool Gated>
+void run_backward(int dtype, const rnnreg::BwdArgs& a) {
+  if (dtype == rnnreg::kBFloat16)
+    run_grid(&rnnreg::backward_kernel<__nv_bfloat16, Gated>, a, a.plan.blocks, a.plan.smem_bwd);
+  else if (dtype == rnnreg::kFloat16)
+    run_grid(&rnnreg::backward_kernel<__half, Gated>, a, a.plan.blocks, a.plan.smem_bwd);
+  else
+    run_grid(&rnnreg::backward_kernel<float, Gated>, a, a.plan.blocks, a.plan.smem_bwd);
+}
+
 }  // namespace
 
 extern "C" {
@@ -130,12 +151,11 @@ const char* emu_forward(const int* ia, const float* fa, void** p) {
   a.cnorms = static_cast<float*>(p[15]);
   a.scratch = scratch.data();
   const int dtype = ia[8];
-  if (dtype == rnnreg::kBFloat16)
-    run_grid(&rnnreg::forward_kernel<__nv_bfloat16>, a, a.plan.blocks, a.plan.smem_fwd);
-  else if (dtype == rnnreg::kFloat16)
-    run_grid(&rnnreg::forward_kernel<__half>, a, a.plan.blocks, a.plan.smem_fwd);
+  // the instantiation the CUDA launch picks (forward_kernel_ptr): 4-gate cells or RNN cells
+  if (rnnreg::has_cell_state(a.s.cell))
+    run_forward<true>(dtype, a);
   else
-    run_grid(&rnnreg::forward_kernel<float>, a, a.plan.blocks, a.plan.smem_fwd);
+    run_forward<false>(dtype, a);
   return "";
 }
 
@@ -167,12 +187,10 @@ const char* emu_backward(const int* ia, const float* fa, void** p) {
   a.gcs = static_cast<float*>(p[22]);
   a.scratch = scratch.data();
   const int dtype = ia[8];
-  if (dtype == rnnreg::kBFloat16)
-    run_grid(&rnnreg::backward_kernel<__nv_bfloat16>, a, a.plan.blocks, a.plan.smem_bwd);
-  else if (dtype == rnnreg::kFloat16)
-    run_grid(&rnnreg::backward_kernel<__half>, a, a.plan.blocks, a.plan.smem_bwd);
+  if (rnnreg::has_cell_state(a.s.cell))  // as backward_kernel_ptr
+    run_backward<true>(dtype, a);
   else
-    run_grid(&rnnreg::backward_kernel<float>, a, a.plan.blocks, a.plan.smem_bwd);
+    run_backward<false>(dtype, a);
   return "";
 }
 

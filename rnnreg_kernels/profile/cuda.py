@@ -17,8 +17,10 @@ the SASS line information), evaluated with the plan's values for thread 0 / warp
 (the thread with the most iterations); the locals of ``stage_rows`` (which of its three copy
 loops runs), ``block_mma`` (bf16/fp16: which tile-group loop runs, K steps per warp) and
 ``block_matvec`` (strict fp32) are derived from the arguments each kernel passes.  Loops of a
-path not taken have a bound of 0 in the source, so they weigh nothing here.  The kernels take the cell as a runtime argument, so every
-cell's code is counted (the counts are an upper bound for non-LSTM cells).
+path not taken have a bound of 0 in the source, so they weigh nothing here.  The cell is a
+template parameter of the kernels (one instantiation for the 4-gate cells lstm / normprop, one
+for the RNN cells relu / tanh / trec, whose activation is a run-time branch): the profile reads
+the instantiation of the profiled cell (:func:`template_args`), so only its code is counted.
 
 This file is the CUDA backend's only coupling to the profile: when ``csrc/`` changes, adapt
 :func:`plan`, :func:`_namespace` and :data:`KERNELS` here.
@@ -34,13 +36,21 @@ import subprocess
 import tempfile
 from typing import Dict, List, Optional
 
-from ..contract import gates_of
+from ..contract import gates_of, has_cell_state
 from . import sass
 
 SMEM_OPTIN = 232448          # bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 / H200
 DTYPE_CODE = {"fp32": 0, "bf16": 1, "fp16": 2}
 DTYPE_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 TEMPLATE_ARG = {"fp32": "IfE", "fp16": "I6__halfE", "bf16": "I13__nv_bfloat16E"}
+
+
+def template_args(dtype: str, cell: str, *ints: int) -> str:
+    """The mangled template-argument list of the kernel instantiation for (dtype, cell):
+    ``<T, ints..., Gated>`` (``Gated``: the 4-gate cells, lstm and normprop; the host dispatch
+    of forward_kernel_ptr / backward_kernel_ptr / cluster_forward_kernel_ptr)."""
+    return (TEMPLATE_ARG[dtype][:-1] + "".join(f"Li{i}E" for i in ints)
+            + f"Lb{int(has_cell_state(cell))}E" + "E")
 KERNELS = {"forward": ("forward.cu", "forward_kernel"),
            "backward": ("backward.cu", "backward_kernel")}
 NVCC_FLAGS = ["-arch=sm_90", "-cubin", "-O3", "-lineinfo"]
@@ -342,11 +352,12 @@ def kernels(cell: str, H: int, B: int, dtype: str, tf32: bool, sm_count: int,
     for direction, (_, kname) in KERNELS.items():
         cubin = cubins[direction]
         text = sass.disassemble(cubin)
-        wanted = TEMPLATE_ARG[dtype]
+        wanted = template_args(dtype, cell)
         names = [f for f in sass.split_functions(text) if kname in f and wanted in f]
         if len(names) != 1:
             out.append({"direction": direction,
-                        "error": f"{kname}<{dtype}> not found in the cubin"})
+                        "error": f"{kname}<{dtype}, gated={has_cell_state(cell)}> not found "
+                                 f"in the cubin ({wanted})"})
             continue
         smem = p["smem_fwd"] if direction == "forward" else p["smem_bwd"]
         out.append({"record_args": dict(
@@ -355,7 +366,9 @@ def kernels(cell: str, H: int, B: int, dtype: str, tf32: bool, sm_count: int,
             trip_of=trip_rule(direction, cell, B, H, p, dtype), function=names[0],
             sass_text=text,
             extra={"grid": [p["blocks"]],
-                   "note": "the cell is a runtime argument: every cell's code is counted"})})
+                   "instantiation": names[0],
+                   "note": "the instantiation of this cell (4-gate lstm/normprop or the RNN "
+                           "cells relu/tanh/trec, activation picked at run time)"})})
     return out
 
 
@@ -483,13 +496,14 @@ def cluster_kernels(cell: str, H: int, B: int, dtype: str, sm_count: int) -> Lis
     out = []
     cubin = compile_cluster_cubin()
     text = sass.disassemble(cubin)
-    wanted = TEMPLATE_ARG[dtype][:-1] + f"Li{cluster_ntg(cp['bs'])}E"  # <T, NTG>
+    wanted = template_args(dtype, cell, cluster_ntg(cp["bs"]))  # <T, NTG, Gated>
     names = [f for f in sass.split_functions(text)
              if "cluster_forward_kernel" in f and wanted in f]
     k = constants()
     if len(names) != 1:
         out.append({"direction": "forward",
-                    "error": f"cluster_forward_kernel<{dtype}> not found in the cubin"})
+                    "error": f"cluster_forward_kernel<{dtype}> not found in the cubin "
+                             f"({wanted})"})
     else:
         spaces = _cluster_namespace(cell, B, H, cp, dtype)
         out.append({"record_args": dict(
@@ -498,8 +512,10 @@ def cluster_kernels(cell: str, H: int, B: int, dtype: str, sm_count: int) -> Lis
             trip_of=trip_rule("forward", cell, B, H, cp, dtype, spaces=spaces),
             function=names[0], sass_text=text,
             extra={"grid": [cp["blocks"]], "cluster": [cp["csize"], 1, 1],
-                   "note": "opt-in Hopper cluster variant (sm_90a); the cell is a runtime "
-                           "argument: every cell's code is counted"})})
+                   "instantiation": names[0],
+                   "note": "opt-in Hopper cluster variant (sm_90a); the instantiation of this "
+                           "cell (lstm, or relu/tanh/trec with the activation picked at run "
+                           "time)"})})
     out.extend(item for item in kernels(cell, H, B, dtype, False, sm_count)
                if item.get("direction", item.get("record_args", {}).get("direction"))
                == "backward")
