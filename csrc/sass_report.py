@@ -25,7 +25,10 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
          "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
          "--expt-relaxed-constexpr"]
-KINDS = {"I13__nv_bfloat16E": "bf16", "I6__halfE": "fp16", "IfE": "fp32"}
+# <T> (kernels before the cell template parameter) or <T, Gated> (Lb1E: lstm / normprop,
+# Lb0E: relu / tanh / trec)
+KINDS = {"I13__nv_bfloat16": "bf16", "I6__half": "fp16", "If": "fp32"}
+CELLS = {"Lb1E": ",gated", "Lb0E": ",rnn"}
 OPS = {"HMMA": r"^HMMA", "LDSM": r"^LDSM", "LDGSTS": r"^LDGSTS", "FFMA": r"^FFMA",
        "LDG": r"^LDG\.", "LDS": r"^LDS\b|^LDS\.", "BAR": r"^BAR\.SYNC", "MUFU": r"^MUFU"}
 
@@ -56,7 +59,8 @@ def kernels(obj, cuobjdump):
     res = {}
     for chunk in re.split(r"\n\s*Function : ", out)[1:]:
         mangled = chunk.split("\n", 1)[0].strip()
-        kind = next((v for k, v in KINDS.items() if k in mangled), mangled)
+        kind = next((v for k, v in KINDS.items() if re.search(k + "[EL]", mangled)), mangled)
+        kind += next((v for k, v in CELLS.items() if k in mangled), "")
         base = "forward_kernel" if "forward_kernel" in mangled else "backward_kernel"
         ins = [(int(a, 16), t.strip()) for a, t in
                re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", chunk)]
