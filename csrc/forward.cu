@@ -94,7 +94,7 @@ __device__ __forceinline__ CellIn cell_inputs(const FwdArgs& a, int k, int b, in
 
 // Gated: the 4-gate cells with a cell state (lstm, normprop); else the one-gate RNN cells
 // (relu, tanh, trec: the activation is picked at run time).  Each kernel carries only its
-// cells' update code (the host picks the instantiation by cell: cell_is_gated).
+// cells' update code (the host picks the instantiation by cell: forward_kernel_ptr).
 template <typename T, bool Gated>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   cg::grid_group grid = cg::this_grid();
