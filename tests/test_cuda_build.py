@@ -208,21 +208,25 @@ def test_build_ext_skips_with_one_line(capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- CPU emulation
 
-def _build_emu(out_dir, *defines):
+def _build_emu(out_dir, *defines, driver="emu_driver.cpp",
+               entries=("emu_forward", "emu_backward", "emu_plan"), tf32=True):
+    """Compile an emulation driver of csrc/emu into a shared library and load it; ``entries``
+    return a C string (an error message or NULL); ``tf32``: the driver exports emu_to_tf32."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found; the CPU emulation of the kernels needs it")
-    lib = out_dir / "libemu.so"
+    lib = out_dir / ("lib" + Path(driver).stem + ".so")
     cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DRNNREG_EMULATE",
            f"-DRNNREG_THREADS={EMU_THREADS}", *[f"-D{d}" for d in defines], f"-I{CSRC / 'emu'}",
-           f"-I{CSRC}", str(CSRC / "emu" / "emu_driver.cpp"), "-o", str(lib)]
+           f"-I{CSRC}", str(CSRC / "emu" / driver), "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"emulation build failed:\n{res.stderr[-4000:]}"
     dll = ctypes.CDLL(str(lib))
-    for f in (dll.emu_forward, dll.emu_backward, dll.emu_plan):
-        f.restype = ctypes.c_char_p
-    dll.emu_to_tf32.restype = ctypes.c_uint
-    dll.emu_to_tf32.argtypes = [ctypes.c_float]
+    for name in entries:
+        getattr(dll, name).restype = ctypes.c_char_p
+    if tf32:
+        dll.emu_to_tf32.restype = ctypes.c_uint
+        dll.emu_to_tf32.argtypes = [ctypes.c_float]
     return dll
 
 

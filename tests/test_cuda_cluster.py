@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from rnnreg_kernels import cuda, cuda_cluster, reference
-from test_cuda_build import (CSRC, CUDA_HOME, EMU_THREADS, PEN_ALL, TORCH_NVCC_FLAGS,
-                             EmulatedExtension, _DT, _cuobjdump, _nan, _nvcc, _ptrs, make_case,
+from test_cuda_build import (CSRC, CUDA_HOME, PEN_ALL, TORCH_NVCC_FLAGS, EmulatedExtension,
+                             _DT, _build_emu, _cuobjdump, _nan, _nvcc, _ptrs, make_case,
                              rel_errors, run_backend)
 
 H100 = (132, 227 * 1024)  # SMs, opt-in shared memory per block
@@ -127,20 +127,9 @@ def test_cluster_binding_passes_syntax_check(tmp_path):
 # ----------------------------------------------------------------------------- CPU emulation
 
 def _build(out_dir, *defines):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found; the CPU emulation of the kernels needs it")
-    lib = out_dir / "libemu_cluster.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DRNNREG_EMULATE",
-           f"-DRNNREG_THREADS={EMU_THREADS}", *[f"-D{d}" for d in defines], f"-I{CSRC / 'emu'}",
-           f"-I{CSRC}", str(CSRC / "emu" / "emu_cluster_driver.cpp"), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"emulation build failed:\n{res.stderr[-4000:]}"
-    dll = ctypes.CDLL(str(lib))
-    for f in (dll.emu_forward, dll.emu_backward, dll.emu_plan, dll.emu_cluster_plan,
-              dll.emu_cluster_forward):
-        f.restype = ctypes.c_char_p
-    return dll
+    return _build_emu(out_dir, *defines, driver="emu_cluster_driver.cpp",
+                      entries=("emu_forward", "emu_backward", "emu_plan", "emu_cluster_plan",
+                               "emu_cluster_forward"), tf32=False)
 
 
 @pytest.fixture(scope="module")
