@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ClusterFwd
 #pragma unroll 1
     for (int i = tid; i < C * per_rank; i += kThreads) {
 #ifdef RNNREG_PLANT_CLUSTER
-      if (dst != rank)  // planted: the CTA's own copy of h misses its own slice
+      if (dst != rank || s.plant != 1)  // planted (1): the CTA's own copy of h misses its slice
 #endif
       cluster_st16(cluster_map(hcur + (size_t)bl * ld + j0 + c * E, dst),
                    *reinterpret_cast<const uint4*>(hl + (size_t)bl * u + c * E));

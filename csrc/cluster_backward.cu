@@ -251,8 +251,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(ClusterBw
 #pragma unroll 1
     for (int i = tid; i < C * per_rank; i += kThreads) {
       const int bl = rg / G, g = rg - bl * G;
-#ifdef RNNREG_PLANT_CLUSTER_BWD
-      if (dst != rank)  // planted: the CTA's own copy of dz misses its own slice
+#ifdef RNNREG_PLANT_CLUSTER
+      if (dst != rank || s.plant != 2)  // planted (2): the CTA's own dz copy misses its slice
 #endif
       cluster_st16(cluster_map(dcur + (size_t)bl * ld + g * Hp + j0 + c * E, dst),
                    *reinterpret_cast<const uint4*>(dl + (size_t)rg * u + c * E));

@@ -99,13 +99,15 @@ int emu_cluster_max_hidden(int cell, int dtype, int B, int csize_max, int sms, i
   return rnnreg::cluster_max_hidden(cell, dtype, B, 0, csize_max);
 }
 
-// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32, csize_max
-// fargs: theta, w_ns, w_tar, w_ar, heps
+// iargs: T, B, H, cell, ns_include_initial, reverse, units, sms, dtype, tf32, csize_max, plant
+//        (plant: the planted error of a -DRNNREG_PLANT_CLUSTER build, 1 forward, 2 backward)
+// fargs: theta, w_ns, w_tar, w_ar, heps, (unused)
 // ptrs: x, w, h0, c0, mask, lengths, out, hn, cn, norms, sums, hsave, gates, cs
 // (sums: 3 * csize * clusters floats of the plan emu_cluster_plan returns)
 const char* emu_cluster_forward(const int* ia, const float* fa, void** p) {
   rnnreg::ClusterFwdArgs a;
   a.s = scalars(ia, fa);
+  a.s.plant = ia[11];
   emu::g_sms = ia[7];
   g_err = rnnreg::make_cluster_plan(a.s.cell, ia[8], a.s.B, a.s.H, 0, ia[6], ia[10], &a.plan);
   if (!g_err.empty()) return g_err.c_str();
@@ -147,6 +149,7 @@ int emu_cluster_bwd_max_hidden(int cell, int dtype, int B, int csize_max, int sm
 const char* emu_cluster_backward(const int* ia, const float* fa, void** p) {
   rnnreg::ClusterBwdArgs a;
   a.s = scalars(ia, fa);
+  a.s.plant = ia[11];
   emu::g_sms = ia[7];
   g_err = rnnreg::make_cluster_bwd_plan(a.s.cell, ia[8], a.s.B, a.s.H, 0, ia[6], ia[10],
                                         &a.plan);
