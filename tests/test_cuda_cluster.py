@@ -486,6 +486,17 @@ def test_variant_switch_is_opt_in_and_checked(emu, monkeypatch):
         assert "cell_norms" in cuda.unsupported_reason(
             dataclasses.replace(spec, cell_norms=True), x, w)
     assert "float64" in cuda.unsupported_reason(spec, x.double(), w.double())
+    # an H the forward fits and the backward does not (fp32 lstm on an H100-like device): the
+    # backward's reason, with the largest H it fits
+    ext.sms = H100[0]
+    fmax = emu.emu_cluster_max_hidden(0, 0, 1, 16, *H100)
+    bmax = emu.emu_cluster_bwd_max_hidden(0, 0, 1, 16, *H100)
+    assert bmax < fmax, (bmax, fmax)
+    H = bmax + 1
+    why = cuda.unsupported_reason(spec, torch.zeros(3, 2, 4 * H), torch.zeros(4 * H, H))
+    assert why.startswith(f"the cluster variant's backward cannot keep w_hh in one cluster for "
+                          f"cell=lstm, H={H}: ") and f"fit H <= {bmax} in a cluster" in why, why
+    ext.sms = 4
     monkeypatch.setenv("RNNREG_CUDA_CLUSTER_SIZE", "17")
     with pytest.raises(ValueError, match="RNNREG_CUDA_CLUSTER_SIZE: expected an integer in "
                                          "1..16, got '17'"):
