@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg_kernels.modules import IRNN, LSTM, RNN
+from rnnreg_kernels.nn import IRNN, LSTM, RNN
 from rnnreg_kernels.penalties import (TERM_NAMES, Penalties, hidden_norms, posthoc_terms,
                                       to_processing_order)
 
@@ -612,3 +612,16 @@ def test_errors_beyond_torch():
         IRNN(5, 4, init_std=-1.0)
     with pytest.raises(TypeError, match="hidden_size should be of type int"):
         RNN(5, 4.0)
+
+
+def test_compatibility_names():
+    """The modules moved into rnnreg_kernels.nn (one file per family); the old import paths
+    still give the same classes, and ``native_modules`` is the very module the layers use."""
+    import rnnreg_kernels
+    from rnnreg_kernels import modules, native_modules
+    from rnnreg_kernels.nn import base, native_path
+
+    assert (modules.LSTM, modules.RNN, modules.IRNN) == \
+        (rnnreg_kernels.LSTM, rnnreg_kernels.RNN, rnnreg_kernels.IRNN)
+    assert native_modules is native_path and base.native_path is native_path
+    assert issubclass(rnnreg_kernels.NormPropLSTM, base._RecurrentBase)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import _EXTRAS_DOC, _NORM_TARGET_VALUE, _RecurrentBase
+from .base import _EXTRAS_DOC, _NORM_TARGET_VALUE, _RecurrentBase
 
 __all__ = ["NormPropLSTM", "normprop_sigmas", "gaussian_expectation"]
 
