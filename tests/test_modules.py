@@ -625,3 +625,21 @@ def test_compatibility_names():
         (rnnreg_kernels.LSTM, rnnreg_kernels.RNN, rnnreg_kernels.IRNN)
     assert native_modules is native_path and base.native_path is native_path
     assert issubclass(rnnreg_kernels.NormPropLSTM, base._RecurrentBase)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "NormPropLSTM", "RNN", "IRNN"])
+def test_every_extra_keyword_reaches_the_module(cls):
+    """Each drop-in hands every keyword-only extra on to the shared base unchanged (the
+    constructors forward them by name from one list, nn.base.EXTRA_KEYWORDS)."""
+    import rnnreg_kernels
+    from rnnreg_kernels.nn.base import EXTRA_KEYWORDS
+
+    values = dict(norm_stabilizer=1.5, tar=0.25, ar=0.125, ns_include_initial=True,
+                  ns_eps=1e-7, penalty_layers="all", weight_drop=0.2, backend="reference",
+                  output_dropout=0.3, dropout_mode="locked", norm_target=0.75,
+                  norm_target_value=2.5, cell_norm_stabilizer=0.5, track_cell_norms=True)
+    assert set(values) == set(EXTRA_KEYWORDS)
+    if cls in ("RNN", "IRNN"):  # no memory cell: those two must stay off
+        values.update(cell_norm_stabilizer=0.0, track_cell_norms=False)
+    m = getattr(rnnreg_kernels, cls)(3, 4, 2, **values)
+    assert {k: getattr(m, k) for k in values} == values

@@ -100,6 +100,18 @@ _OUTPUT_ATTRS = ("_penalty", "_penalty_terms", "hidden_norms", "cell_norms")
 _NORM_TARGET_VALUE = DEFAULT_NORM_TARGET  # r of the norm_target term (||h_t|| - r)^2
 
 
+# the keyword-only extras every drop-in takes and hands on to _RecurrentBase unchanged
+EXTRA_KEYWORDS = ("norm_stabilizer", "tar", "ar", "ns_include_initial", "ns_eps",
+                  "penalty_layers", "weight_drop", "backend", "output_dropout", "dropout_mode",
+                  "cell_norm_stabilizer", "norm_target", "norm_target_value",
+                  "track_cell_norms")
+
+
+def _extras(values: dict) -> dict:
+    """The :data:`EXTRA_KEYWORDS` out of a drop-in constructor's ``locals()``."""
+    return {name: values[name] for name in EXTRA_KEYWORDS}
+
+
 def _check_coefficient(owner: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not math.isfinite(value) or value < 0:

@@ -3,7 +3,7 @@
 The implementation is shared with the other drop-ins (:mod:`rnnreg_kernels.nn.base`)."""
 from __future__ import annotations
 
-from .base import _EXTRAS_DOC, _NORM_TARGET_VALUE, _RecurrentBase
+from .base import _EXTRAS_DOC, _NORM_TARGET_VALUE, _RecurrentBase, _extras
 
 __all__ = ["LSTM"]
 
@@ -37,12 +37,6 @@ class LSTM(_RecurrentBase):
             raise ValueError(f"LSTM: proj_size expected 0 (rnnreg_kernels has no projected "
                              f"LSTM), got {proj_size!r}; use torch.nn.LSTM for proj_size > 0")
         super().__init__("LSTM", "lstm", input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, device, dtype,
-                         norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
-                         ns_include_initial=ns_include_initial, ns_eps=ns_eps,
-                         penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=1.0, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode, cell_norm_stabilizer=cell_norm_stabilizer,
-                         norm_target=norm_target, norm_target_value=norm_target_value,
-                         track_cell_norms=track_cell_norms)
+                         batch_first, dropout, bidirectional, device, dtype, theta=1.0,
+                         **_extras(locals()))
         self.reset_parameters()

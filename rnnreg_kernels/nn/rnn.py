@@ -10,7 +10,8 @@ import numbers
 import torch
 from torch import nn
 
-from .base import _EXTRAS_DOC, _NORM_TARGET_VALUE, _NOT_GIVEN, _PROJ_SIZE_RNN, _RecurrentBase
+from .base import (_EXTRAS_DOC, _NORM_TARGET_VALUE, _NOT_GIVEN, _PROJ_SIZE_RNN,
+                   _RecurrentBase, _extras)
 
 __all__ = ["RNN", "IRNN"]
 
@@ -45,14 +46,7 @@ class RNN(_RecurrentBase):
                              "'relu' or 'trec'.")
         super().__init__(f"RNN_{nonlinearity.upper()}", nonlinearity, input_size, hidden_size,
                          num_layers, bias, batch_first, dropout, bidirectional, device, dtype,
-                         norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
-                         ns_include_initial=ns_include_initial, ns_eps=ns_eps,
-                         penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=theta, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode, norm_target=norm_target,
-                         norm_target_value=norm_target_value,
-                         cell_norm_stabilizer=cell_norm_stabilizer,
-                         track_cell_norms=track_cell_norms)
+                         theta=theta, **_extras(locals()))
         self.nonlinearity = nonlinearity
         self.reset_parameters()
 
@@ -90,15 +84,7 @@ class IRNN(RNN):
         if init_std < 0:
             raise ValueError(f"IRNN: init_std expected a non-negative number, got {init_std!r}")
         super().__init__(input_size, hidden_size, num_layers, "relu", bias, batch_first,
-                         dropout, bidirectional, device, dtype,
-                         norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
-                         ns_include_initial=ns_include_initial, ns_eps=ns_eps,
-                         penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode, norm_target=norm_target,
-                         norm_target_value=norm_target_value,
-                         cell_norm_stabilizer=cell_norm_stabilizer,
-                         track_cell_norms=track_cell_norms)
+                         dropout, bidirectional, device, dtype, **_extras(locals()))
         self.identity_scale = float(identity_scale)
         self.init_std = float(init_std)
         self.reset_parameters()
