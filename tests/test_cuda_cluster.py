@@ -369,7 +369,7 @@ BWD_CASES = [
     # cell, T, B, H, penalties, lengths, reverse, units, emulated SMs: 4 CTAs per cluster (the
     # last with 5 / 3 units), grad_norms (the radial terms) on top of the penalties
     ("relu", 5, 3, 29, PEN_ALL, [5, 1, 3], False, 8, 8),      # 2 clusters, bs 2 and 1
-    ("lstm", 4, 3, 27, {"ns": 0.6, "incl": True}, [4, 1, 3], True, 8, 8),
+    ("lstm", 4, 3, 27, {"ns": 0.6, "incl": True}, [4, 1, 3], True, 8, 4),  # one cluster
 ]
 
 
@@ -386,7 +386,7 @@ def test_emulated_cluster_backward_radial_terms_four_ctas(emu, case, monkeypatch
     _ran(ext)
     p = ext.bwd_plans[0]
     print(case, p, {k: f"{v:.1e}" for k, v in rel_errors(got, ref).items()})
-    assert p["csize"] == 4 and p["clusters"] == 2, p
+    assert p["csize"] == 4 and p["clusters"] == (2 if cell == "relu" else 1), p
     errs = rel_errors(got, ref)
     assert all(e < 2e-5 for e in errs.values()), errs
     # grad_norms really entered: without it the gradients differ
