@@ -177,6 +177,42 @@ def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
     return tl.sum(v * v, axis=1)
 
 
+@triton.jit
+def _stacked_w(wt_ptr, pid, MR: tl.constexpr, KH: tl.constexpr, KC: tl.constexpr,
+               HF: tl.constexpr):
+    """The program's W slice as the stacked MMA operand ``W' [KH*MR, KC]``: row ``i*MR + r``
+    is row r of the slice (``wt`` row ``pid*MR + r``), columns ``i*KC .. (i+1)*KC``."""
+    sr = tl.arange(0, KH * MR)
+    sc = tl.arange(0, KC)
+    return tl.load(wt_ptr + (pid * MR + sr % MR)[:, None].to(tl.int64) * HF
+                   + ((sr // MR) * KC)[:, None] + sc[None, :])
+
+
+@triton.jit
+def _stacked_product(w_s, hslot_ptr, b0, B, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+                     MR: tl.constexpr, KH: tl.constexpr, KC: tl.constexpr, BB: tl.constexpr,
+                     HF: tl.constexpr, ACC: tl.constexpr):
+    """``W_sl^T @ h^T`` ``[MR, BB]`` of rows ``b0 ..`` from the exchange slot ``hslot [B, HF]``
+    with K split into KH slices stacked along M: ``W' [KH*MR, KC] @ h' [KC, KH*BB]``, column
+    ``i*BB + b`` of h' = K-slice i of row b0 + b.  Block (i, i) of the product is slice i's
+    part; the blocks off the diagonal are discarded (masked to 0, then the sums over the
+    slice indices are exact).  With KH*MR = 128 rows the two warpgroups of 8 warps split M:
+    each reads its own K-slice of W once per step (a 2-D product of 64 rows would have both
+    read all of W), and each accumulator chain is K/KH deep."""
+    sr = tl.arange(0, KH * MR)
+    sc = tl.arange(0, KC)
+    sj = tl.arange(0, KH * BB)
+    srow = b0 + sj % BB
+    h_s = tl.load(hslot_ptr + srow[None, :] * HF + ((sj // BB) * KC)[None, :] + sc[:, None],
+                  mask=(srow < B)[None, :], other=0.0, cache_modifier=".cg")
+    acc = dot_acc(w_s, h_s, tl.zeros([KH * MR, KH * BB], ACC), ACC_F64, TF32)
+    acc = tl.where((sr // MR)[:, None] == (sj // BB)[None, :], acc, 0.0)
+    # the column blocks first (held in-thread by the MMA layout), then the slices (across
+    # the warpgroups)
+    acc = tl.sum(tl.reshape(acc, [KH * MR, KH, BB]), axis=1)
+    return tl.sum(tl.reshape(acc, [KH, MR, BB]), axis=0)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
                    out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, cnorms_ptr, tpart_ptr,
@@ -185,8 +221,8 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
                    w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
                    CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                    BK: tl.constexpr, HF: tl.constexpr, NR: tl.constexpr, HOLD: tl.constexpr,
-                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
-                   CELL_NORMS: tl.constexpr):
+                   KH: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr,
+                   TF32: tl.constexpr, CELL_NORMS: tl.constexpr):
     """One launch for the whole sequence.  Grid ``(NH, NB)``: program (p, q) owns the hidden
     units ``p*BH ..`` (all G gates) of batch tile q and keeps their state (h, c) in
     registers; the NH programs of tile q meet at the barrier ``bar[q]`` after each step.
@@ -197,7 +233,9 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     (row ``u*G + g`` = gate g of unit u), zero-padded to NH*BH units and HF = pow2(H)
     columns (``launch.interleave_w``), so that every W load is an unmasked full-width vector
     load.  ``HOLD``: the slice ``[G*BH, BK = HF]`` stays on chip for all steps; else it is
-    streamed in BK-chunks.  h is exchanged through ``hbuf [2, B, HF]`` (input dtype, row
+    streamed in BK-chunks.  ``KH`` > 1 (held slices only): the product's K is split into KH
+    slices stacked along M (``_stacked_product``; ``launch.forward_plan`` sets it for the
+    one-gate cells).  h is exchanged through ``hbuf [2, B, HF]`` (input dtype, row
     stride HF = pow2(H) >= BK, zero padding columns), slot k % 2 holding h_k in processing
     order, so every step reads one slot with full-width vector loads whatever the lengths
     and direction.  Norms: after barrier k each program reduces whole rows of h_k, the rows
@@ -223,7 +261,10 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     kk = tl.arange(0, BK)
     w_rows = wt_ptr + (pid * G * BH + tl.arange(0, G * BH))[:, None].to(tl.int64) * HF
     if HOLD:
-        w_t = tl.load(w_rows + kk[None, :])
+        if KH > 1:
+            w_t = _stacked_w(wt_ptr, pid, G * BH, KH, BK // KH, HF)
+        else:
+            w_t = tl.load(w_rows + kk[None, :])
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
@@ -256,7 +297,10 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     acc_ar = tl.zeros([BB], ACC)
     for k in range(1, T + 1):
         src = hbuf_ptr + ((k - 1) % 2) * SLOT + rows[None, :] * HF
-        if HOLD:
+        if HOLD and KH > 1:
+            acc = _stacked_product(w_t, hbuf_ptr + ((k - 1) % 2) * SLOT, q * BB, B, ACC_F64,
+                                   TF32, G * BH, KH, BK // KH, BB, HF, ACC)
+        elif HOLD:
             h_t = tl.load(src + kk[:, None], mask=row_ok[None, :], other=0.0,
                           cache_modifier=".cg")
             acc = dot_acc(w_t, h_t, tl.zeros([G * BH, BB], ACC), ACC_F64, TF32)
