@@ -105,11 +105,14 @@ struct BwdArgs {
 
 // Scratch (float32 elements, 16-byte aligned): the double-buffered exchange of h (forward) or
 // dz (backward) in the input dtype, rows padded to a multiple of 16 elements, then floats
-// (forward: partial sums of squares of h and c [2][B][blocks] each, block sums [blocks][3];
-// backward: carried dh, dc and the grad_cell_scale partials [B][H] each).
+// (forward: partial sums of squares of h and c [2][B][fwd_part_stride(blocks)] each, block
+// sums [blocks][3]; backward: carried dh, dc and the grad_cell_scale partials [B][H] each).
 inline size_t round16_(int K) { return (size_t)(K + 15) / 16 * 16; }
+// The forward's partial rows are padded to fwd_part_stride(blocks) floats (16-byte loads).
+__host__ __device__ inline int fwd_part_stride(int blocks) { return (blocks + 3) / 4 * 4; }
 inline size_t fwd_scratch_floats(int B, int H, int blocks) {
-  return 2 * (size_t)B * round16_(H) + 4 * (size_t)B * blocks + 3 * (size_t)blocks + 4;
+  return 2 * (size_t)B * round16_(H) + 4 * (size_t)B * fwd_part_stride(blocks) +
+         3 * (size_t)blocks + 4;
 }
 inline size_t bwd_scratch_floats(int B, int H, int G) {
   return 2 * (size_t)B * round16_(G * H) + 3 * (size_t)B * H + 4;

@@ -581,9 +581,11 @@ def test_emulated_kernels_half_multi_tile(emu, monkeypatch):
                                            ("lstm", 64, torch.float32)])
 def test_emulated_kernels_wide_rows(emu, cell, H, dtype, monkeypatch):
     """Exchange rows of a multiple of the block's threads in 16-byte chunks (the staging path
-    with a fixed set of columns per thread): LSTM backward, G*H = 512 (bf16) and 256 (fp32)."""
+    with a fixed set of columns per thread): LSTM backward, G*H = 512 (bf16) and 256 (fp32).
+    16 units per block (the forward's limit for the 4-gate cells; the default split over 4 SMs
+    would give H=128 32 units)."""
     monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
-    monkeypatch.setenv("RNNREG_CUDA_UNITS", "")
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", "16")
     spec, inp, mask, L, grads = make_case(cell, 2, 2, H, PEN_ALL, [2, 1], False, seed=H)
     if dtype == torch.float32:
         ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
