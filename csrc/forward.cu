@@ -111,7 +111,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(FwdArgs a) {
   // columns in the order of fwd_product_direct (fwd_perm_col within each 16-wide K step).
   for (int idx = tid; idx < R * ld; idx += kThreads) {
     const int r = idx / ld, kk = idx % ld, g = r / units, jl = r % units;
+#ifdef RNNREG_PLANT_BUG
+    // planted: the weights keep the natural column order while h is read permuted
+    const int col = kHalf ? (kk & ~15) + (s.plant == 10 ? kk & 15 : fwd_perm_col(kk & 15)) : kk;
+#else
     const int col = kHalf ? (kk & ~15) + fwd_perm_col(kk & 15) : kk;
+#endif
     T v = from_f<T>(0.f);
     if (jl < nu && col < H) v = w[(size_t)(g * H + j0 + jl) * H + col];
     ws[idx] = v;

@@ -47,8 +47,8 @@ struct Scalars {
   float h_scale = 1.f;  // normprop: h = o * tanh(a * c) * h_scale; 1 for every other cell
   int ns_include_initial = 0, reverse = 0;
   int tf32 = 0;   // float32 only: step product on TF32 tensor cores (Spec.allow_tf32), else FFMA
-  // test-only planted bug (1 race, 2 out-of-bounds; 3-7 wrong contract-v2 numerics, for the
-  // emulation tests); needs -DRNNREG_PLANT_BUG
+  // test-only planted bug (1 race, 2 out-of-bounds; 3-7 wrong contract-v2 numerics; 8-10 the
+  // forward's tile / row / column bookkeeping, for the emulation tests); needs -DRNNREG_PLANT_BUG
   int plant = 0;
 };
 

@@ -388,6 +388,12 @@ EMU_CASES = [
     ("tanh", 7, 3, 5, {"ns": 0.8, "incl": True}, [2, 7, 6], False, 0),
     ("trec", 6, 3, 9, PEN_ALL, None, False, 4),
     ("trec", 7, 3, 5, {}, [7, 1, 4], True, 5),
+    # Several batch tiles per step (the forward's tile is at most 2 warps x 32 // units rows
+    # here): the row lengths are loaded one tile ahead; 7 and 5 units: the segmented row sums
+    # of squares over a number of lanes that is not a power of two.
+    ("lstm", 5, 13, 14, {"ns": 0.6, "tar": 0.5}, [5, 1, 3, 5, 2, 4, 5, 1, 2, 3, 5, 4, 1], True,
+     7),
+    ("relu", 4, 19, 20, PEN_ALL, [4, 1, 3, 2] * 4 + [4, 3, 1], False, 5),
 ]
 # Contract v2 (issue 12), with a 9th field: "cn" cell norms, "rad" random grad_norms (and
 # grad_cell_norms with "cn").  Units 0 with H = 5 over 4 SMs: 2 units per block, the segmented
@@ -528,6 +534,39 @@ def test_planted_v2_bug_fails_the_emulation(emu_planted, plant, monkeypatch):
         assert errs[name] > 1e-3, (plant, name, errs)
 
 
+# Planted bugs in the forward's bookkeeping (-DRNNREG_PLANT_BUG): 8 a row length not advanced
+# to the next batch tile, 9 the segmented row sums of squares running into the next row,
+# 10 the bf16/fp16 weights left in the natural column order while h is read permuted.  Each
+# with a case that takes the path, and the outputs that must break.
+FWD_PLANTS = {
+    8: (EMU_CASES[9], torch.float32, ("output", "norms")),
+    9: (EMU_CASES[9], torch.float32, ("norms", "terms")),
+    10: (("lstm", 4, 3, 9, PEN_ALL, [4, 2, 3], True, 2), torch.bfloat16, ("output", "h_n")),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(FWD_PLANTS))
+def test_planted_forward_bug_fails_the_emulation(emu_planted, plant, monkeypatch):
+    case, dtype, broken = FWD_PLANTS[plant]
+    cell, T, B, H, pen, lengths, reverse, units = case[:8]
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu_planted))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", str(units))
+    spec, inp, mask, L, grads = make_case(cell, T, B, H, pen, lengths, reverse, seed=T * H + B)
+    if dtype != torch.float32:  # inputs in the dtype; the bound of the half tests below
+        inp = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
+        mask = mask.to(dtype).double()
+    ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64)
+    naive = rel_errors(run_backend(reference, spec, inp, mask, L, grads, dtype), ref)
+    bound = {k: (2e-5 if dtype == torch.float32 else 4 * v + torch.finfo(dtype).eps / 4)
+             for k, v in naive.items()}
+    clean = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, dtype), ref)
+    assert all(clean[k] <= bound[k] for k in clean), clean  # plant 0 of the same build is right
+    errs = rel_errors(run_backend(cuda, spec, inp, mask, L, grads, dtype, plant=plant), ref)
+    print(plant, {k: f"{v:.1e}" for k, v in errs.items()})
+    for name in broken:
+        assert errs[name] > max(bound[name], 1e-3), (plant, name, errs)
+
+
 @pytest.mark.parametrize("cell,dtype", [("lstm", torch.bfloat16), ("lstm", torch.float16),
                                         ("tanh", torch.bfloat16), ("tanh", torch.float16),
                                         ("normprop", torch.bfloat16)])
@@ -560,13 +599,25 @@ def test_emulated_plan_reports_what_fits(emu):
     assert "H=4096" in msg and f"fit H <= {hmax}" in msg and "backend='triton'" in msg
 
 
-def test_emulated_kernels_half_multi_tile(emu, monkeypatch):
-    """bf16 with more output tiles than accumulators (two tile groups), split K over both warps
-    and several accumulators per tile in the backward."""
-    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu))
-    monkeypatch.setenv("RNNREG_CUDA_UNITS", "5")
+@pytest.mark.parametrize("cell,T,B,H,units,lengths,reverse,sms", [
+    ("lstm", 3, 40, 40, 5, None, False, 4),
+    # one unit per block: 64-row batch tiles, 4 m16 tiles in two passes, then a 6-row tile
+    # (tanh here: relu in bf16 flips the derivative of pre-activations near 0, and its grads
+    # then differ from a bf16 PyTorch run by far more than 4x; same on the kernels before)
+    ("tanh", 3, 70, 6, 1, [3, 1, 2, 3, 2] * 14, True, 4),
+    # H = 300: 19 K steps, more than the 2 emulated warps take in one pass (2 x 8): a second,
+    # partial pass; 32 units: 2-row tiles
+    ("tanh", 3, 5, 300, 32, [3, 1, 2, 3, 2], False, 16),
+])
+def test_emulated_kernels_half_multi_tile(emu, cell, T, B, H, units, lengths, reverse, sms,
+                                          monkeypatch):
+    """bf16 with several batch tiles per step (row lengths loaded a tile ahead), more output
+    tiles than accumulators (two tile groups) and split K over both warps in the backward,
+    more than two m16 tiles per batch tile, and a K range in two passes of the forward."""
+    monkeypatch.setattr(cuda, "_ext", EmulatedExtension(emu, sms=sms))
+    monkeypatch.setenv("RNNREG_CUDA_UNITS", str(units))
     dtype = torch.bfloat16
-    spec, inp, mask, L, grads = make_case("lstm", 3, 40, 40, PEN_ALL, None, False, seed=5)
+    spec, inp, mask, L, grads = make_case(cell, T, B, H, PEN_ALL, lengths, reverse, seed=5)
     rounded = {k: None if v is None else v.to(dtype).double() for k, v in inp.items()}
     mask_r = mask.to(dtype).double()
     ref = run_backend(reference, spec, rounded, mask_r, L, grads, torch.float64)
