@@ -51,17 +51,20 @@ def _nvcc():
 # The CI gate on the SASS of the kernels (sm_90, nvcc 13.0): every step product on tensor cores
 # where the dtype allows (bf16/fp16 HMMA.16816 always, fp32 HMMA.1688.TF32 for
 # Spec.allow_tf32 next to the FFMA path), the exchange staged with 16-byte cp.async
-# (LDGSTS.128), and no kernel above its committed static instruction count by more than 5 %.
+# (LDGSTS.128; the bf16/fp16 forward reads it into its mma fragments with 8-byte L2 loads
+# instead), and no kernel above its committed static instruction count by more than 5 %.
 # Static counts of this version (before the tensor-core rewrite: forward 4496-4536, backward
 # 5432-5544, no HMMA, no LDGSTS; before contract v2 / issue 12's normprop cell, cell norms and
 # radial terms: forward 3864 / 5432 (fp32), backward 4216 / 7416; before the cell became a
 # template parameter (one kernel carrying every cell): forward 4112 / 5664 (fp32), backward
-# 4352 / 7552; docs/cuda.md).  Update together with a kernel change.
+# 4352 / 7552; before the bf16/fp16 forward read h straight into its mma fragments (session 3):
+# forward 4024 / 3680 (rnn), fp32 5592 / 5264; docs/cuda.md).  Update together with a kernel
+# change.
 SASS_BASELINE = {
-    "forward_kernel<bf16,gated>": 4024, "forward_kernel<fp16,gated>": 4024,
-    "forward_kernel<fp32,gated>": 5592,
-    "forward_kernel<bf16,rnn>": 3680, "forward_kernel<fp16,rnn>": 3680,
-    "forward_kernel<fp32,rnn>": 5264,
+    "forward_kernel<bf16,gated>": 3528, "forward_kernel<fp16,gated>": 3528,
+    "forward_kernel<fp32,gated>": 5032,
+    "forward_kernel<bf16,rnn>": 3000, "forward_kernel<fp16,rnn>": 3000,
+    "forward_kernel<fp32,rnn>": 4768,
     "backward_kernel<bf16,gated>": 4272, "backward_kernel<fp16,gated>": 4272,
     "backward_kernel<fp32,gated>": 7496,
     "backward_kernel<bf16,rnn>": 4056, "backward_kernel<fp16,rnn>": 4056,
@@ -83,7 +86,8 @@ def _cuobjdump():
 
 
 def sass_stats(obj):
-    """kernel -> {"instructions", "HMMA16816", "HMMA1688", "LDGSTS128", "LDSM"} from an object."""
+    """kernel -> {"instructions", "HMMA16816", "HMMA1688", "LDGSTS128", "LDG64CG", "LDSM"} from an
+    object (LDG64CG: 8-byte loads that bypass L1, the bf16/fp16 forward's exchange reads)."""
     tool = _cuobjdump()
     if tool is None:
         return None
@@ -101,6 +105,7 @@ def sass_stats(obj):
             "HMMA16816": sum("HMMA.16816.F32" in i for i in ins),
             "HMMA1688": sum("HMMA.1688.F32.TF32" in i for i in ins),
             "LDGSTS128": sum("LDGSTS.E.BYPASS.128" in i for i in ins),
+            "LDG64CG": sum("LDG.E.64.STRONG.GPU" in i for i in ins),
             "LDSM": sum(i.lstrip("@!P0123456789T ").startswith("LDSM") for i in ins),
         }
     return stats
@@ -140,7 +145,12 @@ def test_nvcc_sm90_compiles_without_spills(name, tmp_path):
             assert st["HMMA1688"] > 0, (kernel, "no TF32 tensor-core product", st)
         else:
             assert st["HMMA16816"] > 0 and st["LDSM"] > 0, (kernel, "no tensor-core product", st)
-        assert st["LDGSTS128"] > 0, (kernel, "exchange not staged with 16-byte cp.async", st)
+        if kernel.startswith("forward_kernel") and "<fp32," not in kernel:
+            # bf16/fp16 forward: h_{k-1} read straight from the exchange into the mma fragments
+            # with 8-byte L2 loads (fwd_product_direct), no staging copy
+            assert st["LDG64CG"] >= 32, (kernel, "exchange not read into the fragments", st)
+        else:
+            assert st["LDGSTS128"] > 0, (kernel, "exchange not staged with 16-byte cp.async", st)
         if "release 13.0" in version:
             base = SASS_BASELINE[kernel]
             assert st["instructions"] <= base * 1.05, (
