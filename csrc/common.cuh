@@ -512,12 +512,14 @@ __device__ __forceinline__ void fwd_product_direct(const T* __restrict__ X, int 
           for (int e = 0; e < 4; ++e) acc[i][jj][e] = 0.f;
       for (int kc = 0; kc < ksteps; kc += kWarps * 8) {
         uint2 av[kFwdKPW][4];
+        const uint2* xq[4];  // this pass's first K step; the others at constant offsets
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xq[q] = reinterpret_cast<const uint2*>(xr[q] + 16 * kc);
 #pragma unroll
         for (int i = 0; i < kFwdKPW; ++i)
           if (kc + warp + kWarps * i < ksteps) {
 #pragma unroll
-            for (int q = 0; q < 4; ++q)
-              av[i][q] = __ldcg(reinterpret_cast<const uint2*>(xr[q] + 16 * (kc + kWarps * i)));
+            for (int q = 0; q < 4; ++q) av[i][q] = __ldcg(xq[q] + 4 * kWarps * i);
           }
         if (mt0 == 0 && nt0 == 0 && kc == 0) while_loading();  // work that overlaps the loads
 #pragma unroll
