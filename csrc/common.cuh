@@ -424,6 +424,149 @@ __device__ __forceinline__ void step_product(const T* X, int M, const T* W, int 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The forward's step product for bf16/fp16 (forward.cu): the A operand (the batch rows of h_{k-1})
+// is read by every lane straight from the global exchange buffer into its mma fragment
+// registers, no staging through shared memory.  The K columns are consumed in a permuted order:
+// within each 16-wide K step, lane t = lane % 4 of fragment row r loads the 4 consecutive
+// elements [4t, 4t + 4) with one 8-byte load; they stand for the logical columns
+// {2t, 2t + 1, 2t + 8, 2t + 9} of the m16n8k16 A fragment (register a0 / a2 for row groupID,
+// a1 / a3 for groupID + 8).  The resident weights are stored with the same permutation
+// (`fwd_perm_col`, applied once when they are loaded), so the sums over K are unchanged.
+constexpr int kFwdMaxBlocks = 160;  // forward grid limit (reduce_norms: 4 * 32 + 32 partials)
+constexpr int kFwdKPW = 8;  // K steps per warp per pass (their A fragments: 64 registers)
+
+// Physical column, within a 16-wide K step, of logical fragment column kk (0..15).
+__host__ __device__ inline int fwd_perm_col(int kk) {
+  return 4 * ((kk & 7) >> 1) + (kk & 1) + 2 * (kk >> 3);
+}
+
+// Output tiles per pass: 4 n8 tiles for the 4-gate cells (the block's 4 * units gate rows),
+// 1 for the RNN cells; slots of one m16 tile in the partial buffer: NT rounded up to that.
+__host__ __device__ inline int fwd_ntg(int G) { return G == 4 ? 4 : 1; }
+__host__ __device__ inline int fwd_slots_per_mtile(int G, int units) {
+  const int NT = (G * units + 7) / 8, ntg = fwd_ntg(G);
+  return (NT + ntg - 1) / ntg * ntg;
+}
+
+// red[w][lane][reg][slot] (kWarps x 32 x 4 x kAccTiles floats): warp w's fp32 accumulator
+// register `reg` of output tile `slot` (= mt * NTp + nt), as the lane holds it.
+__device__ __forceinline__ float* fwd_partial(float* red, int w, int lane, int reg, int slot) {
+  return red + ((size_t)(w * 32 + lane) * 4 + reg) * kAccTiles + slot;
+}
+
+// z[m][n] = sum over the warps (in a fixed order) of their partial tiles: the step product of
+// fwd_product_direct for row m < M of the tile and weight row n < N (NTp: fwd_slots_per_mtile).
+__device__ __forceinline__ float fwd_z(const float* red, int m, int n, int NTp) {
+  const int r = m & 15, c = n & 7;
+  const float* p = red + ((size_t)(((r & 7) * 4 + (c >> 1)) * 4 + (r >> 3) * 2 + (c & 1))) *
+                             kAccTiles + (m >> 4) * NTp + (n >> 3);
+  float z = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) z += p[(size_t)w * 32 * 4 * kAccTiles];
+  return z;
+}
+
+// Partial products of the M x N output tile: out[m][n] = sum_k X[m][k] W[n][k], X = rows of the
+// global exchange buffer (ldx elements apart, input dtype, zero-padded to Kp = xrow(K)), W the
+// block's resident rows in shared memory ([N][ld], columns permuted by fwd_perm_col).  The K
+// steps are dealt round-robin to the warps; each warp loads the A fragments of all its K steps
+// of a pass (kFwdKPW of them, 8-byte L2 loads, all in flight) before its mmas, and leaves its
+// partial tiles in `red` (fwd_partial; a __syncthreads is needed before fwd_z reads them).
+// NTG n8 tiles per pass (4: the LSTM's 32 gate rows at 8 units, 1: the RNN cells); rows past
+// M / N read row M-1 / N-1 and are dropped.  Needs ceil(M / 16) * NTp <= kAccTiles (the plan).
+// `while_loading()` runs once, by all threads, right after the first pass's loads are issued.
+template <typename T, int NTG, typename Hook>
+__device__ __forceinline__ void fwd_product_direct(const T* __restrict__ X, int ldx, int M,
+                                                   const T* __restrict__ W, int N, int ld,
+                                                   int Kp, float* __restrict__ red,
+                                                   Hook&& while_loading) {
+  static_assert(NTG == 1 || NTG == 4, "fwd_product_direct: 1 or 4 n8 tiles per pass");
+  static_assert(kFwdKPW == 8, "the K-chunk loop below steps by kWarps * 8");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
+  const int MT = (M + 15) / 16, NT = (N + 7) / 8, ksteps = Kp / 16;
+  const int ntg = NTG, NTp = (NT + NTG - 1) / NTG * NTG;
+  for (int mt0 = 0; mt0 < MT; mt0 += 2) {
+    const T* xr[4];  // this lane's 4 rows (2 m16 tiles x {groupID, groupID + 8}), its K columns
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      xr[q] = X + (size_t)min(mt0 * 16 + 16 * (q >> 1) + 8 * (q & 1) + gid, M - 1) * ldx +
+              16 * warp + 4 * tig;
+    for (int nt0 = 0; nt0 < NT; nt0 += ntg) {
+      int wo[NTG == 4 ? 2 : 1];  // ldmatrix row offsets: x4 = two n8 tiles, x2 = one
+#pragma unroll
+      for (int p = 0; p < (NTG == 4 ? 2 : 1); ++p) {
+#ifdef RNNREG_PLANT_FRAG
+        const int n = (nt0 + 2 * p + (NTG == 4 ? lane >> 4 : 0)) * 8 + (lane & 7) + 1;  // planted
+#else
+        const int n = (nt0 + 2 * p + (NTG == 4 ? lane >> 4 : 0)) * 8 + (lane & 7);
+#endif
+        wo[p] = min(n, N - 1) * ld + 8 * ((lane >> 3) & 1) + 16 * warp;
+      }
+      float acc[2][NTG][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int jj = 0; jj < NTG; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][jj][e] = 0.f;
+      for (int kc = 0; kc < ksteps; kc += kWarps * 8) {
+        uint2 av[kFwdKPW][4];
+        const uint2* xq[4];  // this pass's first K step; the others at constant offsets
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xq[q] = reinterpret_cast<const uint2*>(xr[q] + 16 * kc);
+#pragma unroll
+        for (int i = 0; i < kFwdKPW; ++i)
+          if (kc + warp + kWarps * i < ksteps) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) av[i][q] = __ldcg(xq[q] + 4 * kWarps * i);
+          }
+        if (mt0 == 0 && nt0 == 0 && kc == 0) while_loading();  // work that overlaps the loads
+#pragma unroll
+        for (int i = 0; i < kFwdKPW; ++i)
+          if (kc + warp + kWarps * i < ksteps) {
+            const int ko = 16 * (kc + kWarps * i);
+            uint32_t bfr[NTG][2];
+            if constexpr (NTG == 4) {
+#pragma unroll
+              for (int p = 0; p < 2; ++p) {
+                uint32_t r4[4];
+                ldmatrix_x4(r4, W + wo[p] + ko);
+                bfr[2 * p][0] = r4[0];
+                bfr[2 * p][1] = r4[1];
+                bfr[2 * p + 1][0] = r4[2];
+                bfr[2 * p + 1][1] = r4[3];
+              }
+            } else {
+              ldmatrix_x2(bfr[0], W + wo[0] + ko);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+              const uint32_t af[4] = {av[i][2 * mi].x, av[i][2 * mi + 1].x, av[i][2 * mi].y,
+                                      av[i][2 * mi + 1].y};
+#pragma unroll
+              for (int jj = 0; jj < NTG; ++jj) mma_16816<T>(acc[mi][jj], af, bfr[jj]);
+            }
+          }
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        if (mt0 + mi >= MT) break;
+        const int slot = (mt0 + mi) * NTp + nt0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float* dst = fwd_partial(red, warp, lane, e, slot);
+          if constexpr (NTG == 4)
+            *reinterpret_cast<float4*>(dst) =
+                make_float4(acc[mi][0][e], acc[mi][1][e], acc[mi][2][e], acc[mi][3][e]);
+          else
+            *dst = acc[mi][0][e];
+        }
+      }
+    }
+  }
+}
+
 // Issues the copies of rows [b0, b0 + nb) of an exchange buffer (rows of `ldg` elements, a
 // multiple of 16 bytes) into shared rows of `lds` elements: 16-byte cp.async chunks, every
 // chunk of the tile in flight at once.  Complete them with cp_async_wait_all + __syncthreads.
@@ -467,10 +610,12 @@ __device__ __forceinline__ void stage_rows(T* dst, int lds, const T* src, int ld
 }
 
 // Valid steps of row b (lengths clamped to 1..T so a bad value cannot index out of bounds).
+__device__ __forceinline__ int clamp_length(int64_t L, int T) {
+  return L < 1 ? 1 : (L > T ? T : (int)L);
+}
 __device__ __forceinline__ int row_length(const int64_t* lengths, int b, int T) {
   if (lengths == nullptr) return T;
-  const int64_t L = lengths[b];
-  return L < 1 ? 1 : (L > T ? T : (int)L);
+  return clamp_length(lengths[b], T);
 }
 
 // Time position of processing step k (1-based) of a row of length L.

@@ -50,8 +50,24 @@ std::string try_plan(int cell, int dtype, int B, int H, const Device& d, int dev
   p.units = units_override > 0 ? (units_override < H ? units_override : H)
                                : default_units(G, H, d.sms);
   p.blocks = ceil_div(H, p.units);
+  // The forward maps a block's units onto the lanes of a warp (rows of 32 / units lanes each),
+  // keeps the partial tiles of one batch tile in its kAccTiles slots per lane, and reduces the
+  // norms with one 16-byte and one 4-byte load per lane (forward.cu, fwd_product_direct).
+  const int slots = fwd_slots_per_mtile(G, p.units);
+  const int max_units = G == 4 ? kAccTiles * 8 / 4 : 32;  // 4-gate cells: 4 * units rows, 8 n8 tiles
+  if (p.units > max_units || slots > kAccTiles || p.blocks > kFwdMaxBlocks) {
+    *plan = p;
+    return std::to_string(p.units) + " units per block in " + std::to_string(p.blocks) +
+           " blocks: the forward takes at most " + std::to_string(max_units) +
+           " units per block for this cell and at most " + std::to_string(kFwdMaxBlocks) +
+           " blocks";
+  }
   const size_t limit = (size_t)d.smem_optin;
   p.bs_fwd = largest_tile([&](int bs) { return fwd_layout(G, H, p.units, bs, es); }, B, limit);
+  // one item per thread per tile, and the tile's m16 tiles x slots within kAccTiles
+  const int rows_cap = kWarps * (32 / p.units), tiles_cap = 16 * (kAccTiles / slots);
+  const int bs_cap = rows_cap < tiles_cap ? rows_cap : tiles_cap;
+  if (p.bs_fwd > bs_cap) p.bs_fwd = bs_cap;
   p.bs_bwd = largest_tile([&](int bs) { return bwd_layout(G, H, p.units, bs, es); }, B, limit);
   if (p.bs_fwd == 0 || p.bs_bwd == 0) {
     const size_t f = fwd_layout(G, H, p.units, 1, es).total;

@@ -47,8 +47,8 @@ struct Scalars {
   float h_scale = 1.f;  // normprop: h = o * tanh(a * c) * h_scale; 1 for every other cell
   int ns_include_initial = 0, reverse = 0;
   int tf32 = 0;   // float32 only: step product on TF32 tensor cores (Spec.allow_tf32), else FFMA
-  // test-only planted bug (1 race, 2 out-of-bounds; 3-7 wrong contract-v2 numerics, for the
-  // emulation tests); needs -DRNNREG_PLANT_BUG
+  // test-only planted bug (1 race, 2 out-of-bounds; 3-7 wrong contract-v2 numerics; 8-10 the
+  // forward's tile / row / column bookkeeping, for the emulation tests); needs -DRNNREG_PLANT_BUG
   int plant = 0;
 };
 
@@ -105,11 +105,14 @@ struct BwdArgs {
 
 // Scratch (float32 elements, 16-byte aligned): the double-buffered exchange of h (forward) or
 // dz (backward) in the input dtype, rows padded to a multiple of 16 elements, then floats
-// (forward: partial sums of squares of h and c [2][B][blocks] each, block sums [blocks][3];
-// backward: carried dh, dc and the grad_cell_scale partials [B][H] each).
+// (forward: partial sums of squares of h and c [2][B][fwd_part_stride(blocks)] each, block
+// sums [blocks][3]; backward: carried dh, dc and the grad_cell_scale partials [B][H] each).
 inline size_t round16_(int K) { return (size_t)(K + 15) / 16 * 16; }
+// The forward's partial rows are padded to fwd_part_stride(blocks) floats (16-byte loads).
+__host__ __device__ inline int fwd_part_stride(int blocks) { return (blocks + 3) / 4 * 4; }
 inline size_t fwd_scratch_floats(int B, int H, int blocks) {
-  return 2 * (size_t)B * round16_(H) + 4 * (size_t)B * blocks + 3 * (size_t)blocks + 4;
+  return 2 * (size_t)B * round16_(H) + 4 * (size_t)B * fwd_part_stride(blocks) +
+         3 * (size_t)blocks + 4;
 }
 inline size_t bwd_scratch_floats(int B, int H, int G) {
   return 2 * (size_t)B * round16_(G * H) + 3 * (size_t)B * H + 4;

@@ -29,6 +29,7 @@ struct dim3 {
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 
 inline thread_local dim3 threadIdx, blockIdx, gridDim, blockDim;
@@ -88,7 +89,21 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
   return r;
 }
 
-inline float __ldcg(const float* p) { return *p; }
+inline float __shfl_down_sync(unsigned, float v, unsigned delta) {
+  emu::Grid& g = *emu::g_grid;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* slot = g.lanes.data() + (size_t)blockIdx.x * g.threads + warp * 32;
+  std::barrier<>& bar = *g.warp_bar[blockIdx.x * g.warps + warp];
+  slot[lane] = v;
+  bar.arrive_and_wait();
+  const float r = lane + delta < 32 ? slot[lane + delta] : v;  // (out of range: own value)
+  bar.arrive_and_wait();
+  return r;
+}
+
+template <class V> inline V __ldcg(const V* p) { return *p; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 template <class V> inline void __stcg(V* p, V v) { *p = v; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
