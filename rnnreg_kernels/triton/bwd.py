@@ -36,31 +36,60 @@ def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.conste
 
 
 @triton.jit
-def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr,
-                   gh0_ptr, B, H, ns_init, c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
-    """Store grad_h0 = the recurrent grad of step 1 + the NS-initial term (+ the radial term
-    of ``gnorms[0]``)."""
+def _h0_terms(rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H, ns_init, c_ns,
+              ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
+    """What grad_h0 adds to the recurrent grad of step 1: the NS-initial term (+ the radial
+    term of ``gnorms[0]``), ``[BB, BH]``."""
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h0 = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
     n0 = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)
     n1 = tl.load(norms_ptr + B + rows, mask=row_ok, other=1.0)
-    gh0 = ns_initial_grad(dh_rec, h0, n0, n1, c_ns, ns_init)
+    t = ns_initial_grad(tl.zeros_like(h0), h0, n0, n1, c_ns, ns_init)
     if GRAD_NORMS:
-        gh0 += radial(gnorms_ptr, norms_ptr, rows, row_ok)[:, None] * h0
-    tl.store(gh0_ptr + noff, gh0.to(gh0_ptr.dtype.element_ty), mask=um)
+        t += radial(gnorms_ptr, norms_ptr, rows, row_ok)[:, None] * h0
+    return t
+
+
+@triton.jit
+def _c0_terms(rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H,
+              BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr,
+              GRAD_CELL_NORMS: tl.constexpr):
+    """What grad_c0 adds to dc of step 1: the radial term of ``gcnorms[0]`` (0 without
+    ``GRAD_CELL_NORMS``), ``[BB, BH]``."""
+    if GRAD_CELL_NORMS:
+        um = row_ok[:, None] & unit_ok[None, :]
+        c0 = tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=um, other=0.0).to(ACC)
+        t = radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
+    else:
+        t = tl.zeros([BB, BH], ACC)
+    return t
+
+
+@triton.jit
+def _store_rows(v, rows, row_ok, units, unit_ok, ptr, H):
+    """Store ``v [BB, BH]`` at rows x units of ``ptr [B, H]`` (in ``ptr``'s dtype)."""
+    tl.store(ptr + rows[:, None] * H + units[None, :], v.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & unit_ok[None, :])
+
+
+@triton.jit
+def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr,
+                   gh0_ptr, B, H, ns_init, c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
+    """Store grad_h0 = the recurrent grad of step 1 + ``_h0_terms``."""
+    t = _h0_terms(rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H, ns_init,
+                  c_ns, ACC, GRAD_NORMS)
+    _store_rows(dh_rec + t, rows, row_ok, units, unit_ok, gh0_ptr, H)
 
 
 @triton.jit
 def _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, gc0_ptr,
-                   H, ACC: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
-    """Store grad_c0 = dc of step 1 (+ the radial term of ``gcnorms[0]``)."""
-    um = row_ok[:, None] & unit_ok[None, :]
-    noff = rows[:, None] * H + units[None, :]
-    if GRAD_CELL_NORMS:
-        c0 = tl.load(c0_ptr + noff, mask=um, other=0.0).to(ACC)
-        dc += radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
-    tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
+                   H, BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr,
+                   GRAD_CELL_NORMS: tl.constexpr):
+    """Store grad_c0 = dc of step 1 + ``_c0_terms``."""
+    t = _c0_terms(rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H, BB, BH,
+                  ACC, GRAD_CELL_NORMS)
+    _store_rows(dc + t, rows, row_ok, units, unit_ok, gc0_ptr, H)
 
 
 @triton.jit
@@ -77,8 +106,8 @@ def _store_grad_scale(ga, rows, row_ok, units, unit_ok, gscale_ptr, tile, H, ACC
 @triton.jit
 def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cnorms_ptr,
              gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns,
-             G: tl.constexpr, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr,
-             GRAD_CELL_NORMS: tl.constexpr):
+             G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr,
+             GRAD_NORMS: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
     """Store grad_h0 and grad_c0 (``dc_ptr`` holds dc of step 1)."""
     _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
                    B, H, ns_init, c_ns, ACC, GRAD_NORMS)
@@ -87,7 +116,7 @@ def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cn
         noff = rows[:, None] * H + units[None, :]
         dc = tl.load(dc_ptr + noff, mask=um, other=0.0)
         _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
-                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
+                       gc0_ptr, H, BB, BH, ACC, GRAD_CELL_NORMS)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -132,7 +161,7 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr, act_
                    B, H, ns_init, c_ns, ACC, GRAD_NORMS)
     if G == 4:
         _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
-                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
+                       gc0_ptr, H, BB, BH, ACC, GRAD_CELL_NORMS)
     if CELL == 4:
         _store_grad_scale(ga_acc, rows, row_ok, units, unit_ok, gscale_ptr, pid, H, ACC, False)
 
@@ -193,9 +222,10 @@ def _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m2,
 @triton.jit
 def _w_gate(wb_ptr, g, u0, HF: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr,
             KC: tl.constexpr, NHB):
-    """Gate g of the slice's W_hh columns as ``[KS, BH, KC]``: ``[s, j, c]`` = W[g*H + s*KC +
-    c, u0 + j] (from ``wb [G, NH*BH, HF]``, see ``launch.transpose_w``); ``[BH, KC]`` for
-    KS = 1."""
+    """Gate g of the slice's W_hh columns (from ``wb [G, NH*BH, HF]``, see
+    ``launch.transpose_w``): ``[BH, HF]`` for KS = 1 (``[j, c]`` = W[g*H + c, u0 + j], the A
+    operand of the transposed product); else ``[KS, KC, BH]`` (``[s, c, j]`` = W[g*H + s*KC +
+    c, u0 + j], the B operand of the per-slice product)."""
     j = tl.arange(0, BH)
     c = tl.arange(0, KC)
     row = (g * NHB + u0 + j).to(tl.int64) * HF
@@ -203,21 +233,21 @@ def _w_gate(wb_ptr, g, u0, HF: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr,
         w = tl.load(wb_ptr + row[:, None] + c[None, :])
     else:
         s = tl.arange(0, KS)
-        w = tl.load(wb_ptr + row[None, :, None] + (s[:, None, None] * KC + c[None, None, :]))
+        w = tl.load(wb_ptr + row[None, None, :] + (s[:, None, None] * KC + c[None, :, None]))
     return w
 
 
 @triton.jit
 def _dz_offsets(rows, HF: tl.constexpr, G: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr):
-    """Offsets of gate 0 in one exchange slot, transposed and split over K: ``[KS, KC, BB]``
-    (``[KC, BB]`` for KS = 1); gate g is at ``+ g * HF``.  One offset tensor serves all
+    """Offsets of gate 0 in one exchange slot: ``[HF, BB]`` (transposed) for KS = 1, else
+    split over K, ``[KS, BB, KC]``; gate g is at ``+ g * HF``.  One offset tensor serves all
     gates (fewer live registers than one per gate)."""
     c = tl.arange(0, KC)
     if KS == 1:
         off = (rows * (G * HF))[None, :] + c[:, None]
     else:
         s = tl.arange(0, KS)
-        off = (rows * (G * HF))[None, None, :] + (s[:, None, None] * KC + c[None, :, None])
+        off = (rows * (G * HF))[None, :, None] + (s[:, None, None] * KC + c[None, None, :])
     return off
 
 
@@ -227,7 +257,7 @@ def _dz_gate(src, g, off, row_ok, HF: tl.constexpr, KS: tl.constexpr):
     if KS == 1:
         ok = row_ok[None, :]
     else:
-        ok = row_ok[None, None, :]
+        ok = row_ok[None, :, None]
     return tl.load((src + g * HF) + off, mask=ok, other=0.0, cache_modifier=".cg")
 
 
@@ -235,23 +265,29 @@ def _dz_gate(src, g, off, row_ok, HF: tl.constexpr, KS: tl.constexpr):
 def _dh_rec(src, off, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
             BB: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
             ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
-    """``dz @ W_hh[:, units]`` ``[BB, BH]`` from the exchange slot ``src``: per gate a batched
-    product over KS K-slices (one per warp, no replicated MACs) into its own accumulator,
-    then the gates' and slices' partial sums."""
+    """``dz @ W_hh[:, units]`` ``[BB, BH]`` from the exchange slot ``src``, per gate into its
+    own accumulator, then the gates' partial sums.  KS = 1 (64 or more units): transposed,
+    ``W^T [BH, HF] @ dz^T [HF, BB]`` (the units fill the M of a warpgroup MMA).  KS > 1
+    (LSTM, 16 units): a batched product over the KS K-slices (one per warp, no replicated
+    MACs), ``dz [KS, BB, KC] @ W [KS, KC, BH]``, then the sum over the slices."""
     if KS == 1:
         z = tl.zeros([BH, BB], ACC)
-    else:
-        z = tl.zeros([KS, BH, BB], ACC)
-    acc = dot_acc(w0, _dz_gate(src, 0, off, row_ok, HF, KS), z, ACC_F64, TF32)
-    if G == 4:
-        a1 = dot_acc(w1, _dz_gate(src, 1, off, row_ok, HF, KS), z, ACC_F64, TF32)
-        a2 = dot_acc(w2, _dz_gate(src, 2, off, row_ok, HF, KS), z, ACC_F64, TF32)
-        a3 = dot_acc(w3, _dz_gate(src, 3, off, row_ok, HF, KS), z, ACC_F64, TF32)
-        acc = (acc + a1) + (a2 + a3)
-    if KS == 1:
+        acc = dot_acc(w0, _dz_gate(src, 0, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        if G == 4:
+            a1 = dot_acc(w1, _dz_gate(src, 1, off, row_ok, HF, KS), z, ACC_F64, TF32)
+            a2 = dot_acc(w2, _dz_gate(src, 2, off, row_ok, HF, KS), z, ACC_F64, TF32)
+            a3 = dot_acc(w3, _dz_gate(src, 3, off, row_ok, HF, KS), z, ACC_F64, TF32)
+            acc = (acc + a1) + (a2 + a3)
         dh = tl.trans(acc)
     else:
-        dh = tl.trans(tl.sum(acc, axis=0))
+        z = tl.zeros([KS, BB, BH], ACC)
+        acc = dot_acc(_dz_gate(src, 0, off, row_ok, HF, KS), w0, z, ACC_F64, TF32)
+        if G == 4:
+            a1 = dot_acc(_dz_gate(src, 1, off, row_ok, HF, KS), w1, z, ACC_F64, TF32)
+            a2 = dot_acc(_dz_gate(src, 2, off, row_ok, HF, KS), w2, z, ACC_F64, TF32)
+            a3 = dot_acc(_dz_gate(src, 3, off, row_ok, HF, KS), w3, z, ACC_F64, TF32)
+            acc = (acc + a1) + (a2 + a3)
+        dh = tl.sum(acc, axis=0)
     return dh
 
 
@@ -309,27 +345,34 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     doff = _dz_offsets(rows, HF, G, KS, KC)
     dc = tl.zeros([BB, BH], ACC)
     ga_acc = tl.zeros([BB, BH], ACC)
-    for j in range(0, T):
+    # the k = 0 terms of grad_h0 / grad_c0, loaded up front (the last iteration only stores)
+    gh0_t = _h0_terms(rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H,
+                      ns_init, c_ns, ACC, GRAD_NORMS)
+    gc0_t = _c0_terms(rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H, BB, BH,
+                      ACC, GRAD_CELL_NORMS)
+    # T + 1 iterations: the last (k = 0) stores grad_h0 / grad_c0.  Its product with the
+    # held W must be in the loop: after the loop it would keep W's MMA fragments (or their
+    # shared-memory addresses) live in registers across the whole loop, and spill.
+    for j in range(0, T + 1):
         k = T - j
         dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G,
                          BB, BH, KS, KC, ACC, ACC_F64, TF32)
-        dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols,
-                              col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr,
-                              gout_ptr, ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr, cnorms_ptr,
-                              gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, a, s,
-                              CELL, G, BB, BH, ACC, GRAD_NORMS, GRAD_CELL_NORMS)
-        if CELL == 4:
-            ga_acc += ga
-        tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
-                 mask=dmask)
-        grid_barrier(bar, (j + 1) * NH)
-    dh_rec = _dh_rec(dzbuf_ptr + (1 % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G, BB, BH,
-                     KS, KC, ACC, ACC_F64, TF32)
-    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
-                   B, H, ns_init, c_ns, ACC, GRAD_NORMS)
-    if G == 4:
-        _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
-                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
+        if k >= 1:
+            dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols,
+                                  acols, col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr,
+                                  norms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr,
+                                  cnorms_ptr, gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar,
+                                  c_ar, a, s, CELL, G, BB, BH, ACC, GRAD_NORMS,
+                                  GRAD_CELL_NORMS)
+            if CELL == 4:
+                ga_acc += ga
+            tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
+                     mask=dmask)
+            grid_barrier(bar, (j + 1) * NH)
+        else:
+            _store_rows(dh_rec + gh0_t, rows, row_ok, units, unit_ok, gh0_ptr, H)
+            if G == 4:
+                _store_rows(dc + gc0_t, rows, row_ok, units, unit_ok, gc0_ptr, H)
     if CELL == 4:
         _store_grad_scale(ga_acc, rows, row_ok, units, unit_ok, gscale_ptr, q, H, ACC, False)
 
@@ -370,5 +413,5 @@ def bwd_step_launch(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
         dh_rec = _dz_w(1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev, G, BB, BH,
                        BK, ACC, ACC_F64, TF32)
         _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cnorms_ptr,
-                 gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns, G, ACC,
-                 GRAD_NORMS, GRAD_CELL_NORMS)
+                 gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns, G, BB,
+                 BH, ACC, GRAD_NORMS, GRAD_CELL_NORMS)
