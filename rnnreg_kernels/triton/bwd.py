@@ -294,9 +294,11 @@ def _gate_rows(src, g, off, r, B, STEP: tl.constexpr, w, acc0, acc1, acc2, acc3,
     """Gate g's product for NRB (2 or 4) row sub-tiles, one after the other with the same
     W operand ``w`` (its MMA fragments are read from shared memory once and die after the
     gate), each into its sub-tile's accumulator; ``r`` = the first sub-tile's rows."""
+    tl.debug_barrier()
     acc0 = dot_acc(_dz_gate(src, g, off, r < B, HF, KS), w, acc0, ACC_F64, TF32)
     acc1 = dot_acc(_dz_gate(src + STEP, g, off, r + RB < B, HF, KS), w, acc1, ACC_F64, TF32)
     if NRB == 4:
+        tl.debug_barrier()
         acc2 = dot_acc(_dz_gate(src + 2 * STEP, g, off, r + 2 * RB < B, HF, KS), w, acc2,
                        ACC_F64, TF32)
         acc3 = dot_acc(_dz_gate(src + 3 * STEP, g, off, r + 3 * RB < B, HF, KS), w, acc3,
