@@ -36,34 +36,31 @@ def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.conste
 
 
 @triton.jit
-def _h0_terms(rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H, ns_init, c_ns,
-              ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
-    """What grad_h0 adds to the recurrent grad of step 1: the NS-initial term (+ the radial
-    term of ``gnorms[0]``), ``[BB, BH]``."""
+def _h0_grad(dh, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H, ns_init,
+             c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
+    """grad_h0 from ``dh [BB, BH]`` (the recurrent grad of step 1): + the NS-initial term
+    (+ the radial term of ``gnorms[0]``)."""
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h0 = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
     n0 = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)
     n1 = tl.load(norms_ptr + B + rows, mask=row_ok, other=1.0)
-    t = ns_initial_grad(tl.zeros_like(h0), h0, n0, n1, c_ns, ns_init)
+    gh0 = ns_initial_grad(dh, h0, n0, n1, c_ns, ns_init)
     if GRAD_NORMS:
-        t += radial(gnorms_ptr, norms_ptr, rows, row_ok)[:, None] * h0
-    return t
+        gh0 += radial(gnorms_ptr, norms_ptr, rows, row_ok)[:, None] * h0
+    return gh0
 
 
 @triton.jit
-def _c0_terms(rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H,
-              BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr,
-              GRAD_CELL_NORMS: tl.constexpr):
-    """What grad_c0 adds to dc of step 1: the radial term of ``gcnorms[0]`` (0 without
-    ``GRAD_CELL_NORMS``), ``[BB, BH]``."""
+def _c0_grad(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H,
+             ACC: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
+    """grad_c0 from ``dc [BB, BH]`` (dc of step 1): + the radial term of ``gcnorms[0]``
+    (with ``GRAD_CELL_NORMS``)."""
     if GRAD_CELL_NORMS:
         um = row_ok[:, None] & unit_ok[None, :]
         c0 = tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=um, other=0.0).to(ACC)
-        t = radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
-    else:
-        t = tl.zeros([BB, BH], ACC)
-    return t
+        dc += radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
+    return dc
 
 
 @triton.jit
@@ -76,20 +73,23 @@ def _store_rows(v, rows, row_ok, units, unit_ok, ptr, H):
 @triton.jit
 def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr,
                    gh0_ptr, B, H, ns_init, c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
-    """Store grad_h0 = the recurrent grad of step 1 + ``_h0_terms``."""
-    t = _h0_terms(rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H, ns_init,
-                  c_ns, ACC, GRAD_NORMS)
-    _store_rows(dh_rec + t, rows, row_ok, units, unit_ok, gh0_ptr, H)
+    """Store grad_h0 (``_h0_grad``)."""
+    um = row_ok[:, None] & unit_ok[None, :]
+    noff = rows[:, None] * H + units[None, :]
+    gh0 = _h0_grad(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H,
+                   ns_init, c_ns, ACC, GRAD_NORMS)
+    tl.store(gh0_ptr + noff, gh0.to(gh0_ptr.dtype.element_ty), mask=um)
 
 
 @triton.jit
 def _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, gc0_ptr,
-                   H, BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr,
-                   GRAD_CELL_NORMS: tl.constexpr):
-    """Store grad_c0 = dc of step 1 + ``_c0_terms``."""
-    t = _c0_terms(rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H, BB, BH,
-                  ACC, GRAD_CELL_NORMS)
-    _store_rows(dc + t, rows, row_ok, units, unit_ok, gc0_ptr, H)
+                   H, ACC: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
+    """Store grad_c0 (``_c0_grad``)."""
+    um = row_ok[:, None] & unit_ok[None, :]
+    noff = rows[:, None] * H + units[None, :]
+    dc = _c0_grad(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H, ACC,
+                  GRAD_CELL_NORMS)
+    tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
 
 
 @triton.jit
@@ -106,8 +106,8 @@ def _store_grad_scale(ga, rows, row_ok, units, unit_ok, gscale_ptr, tile, H, ACC
 @triton.jit
 def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cnorms_ptr,
              gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns,
-             G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, ACC: tl.constexpr,
-             GRAD_NORMS: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
+             G: tl.constexpr, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr,
+             GRAD_CELL_NORMS: tl.constexpr):
     """Store grad_h0 and grad_c0 (``dc_ptr`` holds dc of step 1)."""
     _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
                    B, H, ns_init, c_ns, ACC, GRAD_NORMS)
@@ -116,7 +116,7 @@ def _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cn
         noff = rows[:, None] * H + units[None, :]
         dc = tl.load(dc_ptr + noff, mask=um, other=0.0)
         _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
-                       gc0_ptr, H, BB, BH, ACC, GRAD_CELL_NORMS)
+                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -161,7 +161,7 @@ def bwd_tiled(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr, act_
                    B, H, ns_init, c_ns, ACC, GRAD_NORMS)
     if G == 4:
         _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
-                       gc0_ptr, H, BB, BH, ACC, GRAD_CELL_NORMS)
+                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
     if CELL == 4:
         _store_grad_scale(ga_acc, rows, row_ok, units, unit_ok, gscale_ptr, pid, H, ACC, False)
 
@@ -410,10 +410,11 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     dc = tl.zeros([BB, BH], ACC)
     ga_acc = tl.zeros([BB, BH], ACC)
     # the k = 0 terms of grad_h0 / grad_c0, loaded up front (the last iteration only stores)
-    gh0_t = _h0_terms(rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H,
-                      ns_init, c_ns, ACC, GRAD_NORMS)
-    gc0_t = _c0_terms(rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H, BB, BH,
-                      ACC, GRAD_CELL_NORMS)
+    zero = tl.zeros([BB, BH], ACC)
+    gh0_t = _h0_grad(zero, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H,
+                     ns_init, c_ns, ACC, GRAD_NORMS)
+    gc0_t = _c0_grad(zero, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H,
+                     ACC, GRAD_CELL_NORMS)
     # T + 1 iterations: the last (k = 0) stores grad_h0 / grad_c0.  Its product with the
     # held W must be in the loop: after the loop it would keep W's MMA fragments (or their
     # shared-memory addresses) live in registers across the whole loop, and spill.
@@ -477,5 +478,5 @@ def bwd_step_launch(out_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
         dh_rec = _dz_w(1, rows, row_ok, L, units, unit_ok, gx_ptr, w_ptr, B, H, rev, G, BB, BH,
                        BK, ACC, ACC_F64, TF32)
         _grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, c0_ptr, norms_ptr, cnorms_ptr,
-                 gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns, G, BB,
-                 BH, ACC, GRAD_NORMS, GRAD_CELL_NORMS)
+                 gnorms_ptr, gcnorms_ptr, dc_ptr, gh0_ptr, gc0_ptr, B, H, ns_init, c_ns, G, ACC,
+                 GRAD_NORMS, GRAD_CELL_NORMS)
