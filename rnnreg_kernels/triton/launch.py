@@ -165,11 +165,12 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
 
 
 def _backward_k_slices(G: int, BH: int, hfull: int) -> int:
-    """K-slices of the persistent backward's product ``W[:, units]^T [BH, G*H] @ dz^T``.
+    """K-slices of the persistent backward's product ``dz [BB, G*H] @ W[:, units]``.
 
-    With BH >= 64 units the product fills a warpgroup MMA as one 2-D dot (KS = 1); smaller
-    slices (LSTM: 16 units) would leave M at 16 and replicate the MMA over the warps, so K
-    is split into one slice per warp (a batched dot, then a sum), at least 16 wide."""
+    With BH >= 64 units the product, transposed (``W[:, units]^T @ dz^T``), fills a
+    warpgroup MMA as one 2-D dot (KS = 1); smaller slices (LSTM: 16 units) would leave M at
+    16 and replicate the MMA over the warps, so K is split into one slice per warp (a
+    batched ``dz [KS, rows, H/KS] @ W [KS, H/KS, BH]``, then a sum), at least 16 wide."""
     if BH >= PERSISTENT_MMA_M:
         return 1
     return max(1, min(PERSISTENT_WARPS, hfull // 16))
