@@ -58,6 +58,7 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     packages=find_packages(include=["rnnreg_kernels", "rnnreg_kernels.*"]),
+    package_data={"rnnreg_kernels": ["auto_wins.json"]},
     python_requires=">=3.10",
     # Ranges as tested: torch 2.13.0 (CPU wheel) and numpy 2.3.5 on the CI machine; widen a
     # bound only after the test suite has passed on the new version.

@@ -23,7 +23,8 @@
 #   BENCH_SETS   sets for phase 5 (default word,char); BENCH_EXTRA: more harness options
 #   SKIP         comma-separated phases to skip, e.g. SKIP=4,5
 # Files in $OUT: env.txt, 1_tests_key.log, 2_profile_<cell>.json/.txt, 3_bench_key.log and its
-# JSON, 4_tests_rest.log, 5_bench.log and its JSON, RESULTS.md, summary.txt.
+# JSON, auto_wins.json (auto's measured table from phase 3), 4_tests_rest.log, 5_bench.log and
+# its JSON, RESULTS.md, summary.txt.
 set -u
 START=$(date +%s)
 OUT=${OUT:-/tmp/rnnreg_gpu_out}
@@ -97,6 +98,10 @@ if ! skip 3; then
     --name 3_bench_key --time-budget "$B3" --no-progress > "$OUT/3_bench_key.log" 2>&1
   say "bench exit status $? (1 = a contender was wrong or crashed)"
   tail -n 12 "$OUT/3_bench_key.log"
+  # auto's measured table from these rows (commit it as rnnreg_kernels/auto_wins.json with the
+  # JSON: python -m rnnreg_kernels.auto_rule --from <the committed JSON> --write)
+  [ -f "$OUT/3_bench_key.json" ] && run 30 $PY -m rnnreg_kernels.auto_rule \
+    --from "$OUT/3_bench_key.json" --out "$OUT/auto_wins.json" 2>&1 | tee -a "$OUT/summary.txt"
 fi
 
 if ! skip 4; then

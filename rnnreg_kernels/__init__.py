@@ -12,9 +12,7 @@ from .ops import (BackendUnavailableError, RecurrenceOutput, Terms, higher_order
                   recurrence)
 from .penalties import Penalties
 from .native import activation_penalties
-from .modules import IRNN, LSTM, RNN
-from .nn import LockedDropout
-from .nn.normprop import NormPropLSTM
+from .nn import IRNN, LSTM, RNN, LockedDropout, NormPropLSTM
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ Two parts:
   receives ``x_proj`` (the input projection already applied), the layer is called with an
   identity input weight: exact, but it costs a ``[G*H, G*H]`` GEMM per step block, so the
   modules do not use this path: they call ``_VF`` with their own weights for a whole layer or
-  stack (:mod:`rnnreg_kernels.native_modules`).
+  stack (:mod:`rnnreg_kernels.nn.native_path`).
 
 Definitions are those of :mod:`rnnreg_kernels.contract` (DESIGN.md section 2).  The pass works
 on states in **time order** and knows the processing order only through ``reverse``: every

@@ -5,6 +5,7 @@ Everything above (modules, benchmarks, tests) calls :func:`recurrence`; everythi
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -12,15 +13,15 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import library  # noqa: F401  (registers the rnnreg:: custom ops)
+from . import auto_rule, library  # noqa: F401  (library registers the rnnreg:: custom ops)
 from .contract import CELLS, LSTM_CELLS, Spec, acc_dtype_of, gates_of, has_cell_state
 from .library import RawSpec
 from .penalties import Penalties, as_penalties, norm_terms, penalty_weights
 
 BACKENDS = ("auto", "reference", "naive", "triton", "cuda", "native")
-_FUSED = ("triton", "cuda")  # auto's order of preference on CUDA tensors
-# auto's choice after the fused backends (CUDA) / on the CPU: PyTorch's own recurrence where it
-# runs the case (every cell but trec), else the reference loop.  Measured: docs/native.md.
+# auto's choice where no measurement picks a fused backend (CUDA: rnnreg_kernels.auto_rule) and
+# on the CPU: PyTorch's own recurrence where it runs the case (every cell but trec and normprop,
+# no cell norms), else the reference loop.  Measured on the CPU: docs/native.md.
 _FALLBACK = ("native", "reference")
 _MODULES = {"reference": "rnnreg_kernels.reference", "triton": "rnnreg_kernels.triton",
             "cuda": "rnnreg_kernels.cuda", "native": "rnnreg_kernels.native"}
@@ -79,15 +80,26 @@ def backend_problem(name: str, spec: Optional[Spec], x_proj: torch.Tensor,
     return why
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _gpu_name(device: torch.device) -> str:
+    return _gpu_name_of(device.index if device.index is not None
+                        else torch.cuda.current_device())
+
+
 def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> str:
     """The backend that will run: ``backend`` itself, or auto's choice.
 
-    ``auto`` honours the environment variable ``RNNREG_BACKEND``; then CUDA tensors use the
-    first fused backend of ``("triton", "cuda")`` that supports the case (no GPU measurement
-    is committed yet to say where ``native`` is faster), and every other case ``native``
-    (PyTorch's own recurrence + the fused penalty pass; measured faster than ``reference`` on
-    the CPU, docs/native.md) where it runs the cell, else ``reference`` (``trec``, and under
-    torch.func transforms, which PyTorch's RNN kernels do not support).
+    ``auto`` honours the environment variable ``RNNREG_BACKEND``; then CUDA tensors use a
+    fused backend (``triton``, ``cuda``) only where a committed GPU measurement found it faster
+    than ``native`` and ``nn.LSTM`` + eager post-hoc penalties (:mod:`rnnreg_kernels.auto_rule`;
+    none is committed yet), and every case ``native`` (PyTorch's own recurrence + the fused
+    penalty pass; measured faster than ``reference`` on the CPU, docs/native.md) where it runs
+    the cell, else ``reference`` (``trec``, ``normprop``, cell norms, and under torch.func
+    transforms, which PyTorch's RNN kernels do not support).
     """
     name = backend
     if name == "auto":
@@ -102,9 +114,10 @@ def resolve_backend(backend: str, spec: Spec, x_proj: torch.Tensor, w_hh: torch.
             raise BackendUnavailableError(f"backend {name!r} cannot run this case: {why}")
         return name
     if x_proj.device.type == "cuda":
-        for cand in _FUSED:
-            if backend_problem(cand, spec, x_proj, w_hh) is None:
-                return cand
+        cand = auto_rule.fused_choice(_gpu_name(x_proj.device), spec.cell, x_proj.dtype,
+                                      w_hh.shape[1], x_proj.shape[1])
+        if cand is not None and backend_problem(cand, spec, x_proj, w_hh) is None:
+            return cand
     for cand in _FALLBACK:
         if cand == "native" and torch._C._are_functorch_transforms_active():
             continue  # PyTorch's RNN kernels have no vmap rule; the reference's Function has

@@ -16,7 +16,7 @@ from rnnreg_kernels import LSTM, RNN
 def test_cpu_autocast_like_torch_nn(kind, dtype, given_hx, backend, monkeypatch):
     """``reference`` runs one recurrence() per layer (spied on: it must see the autocast
     dtype); ``native`` (auto's CPU choice) runs PyTorch's own kernels through
-    native_modules, so only its results are compared with nn's."""
+    nn.native_path, so only its results are compared with nn's."""
     if backend == "native" and kind == "lstm" and dtype == torch.float16:
         pytest.skip("native is nn.LSTM's own CPU kernel, which torch 2.13 lacks in fp16")
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def test_cpu_autocast_like_torch_nn(kind, dtype, given_hx, backend, monkeypatch)
     def spy(x_proj, *a, **k):
         seen.append(x_proj.dtype)
         return real(x_proj, *a, **k)
-    monkeypatch.setattr("rnnreg_kernels.modules.recurrence", spy)
+    monkeypatch.setattr("rnnreg_kernels.nn.base.recurrence", spy)
     results = []
     models = (ref, ours)
     if kind == "lstm" and dtype == torch.float16:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg_kernels.modules import IRNN, LSTM, RNN
+from rnnreg_kernels.nn import IRNN, LSTM, RNN
 from rnnreg_kernels.penalties import (TERM_NAMES, Penalties, hidden_norms, posthoc_terms,
                                       to_processing_order)
 
@@ -612,3 +612,34 @@ def test_errors_beyond_torch():
         IRNN(5, 4, init_std=-1.0)
     with pytest.raises(TypeError, match="hidden_size should be of type int"):
         RNN(5, 4.0)
+
+
+def test_compatibility_names():
+    """The modules moved into rnnreg_kernels.nn (one file per family); the old import paths
+    still give the same classes, and ``native_modules`` is the very module the layers use."""
+    import rnnreg_kernels
+    from rnnreg_kernels import modules, native_modules
+    from rnnreg_kernels.nn import base, native_path
+
+    assert (modules.LSTM, modules.RNN, modules.IRNN) == \
+        (rnnreg_kernels.LSTM, rnnreg_kernels.RNN, rnnreg_kernels.IRNN)
+    assert native_modules is native_path and base.native_path is native_path
+    assert issubclass(rnnreg_kernels.NormPropLSTM, base._RecurrentBase)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "NormPropLSTM", "RNN", "IRNN"])
+def test_every_extra_keyword_reaches_the_module(cls):
+    """Each drop-in hands every keyword-only extra on to the shared base unchanged (the
+    constructors forward them by name from one list, nn.base.EXTRA_KEYWORDS)."""
+    import rnnreg_kernels
+    from rnnreg_kernels.nn.base import EXTRA_KEYWORDS
+
+    values = dict(norm_stabilizer=1.5, tar=0.25, ar=0.125, ns_include_initial=True,
+                  ns_eps=1e-7, penalty_layers="all", weight_drop=0.2, backend="reference",
+                  output_dropout=0.3, dropout_mode="locked", norm_target=0.75,
+                  norm_target_value=2.5, cell_norm_stabilizer=0.5, track_cell_norms=True)
+    assert set(values) == set(EXTRA_KEYWORDS)
+    if cls in ("RNN", "IRNN"):  # no memory cell: those two must stay off
+        values.update(cell_norm_stabilizer=0.0, track_cell_norms=False)
+    m = getattr(rnnreg_kernels, cls)(3, 4, 2, **values)
+    assert {k: getattr(m, k) for k in values} == values

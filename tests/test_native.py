@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import rnnreg_kernels as rk
-from rnnreg_kernels import native, native_modules
+from rnnreg_kernels import native
+from rnnreg_kernels.nn import native_path as native_modules
 from rnnreg_kernels.contract import Spec
 from rnnreg_kernels.ops import BackendUnavailableError, resolve_backend
 from rnnreg_kernels.penalties import Penalties, hidden_norms, posthoc_terms, step_mask

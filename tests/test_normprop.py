@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnreg_kernels
 from rnnreg_kernels import IRNN, LSTM, RNN, NormPropLSTM
-from rnnreg_kernels import native_modules
+from rnnreg_kernels.nn import native_path as native_modules
 from rnnreg_kernels.nn.normprop import gaussian_expectation, normprop_sigmas
 from rnnreg_kernels.penalties import TERM_NAMES
 

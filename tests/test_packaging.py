@@ -37,6 +37,17 @@ def test_install_requires_declare_tested_ranges():
     assert hypothesis.__version__.startswith("6.")
 
 
+def test_auto_table_ships_with_the_package():
+    """auto's measured table is package data: declared for wheels and the sdist, and the
+    file beside auto_rule is the one it reads."""
+    from rnnreg_kernels import auto_rule
+
+    assert 'package_data={"rnnreg_kernels": ["auto_wins.json"]}' in _setup_text()
+    assert "include rnnreg_kernels/auto_wins.json" in (ROOT / "MANIFEST.in").read_text()
+    assert Path(auto_rule.WINS_FILE) == ROOT / "rnnreg_kernels" / "auto_wins.json"
+    assert Path(auto_rule.WINS_FILE).is_file()
+
+
 def test_readme_relative_links_resolve():
     text = (ROOT / "README.md").read_text()
     assert "DESIGN.md" not in text  # the spec is not shipped in this repository

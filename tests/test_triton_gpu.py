@@ -303,7 +303,16 @@ def test_deterministic():
         assert torch.equal(a[k], b[k]), k
 
 
-def test_auto_backend_picks_triton():
+def test_auto_backend_picks_by_measurement(monkeypatch):
+    """auto takes triton only where rnnreg_kernels/auto_wins.json has a measured win for this
+    GPU, cell, dtype and shape (auto_rule); otherwise native (cuDNN + the fused penalty pass)."""
+    from rnnreg_kernels import auto_rule
+
     c = make("lstm", 4, 3, 32)
-    x = c["x"].to(torch.bfloat16)
-    assert resolve_backend("auto", spec_of(c), x, c["w"].to(torch.bfloat16)) == "triton"
+    x, w = c["x"].to(torch.bfloat16), c["w"].to(torch.bfloat16)
+    name = torch.cuda.get_device_name(x.device)
+    monkeypatch.setattr(auto_rule, "load", lambda path=None: ())
+    assert resolve_backend("auto", spec_of(c), x, w) == "native"
+    win = auto_rule.Measured(name, "triton", "lstm", "bf16", 32, 3, True, 2.0, "test")
+    monkeypatch.setattr(auto_rule, "load", lambda path=None: (win,))
+    assert resolve_backend("auto", spec_of(c), x, w) == "triton"

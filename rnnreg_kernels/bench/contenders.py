@@ -219,7 +219,7 @@ def build(contender: str, problem: Problem) -> Instance:
     except ImportError as e:
         raise Unavailable(f"rnnreg_kernels modules not importable: {e}")
     if not hasattr(rk, "LSTM"):
-        raise Unavailable("rnnreg_kernels.LSTM is not available (modules.py missing)")
+        raise Unavailable("rnnreg_kernels.LSTM is not available (rnnreg_kernels/nn missing)")
     if backend not in BACKENDS:
         raise ValueError(f"--backends: expected names from {', '.join(BACKENDS)}, "
                          f"got {backend!r}")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import _EXTRAS_DOC, _NORM_TARGET_VALUE, _RecurrentBase
+from .base import _EXTRAS_DOC, _NORM_TARGET_VALUE, _RecurrentBase, _extras
 
 __all__ = ["NormPropLSTM", "normprop_sigmas", "gaussian_expectation"]
 
@@ -145,14 +145,8 @@ class NormPropLSTM(_RecurrentBase):
         gammas = [_check_gamma("NormPropLSTM", name, value) for name, value in
                   (("gamma_x", gamma_x), ("gamma_h", gamma_h), ("gamma_c", gamma_c))]
         super().__init__("NormPropLSTM", "normprop", input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, device, dtype,
-                         norm_stabilizer=norm_stabilizer, tar=tar, ar=ar,
-                         ns_include_initial=ns_include_initial, ns_eps=ns_eps,
-                         penalty_layers=penalty_layers, weight_drop=weight_drop,
-                         backend=backend, theta=1.0, output_dropout=output_dropout,
-                         dropout_mode=dropout_mode, cell_norm_stabilizer=cell_norm_stabilizer,
-                         norm_target=norm_target, norm_target_value=norm_target_value,
-                         track_cell_norms=track_cell_norms)
+                         batch_first, dropout, bidirectional, device, dtype, theta=1.0,
+                         **_extras(locals()))
         self.gamma_x, self.gamma_h, self.gamma_c = gammas
         self.sigma_c, self.sigma_h = normprop_sigmas(*gammas)
         self.reset_parameters()

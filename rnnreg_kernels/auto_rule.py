@@ -1,0 +1,167 @@
+"""``backend="auto"`` on CUDA tensors: the fused kernels only where a GPU run measured them faster.
+
+The project's rule: ``auto`` must never make a user slower than ``nn.LSTM`` / ``nn.RNN`` plus
+post-hoc penalties.  The ``native`` backend is that arithmetic (PyTorch's own recurrence, cuDNN
+on CUDA, plus one fused penalty pass instead of the eager penalty ops), so it is auto's choice
+on CUDA unless a committed measurement says a fused backend (``triton``, ``cuda``) is faster.
+
+The measurements live in ``auto_wins.json`` beside this file, written by
+
+    python -m rnnreg_kernels.auto_rule --from benchmarks/results/<gpu run>.json [...] --write
+
+from benchmark result documents (``python -m rnnreg_kernels bench``, ``benchmarks/gpu_run.sh``).
+Each entry is one training-step case (shape, dtype) on one GPU model where a fused contender
+(``ours:triton`` / ``ours:cuda``) passed the benchmark's correctness gate and was timed, with
+``won`` true when its median time was below both ``ours:native``'s and ``nn+eager``'s (the
+ones of them that ran) in the same run.
+
+A case (GPU name, cell, dtype, H, B) goes to a fused backend when that backend has winning
+entries for the same GPU name, cell and dtype whose H and B ranges span the case, and no
+losing entry of that backend lies inside the same ranges.  Everything else on CUDA goes to
+``native``, or where ``native`` cannot run the case (the ``trec`` and ``normprop`` cells, cell
+norms, torch.func transforms) to ``reference``: an unmeasured fused kernel is never auto's
+choice.  ``backend="triton"`` / ``"cuda"`` opt in by name.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+WINS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_wins.json")
+FUSED = ("triton", "cuda")  # the order auto tries them in when both are measured faster
+BASELINES = ("ours:native", "nn+eager")
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+               torch.float64: "fp64"}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured training-step case of a fused backend."""
+
+    device_name: str
+    backend: str
+    cell: str
+    dtype: str
+    hidden: int
+    batch: int
+    won: bool
+    speedup: float  # the better baseline's median time / the fused backend's median time
+    source: str
+
+
+def _entry(raw: dict, where: str) -> Measured:
+    try:
+        m = Measured(**raw)
+    except TypeError as e:
+        raise ValueError(f"{where}: an entry expected the fields of Measured "
+                         f"({', '.join(Measured.__dataclass_fields__)}), got {sorted(raw)}: {e}")
+    if m.backend not in FUSED:
+        raise ValueError(f"{where}: backend expected one of {FUSED}, got {m.backend!r}")
+    return m
+
+
+@functools.lru_cache(maxsize=8)
+def load(path: str = WINS_FILE) -> tuple:
+    """The measured entries of ``path`` (empty when the file does not exist)."""
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        doc = json.load(f)
+    return tuple(_entry(raw, f"{path}: entries[{i}]")
+                 for i, raw in enumerate(doc.get("entries", [])))
+
+
+def fused_choice(device_name: str, cell: str, dtype: torch.dtype, hidden: int, batch: int,
+                 table: Optional[Sequence[Measured]] = None) -> Optional[str]:
+    """The fused backend measured faster for this case, or None (then ``native``)."""
+    table = load() if table is None else table
+    name = DTYPE_NAMES.get(dtype)
+    for backend in FUSED:
+        rows = [m for m in table if (m.device_name, m.backend, m.cell, m.dtype)
+                == (device_name, backend, cell, name)]
+        wins = [m for m in rows if m.won]
+        if not wins:
+            continue
+        h_lo, h_hi = min(m.hidden for m in wins), max(m.hidden for m in wins)
+        b_lo, b_hi = min(m.batch for m in wins), max(m.batch for m in wins)
+        if not (h_lo <= hidden <= h_hi and b_lo <= batch <= b_hi):
+            continue
+        if any(not m.won and h_lo <= m.hidden <= h_hi and b_lo <= m.batch <= b_hi
+               for m in rows):
+            continue
+        return backend
+    return None
+
+
+def entries_from_results(docs: Iterable[tuple]) -> List[Measured]:
+    """Measured entries from ``(source name, result document)`` pairs of the benchmark."""
+    out = []
+    for source, doc in docs:
+        env = doc.get("env", {})
+        if env.get("device_type") != "cuda":
+            continue
+        rows = [r for r in doc.get("rows", []) if r.get("mode") == "train"
+                and r.get("status") == "ok" and r.get("time_ms")]
+        by_case = {}
+        for r in rows:
+            by_case.setdefault((r["shape"]["name"], r["dtype"]), {})[r["contender"]] = r
+        for (_, dtype), group in sorted(by_case.items()):
+            base = [group[c]["time_ms"]["median"] for c in BASELINES if c in group]
+            if not base:
+                continue
+            for backend in FUSED:
+                r = group.get(f"ours:{backend}")
+                if r is None:
+                    continue
+                t = r["time_ms"]["median"]
+                out.append(Measured(env["device_name"], backend, r["shape"]["cell"], dtype,
+                                    int(r["shape"]["hidden"]), int(r["shape"]["batch"]),
+                                    t < min(base), min(base) / t,
+                                    f"{source} ({doc.get('created_utc')})"))
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rnnreg_kernels.auto_rule",
+                                description="Build auto's table of measured fused-backend "
+                                            "wins from benchmark result JSON files.")
+    p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="JSON",
+                   help="benchmark result documents (GPU runs; CPU runs are ignored)")
+    p.add_argument("--out", help="write the table here (default: print it)")
+    p.add_argument("--write", action="store_true",
+                   help=f"write the table to the package's own {os.path.basename(WINS_FILE)}")
+    args = p.parse_args(argv)
+    docs = []
+    for path in args.sources:
+        try:
+            with open(path) as f:
+                docs.append((os.path.basename(path), json.load(f)))
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--from: cannot read {path!r} as a result JSON: {e}")
+    entries = entries_from_results(docs)
+    doc = {"about": "auto's measured fused-backend cases (rnnreg_kernels/auto_rule.py); "
+                    "written by `python -m rnnreg_kernels.auto_rule --from ... --write`",
+           "sources": [name for name, _ in docs],
+           "entries": [asdict(m) for m in entries]}
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    target = WINS_FILE if args.write else args.out
+    if target:
+        with open(target, "w") as f:
+            f.write(text)
+        load.cache_clear()
+        print(f"wrote {target}: {len(entries)} entries "
+              f"({sum(m.won for m in entries)} wins) from {len(docs)} documents")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
