@@ -293,7 +293,9 @@ def _gate_rows(src, g, off, r, B, STEP: tl.constexpr, w, acc0, acc1, acc2, acc3,
                ACC_F64: tl.constexpr, TF32: tl.constexpr):
     """Gate g's product for NRB (2 or 4) row sub-tiles, one after the other with the same
     W operand ``w`` (its MMA fragments are read from shared memory once and die after the
-    gate), each into its sub-tile's accumulator; ``r`` = the first sub-tile's rows."""
+    gate), each into its sub-tile's accumulator; ``r`` = the first sub-tile's rows.  A CTA
+    barrier first (and after two sub-tiles): without it ptxas hoists the next gate's dz
+    loads into this gate's products, and a 32-row tile spills."""
     tl.debug_barrier()
     acc0 = dot_acc(_dz_gate(src, g, off, r < B, HF, KS), w, acc0, ACC_F64, TF32)
     acc1 = dot_acc(_dz_gate(src + STEP, g, off, r + RB < B, HF, KS), w, acc1, ACC_F64, TF32)
@@ -367,8 +369,10 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     (p, q) owns units ``p*BH ..`` of batch tile q and keeps the LSTM cell gradient in
     registers; the NH programs of tile q meet at ``bar[q]`` after each step.
 
-    The recurrent gradient of step k is ``dz_{k+1} @ W_hh[:, units]``, computed transposed,
-    gate by gate, with the K dimension split over KS slices (``_dh_rec``); the slice's
+    The recurrent gradient of step k is ``dz_{k+1} @ W_hh[:, units]``, computed gate by gate
+    (``_dh_rec``: transposed for 64 or more units, else with K split over KS slices and the
+    rows in sub-tiles of RB); the loop runs T + 1 iterations, the last (k = 0) storing
+    grad_h0 / grad_c0, so no product with the held W follows the loop; the slice's
     columns of W_hh stay on chip (``wb [G, NH*BH, HF]``: gate g, unit u, row k = W[g*H + k,
     u], zero-padded).  dz is exchanged through ``dzbuf [2, B, G*HF]`` (input dtype, zero
     padding, slot k % 2 holds dz_k in processing order; rows of an invalid step hold zeros).
