@@ -128,8 +128,9 @@ run 30 $PY benchmarks/report.py "$OUT" --md "$OUT/RESULTS.md" --summary 2>&1 | t
 say "done; files in $OUT"
 
 # 6. (lowest priority, only with time left) the opt-in Hopper cluster variant of the cuda
-#    forward: its GPU tests (cluster forward + persistent backward vs the float64 reference,
-#    determinism) and its measured profile at relu H=1024 B=32 bf16.  Needs sm_90; it reuses
+#    backend: its GPU tests (cluster forward and backward vs the float64 reference,
+#    determinism, agreement with the persistent kernels) and its measured profile at relu
+#    H=1024 B=32 bf16.  Needs sm_90; it reuses
 #    the extension that phase 4 built.
 if ! skip 6; then
   say "6. cuda cluster variant (RNNREG_CUDA_VARIANT=cluster)"

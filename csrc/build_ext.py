@@ -23,6 +23,7 @@ DEFAULT_ARCH_LIST = "8.0;9.0"
 # The extension's translation units (relative to the project root, as setuptools wants).
 SOURCES = ("csrc/binding.cpp", "csrc/forward.cu", "csrc/backward.cu", "csrc/plan.cu")
 SOURCES += ("csrc/cluster_binding.cpp", "csrc/cluster.cu")  # the Hopper cluster variant
+SOURCES += ("csrc/cluster_backward.cu",)  # its backward
 # Everything the JIT build needs, shipped inside the package.
 SHIPPED_PATTERNS = ("*.cu", "*.cuh", "*.h", "*.cpp")
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # no -std: torch picks the standard it needs

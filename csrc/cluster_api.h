@@ -1,5 +1,6 @@
-// Host interface of the Hopper cluster variant of the forward (cluster.cu): plan, arguments,
-// launch.  Torch-free, like rnnreg_api.h (whose Scalars / dtype and cell codes it reuses).
+// Host interface of the Hopper cluster variant (cluster.cu: forward, cluster_backward.cu:
+// backward): plans, arguments, launches.  Torch-free, like rnnreg_api.h (whose Scalars / dtype
+// and cell codes it reuses).
 #pragma once
 
 #include <cstddef>
@@ -57,5 +58,40 @@ std::string launch_cluster_forward(int dtype, const ClusterFwdArgs& a, cudaStrea
 // time (cluster_ntg); one instantiation for lstm, one for relu / tanh / trec.
 int cluster_ntg(int bs);
 const void* cluster_forward_kernel_ptr(int dtype, int bs, int cell);
+
+// ----------------------------------------------------------------------------- backward
+// The backward of the cluster variant (cluster_backward.cu), steps k = T..1 in one launch.
+// Its plan has the forward's split (CTA r owns units [r*units, r*units + units)) but its own
+// batch slice (its shared-memory layout differs).  Layouts as BwdArgs of rnnreg_api.h.
+struct ClusterBwdArgs {
+  Scalars s;
+  ClusterPlan plan;
+  const void* w = nullptr;         // [G*H, H]
+  const void* h0 = nullptr;        // [B, H]
+  const void* c0 = nullptr;        // [B, H] LSTM
+  const void* mask = nullptr;      // [B, H] or null
+  const int64_t* lengths = nullptr;
+  const void* out = nullptr;       // forward output [T, B, H] (fp32: the states)
+  const float* norms = nullptr;    // [T+1, B]
+  const float* hsave = nullptr;    // [T, B, H] step-indexed fp32 states (bf16/fp16), or null
+  const float* gates = nullptr;    // [T, B, 4H] LSTM
+  const float* cs = nullptr;       // [T, B, H] LSTM
+  const void* g_out = nullptr;     // [T, B, H]
+  const void* g_hn = nullptr;      // [B, H]
+  const void* g_cn = nullptr;      // [B, H] LSTM
+  const float* g_terms = nullptr;  // [3]
+  const float* g_norms = nullptr;  // [T+1, B] or null (zero)
+  void* gx = nullptr;              // [T, B, G*H] time positions
+  float* dz = nullptr;             // [T, B, G*H] step-indexed fp32 copy (bf16/fp16), or null
+  void* gh0 = nullptr;             // [B, H]
+  void* gc0 = nullptr;             // [B, H] LSTM
+};
+
+// The backward's plan (arguments as make_cluster_plan): "" or why not, naming the largest H.
+std::string make_cluster_bwd_plan(int cell, int dtype, int B, int H, int device,
+                                  int units_override, int csize_max, ClusterPlan* plan);
+int cluster_bwd_max_hidden(int cell, int dtype, int B, int device, int csize_max);
+std::string launch_cluster_backward(int dtype, const ClusterBwdArgs& a, cudaStream_t stream);
+const void* cluster_backward_kernel_ptr(int dtype, int bs, int cell);
 
 }  // namespace rnnreg

@@ -9,8 +9,8 @@ and builds nothing; the build happens on the first ``unsupported_reason`` / ``fo
 Environment (tests and tuning): ``RNNREG_CUDA_UNITS`` forces the hidden units per block
 (default ceil(H / #SMs)); ``RNNREG_CUDA_POISON=1`` fills every output with NaN before the
 kernels run, so an element a kernel forgot to write shows up.  ``RNNREG_CUDA_VARIANT=cluster``
-selects the opt-in Hopper cluster forward (:mod:`rnnreg_kernels.cuda_cluster`; default
-``persistent``).
+selects the opt-in Hopper cluster forward and backward (:mod:`rnnreg_kernels.cuda_cluster`;
+default ``persistent``).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCES = ("binding.cpp", "forward.cu", "backward.cu", "plan.cu")
 _HEADERS = ("common.cuh", "mma.cuh", "rnnreg_api.h")
 _SOURCES += ("cluster_binding.cpp", "cluster.cu")  # the Hopper cluster variant (cuda_cluster.py)
+_SOURCES += ("cluster_backward.cu",)  # its backward
 _HEADERS += ("cluster.cuh", "cluster_api.h")
 _JIT_NAME = "rnnreg_kernels_cuda_jit"
 
@@ -290,6 +291,10 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, out
     grad_w_hh [G*H, H], grad_h0 [B, H], grad_c0 [B, H] or None, grad_cell_scale [H] fp32 or
     None)`` (grad_c0 for lstm / normprop, grad_cell_scale for normprop only).
     """
+    if _cluster() is not None and not plant:
+        return _cluster().backward(spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale,
+                                   output, norms, cell_norms, saved, grad_output, grad_h_n,
+                                   grad_c_n, grad_terms, grad_norms, grad_cell_norms)
     ext = load_extension()
     hs, gates, cs = saved
     gcn = _f32(grad_cell_norms)

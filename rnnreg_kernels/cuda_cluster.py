@@ -1,18 +1,22 @@
-"""The Hopper cluster variant of the ``cuda`` backend's forward (``csrc/cluster.cu``), opt-in.
+"""The Hopper cluster variant of the ``cuda`` backend (``csrc/cluster.cu``,
+``csrc/cluster_backward.cu``), opt-in.
 
 Where the whole ``w_hh`` fits the shared memory of one thread-block cluster (sm_90: up to 16
-CTAs), the forward runs the recurrence inside clusters: each CTA keeps its rows of ``w_hh``,
-the cluster's ``h`` is exchanged through distributed shared memory and ``barrier.cluster``
-replaces the grid barrier; batch slices run on separate clusters (docs/cuda.md, "Cluster
-variant").  The backward is the persistent backward of :mod:`rnnreg_kernels.cuda`: this forward
-returns the same saved tensors.
+CTAs), forward and backward run the recurrence inside clusters: each CTA keeps its slice of
+``w_hh`` (forward: its gate rows; backward: its columns over all gate rows), the cluster's
+``h`` (forward) or ``dz`` (backward) is exchanged through distributed shared memory and
+``barrier.cluster`` replaces the grid barrier; batch slices run on separate clusters
+(docs/cuda.md, "Cluster variant").  ``grad_w_hh`` is the same GEMM after the kernel as for the
+persistent backward (:func:`rnnreg_kernels.cuda._grad_w_hh`).
 
 Not measured on a GPU yet, so nothing selects it by default (``backend="auto"`` included):
 set ``RNNREG_CUDA_VARIANT=cluster`` to use it for ``backend="cuda"`` (``persistent``, the
 default, are the cooperative kernels).  Tests and tuning: ``RNNREG_CUDA_CLUSTER_UNITS=n``
 forces n hidden units per CTA (rounded up to a multiple of 8), ``RNNREG_CUDA_CLUSTER_SIZE=n``
 caps the CTAs per cluster (1..16; default 16, which needs the non-portable cluster size).
-It refuses (``unsupported_reason``) the normprop cell and ``Spec.cell_norms``.
+It refuses (``unsupported_reason``) the normprop cell, ``Spec.cell_norms`` and float64, and
+any H whose ``w_hh`` does not fit one cluster (forward or backward layout), naming the largest
+H that fits.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def _csize() -> int:
 
 
 def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> Optional[str]:
-    """None when the cluster forward (and the persistent backward after it) runs this case."""
+    """None when the cluster forward and the cluster backward run this case."""
     from . import cuda
     if spec.cell not in CELLS:
         return (f"the cuda cluster variant runs the {', '.join(CELLS)} cells, got "
@@ -88,17 +92,18 @@ def unsupported_reason(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor) -> 
     why = ext.cluster_plan(cell, dt, B, H, idx, _units(), _csize())
     if why:
         return why
-    why = ext.plan(cell, dt, B, H, idx, cuda._units())
-    if why:
-        return f"the backward of the cluster variant runs on the persistent kernels: {why}"
-    return None
+    if not hasattr(ext, "cluster_bwd_plan"):
+        return ("the built CUDA extension has no cluster backward (built from older sources); "
+                "rebuild it or unset RNNREG_CUDA_VARIANT")
+    why = ext.cluster_bwd_plan(cell, dt, B, H, idx, _units(), _csize())
+    return why or None
 
 
 def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale=None):
     """The forward of :func:`rnnreg_kernels.cuda.forward` on thread-block clusters (one launch).
 
-    Same returns (``cell_norms`` None), including ``saved = (hs, gates, cs)`` for the
-    persistent backward.  ``cell_scale`` must be None (normprop is refused).
+    Same returns (``cell_norms`` None), including ``saved = (hs, gates, cs)`` (what either
+    backward takes).  ``cell_scale`` must be None (normprop is refused).
     """
     from . import cuda
     if cell_scale is not None or spec.cell not in CELLS:
@@ -112,4 +117,36 @@ def forward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale=None)
     return out, h_n, c_n, terms, norms, None, (hs, gates, cs)
 
 
-__all__ = ["VARIANTS", "variant", "unsupported_reason", "forward"]
+def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, output, norms,
+             cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms, grad_norms=None,
+             grad_cell_norms=None):
+    """The backward of :func:`rnnreg_kernels.cuda.backward` on thread-block clusters: one
+    launch, then the ``grad_w_hh`` GEMM.  Same returns (``grad_cell_scale`` None).
+
+    ``grad_norms`` (``[T+1, B]`` or None) enters as the radial term of contract.py;
+    ``cell_scale`` / ``cell_norms`` / ``grad_cell_norms`` must be None (normprop and cell
+    norms are refused by the variant).
+    """
+    from . import cuda
+    if spec.cell not in CELLS:
+        raise ValueError(f"cell: the cuda cluster variant runs the {', '.join(CELLS)} cells, "
+                         f"got {spec.cell!r}")
+    for name, t in (("cell_scale", cell_scale), ("cell_norms", cell_norms),
+                    ("grad_cell_norms", grad_cell_norms)):
+        if t is not None:
+            raise ValueError(f"{name}: expected None (the cuda cluster variant has no normprop "
+                             f"cell and no cell norms), got a tensor of shape "
+                             f"{tuple(t.shape)}")
+    ext = cuda.load_extension()
+    hs, gates, cs = saved
+    gn = cuda._f32(grad_norms)
+    gx, gh0, gc0, dz = ext.cluster_backward(
+        w_hh, h0, c0, ar_mask, lengths, output, norms, hs, gates, cs, grad_output, grad_h_n,
+        grad_c_n, grad_terms.float().contiguous(), gn, cuda._CELL_CODE[spec.cell], spec.theta,
+        spec.w_ns, spec.w_tar, spec.w_ar, spec.ns_include_initial, spec.ns_eps, spec.reverse,
+        bool(spec.allow_tf32), _units(), _csize(), cuda._poison())
+    gw = cuda._grad_w_hh(spec, w_hh, h0, lengths, output, hs, gx, dz)
+    return gx, gw, gh0, gc0 if spec.has_cell_state else None, None
+
+
+__all__ = ["VARIANTS", "variant", "unsupported_reason", "forward", "backward"]

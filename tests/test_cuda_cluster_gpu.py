@@ -1,10 +1,10 @@
 """GPU tests of the Hopper cluster variant (``pytest -m gpu``; benchmarks/gpu_run.sh phase 6).
 
 Skipped without a CUDA GPU of compute capability 9.0+, or without the extension.  Runs the
-cuda backend with ``RNNREG_CUDA_VARIANT=cluster`` (cluster forward, persistent backward) and
+cuda backend with ``RNNREG_CUDA_VARIANT=cluster`` (cluster forward and cluster backward) and
 NaN-poisoned outputs against the float64 reference: float32 tightly (IEEE fp32 products),
-bfloat16 within 4x the error of the naive PyTorch path in bfloat16; the cluster forward is
-bitwise deterministic and agrees with the persistent forward.
+bfloat16 within 4x the error of the naive PyTorch path in bfloat16; the cluster forward and
+backward are bitwise deterministic and agree with the persistent kernels.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _cluster_backend(monkeypatch):
         ext = cuda.load_extension()
     except RuntimeError as e:
         pytest.skip(f"cuda extension unavailable: {e}")
-    if not hasattr(ext, "cluster_forward"):
+    if not hasattr(ext, "cluster_forward") or not hasattr(ext, "cluster_backward"):
         pytest.skip("the loaded extension has no cluster variant (built from older sources)")
     for k, v in (("RNNREG_CUDA_VARIANT", "cluster"), ("RNNREG_CUDA_POISON", "1"),
                  ("RNNREG_CUDA_UNITS", ""), ("RNNREG_CUDA_CLUSTER_UNITS", ""),
@@ -91,3 +91,59 @@ def test_cluster_forward_is_deterministic_and_agrees_with_persistent(monkeypatch
     p = cuda.forward(spec, *args, None)
     assert (a[0].float() - p[0].float()).abs().max().item() < 2e-2
     assert (a[4] - p[4]).abs().max().item() < 1e-2 * p[4].abs().max().item()
+
+
+BWD_CASES = [  # the cluster backward with grad_norms (radial terms), 4+ CTAs per cluster
+    ("relu", 6, 5, 29, PEN_ALL, [6, 1, 3, 6, 2], False, 8),
+    ("lstm", 5, 3, 27, {"ns": 0.6, "incl": True}, [5, 2, 4], True, 8),
+    ("tanh", 1, 3, 40, {"tar": 0.8, "ar": 0.4, "mask": True}, None, False, 0),
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: f"{c[0]}-T{c[1]}B{c[2]}H{c[3]}")
+def test_cluster_backward_radial_terms_match_reference(case, monkeypatch):
+    cell, T, B, H, pen, lengths, reverse, units = case
+    monkeypatch.setenv("RNNREG_CUDA_CLUSTER_UNITS", str(units) if units else "")
+    spec, inp, mask, L, grads = make_case(cell, T, B, H, pen, lengths, reverse, seed=T * H,
+                                          radial=True)
+    ref = run_backend(reference, spec, inp, mask, L, grads, torch.float64, DEV)
+    got = run_backend(cuda, spec, inp, mask, L, grads, torch.float32, DEV)
+    errs = rel_errors(got, ref)
+    assert all(e < 2e-5 for e in errs.values()), (case, errs)
+
+
+def test_cluster_backward_is_deterministic_and_agrees_with_persistent(monkeypatch):
+    spec, inp, mask, L, grads = make_case("lstm", 10, 16, 256, PEN_ALL, None, False, seed=5,
+                                          radial=True)
+    dt = torch.bfloat16
+
+    def cv(t, d=dt):
+        return None if t is None else t.to(DEV, d).contiguous()
+
+    def both():
+        fwd = cuda.forward(spec, cv(inp["x"]), cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]),
+                           cv(mask), None)
+        out, _, _, terms, norms, cnorms, saved = fwd
+        return cuda.backward(spec, None, cv(inp["w"]), cv(inp["h0"]), cv(inp["c0"]), cv(mask),
+                             None, None, out, norms, cnorms, saved, cv(grads["go"]),
+                             cv(grads["ghn"]), cv(grads["gcn"]), cv(grads["gt"], torch.float32),
+                             cv(grads["gn"], torch.float32))
+
+    a, b = both(), both()
+    for x, y in zip(a, b):
+        if x is not None:
+            assert torch.equal(x, y)
+    monkeypatch.setenv("RNNREG_CUDA_VARIANT", "")
+    p = both()
+    for name, x, y in zip(("grad_x_proj", "grad_w_hh", "grad_h0", "grad_c0"), a[:4], p[:4]):
+        err = (x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
+        assert err < 2e-2, (name, err)
+
+
+@pytest.mark.parametrize("cell,H", [("relu", 1024), ("lstm", 512)])
+def test_cluster_backward_plan_at_the_benchmark_shapes(cell, H):
+    """The backward plan of the profile (docs/cuda.md): 8 clusters of 16 CTAs at B=32 bf16, or
+    the driver's reason (e.g. fewer co-resident 16-CTA clusters than the 132 SMs suggest)."""
+    ext = cuda.load_extension()
+    why = ext.cluster_bwd_plan(cuda._CELL_CODE[cell], 1, 32, H, torch.cuda.current_device())
+    assert why == "", why

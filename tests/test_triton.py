@@ -404,6 +404,53 @@ def test_k_slices_bad_input():
         launch.backward(*args, *rest, variant="step", k_slices=2)
 
 
+# the persistent forward of the one-gate cells with its K-halves stacked along M (launch.plan:
+# KH = 2) and its own batch tile (launch.forward_plan: BB 16 -> 8; the backward keeps 16):
+# B = 17 leaves a last tile of one row, H = 50 pads K to 64 (two halves of 32)
+STACKED = [("relu", torch.float16, False, None), ("trec", torch.float32, True, None),
+           ("tanh", torch.float16, False, 4)]
+
+
+@pytest.mark.parametrize("cell,dtype,tf32,block_b", STACKED,
+                         ids=[f"{c}-{str(d)[6:]}{'-tf32' if t else ''}-bb{b}"
+                              for c, d, t, b in STACKED])
+def test_stacked_persistent_forward(cell, dtype, tf32, block_b):
+    if DEVICE.type == "cuda":
+        pytest.skip("test_triton_gpu.py covers the persistent forward on the GPU")
+    from test_triton_gpu import compare, make as make_gpu_case
+    B, H, T = 17, 50, 6
+    p = launch.plan(cell, B, H, dtype, DEVICE, tf32, variant="persistent", block_b=block_b)
+    f = launch.forward_plan(p)
+    assert (p.KH, f.KH, f.NH) == (2, 2, 1), (p, f)
+    assert (f.BB, f.NB) == ((8, 3) if block_b is None else (block_b, 5)), f
+    assert p.BB == (16 if block_b is None else block_b), p
+    lengths = [T - (5 * b) % T for b in range(B)]
+    lengths[-1] = 1
+    compare(make_gpu_case(cell, T, B, H, lengths, reverse=cell != "trec"), dtype, tf32,
+            variant="persistent", block_b=block_b)
+
+
+def test_forward_plan_of_the_key_shapes():
+    """The forward's own tiling at H=1024 B=32 on 132 SMs: the one-gate cells stack K-halves
+    and halve the batch tile (64 programs); the backward's plan and the LSTM keep theirs."""
+    cuda = torch.device("cuda")
+    for cell in ("relu", "tanh", "trec"):
+        p = launch.plan(cell, 32, 1024, torch.bfloat16, cuda, sm_count=132)
+        assert (p.variant, p.BB, p.NB, p.NH, p.KH) == ("persistent", 16, 2, 16, 2), p
+        f = launch.forward_plan(p)
+        assert (f.BB, f.NB, f.NH, f.NR, f.KH, f.fwd_tiles) == (8, 4, 16, 1, 2, None), f
+    lstm = launch.plan("lstm", 32, 1024, torch.bfloat16, cuda, sm_count=132)
+    assert lstm.KH == 1 and launch.forward_plan(lstm) == lstm, lstm
+    # a grid that would no longer fit the SMs with half the tile keeps the tile (still KH=2)
+    big = launch.plan("relu", 128, 1024, torch.bfloat16, cuda, sm_count=132)
+    assert (big.NH * big.NB, big.KH, big.fwd_tiles) == (128, 2, None), big
+    # fixed tiles (block_b), FMA types and K below two halves of 16 stack nothing new
+    assert launch.plan("relu", 32, 1024, torch.bfloat16, cuda, block_b=16,
+                       sm_count=132).fwd_tiles is None
+    assert launch.plan("relu", 32, 16, torch.float16, cuda, variant="persistent",
+                       sm_count=132).KH == 1
+
+
 @pytest.mark.parametrize("cell", ["lstm", "relu"])
 def test_recurrence_end_to_end(cell):
     """rnnreg_kernels.recurrence(..., backend="triton") through autograd vs the reference."""

@@ -73,6 +73,11 @@ def _cases():
         for k in KERNELS["persistent"]:
             allowed = (known_spill((k, cell, H, B)) or (0, ""))[0]
             out.append(_case(k, cell, "bf16", False, B, H, None, spill_bytes=allowed))
+    # the one-gate forward's stacked K-halves (launch.plan KH = 2) in the other forms the rule
+    # plans: fp16 with the halved batch tile, and B = 128, whose halved tile would not fit
+    # the SMs (the tile stays 16 rows: the stacked operand has 32 columns)
+    out.append(_case("fwd_persistent", "relu", "fp16", False, 32, 1024, None))
+    out.append(_case("fwd_persistent", "tanh", "bf16", False, 128, 1024, None))
     # issue 12's feature flags on (cell norms forward; norm gradients backward): normprop on
     # every variant, and at the key shape as the rule plans it
     for variant, H in (("tiled", 64), ("persistent", 256), ("step", 256)):

@@ -261,6 +261,26 @@ def test_persistent_at_large_hidden(cell, H, B, ragged):
     compare(c, torch.bfloat16)
 
 
+@pytest.mark.parametrize("cell,B", [("relu", 32), ("tanh", 20), ("trec", 37)])
+def test_stacked_persistent_forward_at_large_hidden(cell, B):
+    """The one-gate persistent forward at H=1024 with K-halves stacked along M and its own
+    batch tile (8 rows where the grid fits; B = 20 and 37 leave partial tiles), against the
+    reference with ragged lengths, reverse and all three penalties, in bfloat16 (and
+    float16 for relu)."""
+    H, T = 1024, 30
+    p = launch.plan(cell, B, H, torch.bfloat16, DEV)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    if sms >= 128:
+        f = launch.forward_plan(p)
+        assert (p.variant, f.KH, f.BB) == ("persistent", 2, 8), (p, f)
+    lengths = [T - (7 * b) % T for b in range(B)]
+    lengths[-1] = 1
+    c = make(cell, T, B, H, lengths, reverse=cell != "trec")
+    compare(c, torch.bfloat16)
+    if cell == "relu":
+        compare(c, torch.float16)
+
+
 V2_SHAPES = [  # cell, T, B, H, lengths, reverse, cell_norms, norm_grads
     ("normprop", 50, 32, 1024, "ragged", True, True, True),   # persistent, the key shape
     ("normprop", 40, 16, 64, None, False, True, True),        # tiled

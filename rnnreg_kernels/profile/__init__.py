@@ -116,7 +116,7 @@ def profile(backend: str, cell: str, hidden: int, batch: int, dtype: str,
             sm_count: int = 132, tf32: bool = False, save_cubin: Optional[str] = None,
             workers: int = 2, variant: str = "persistent") -> dict:
     """The profile as a dict (what ``--json`` writes).  ``variant="cluster"`` (cuda only):
-    the Hopper cluster forward (csrc/cluster.cu, sm_90a) and the persistent backward."""
+    the Hopper cluster forward and backward (csrc/cluster.cu, cluster_backward.cu, sm_90a)."""
     _check(backend, cell, hidden, batch, dtype, sm_count)
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -234,8 +234,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive("--workers"), default=2,
                    help="compile processes (default 2)")
     p.add_argument("--variant", choices=VARIANTS, default="persistent",
-                   help="cuda only: 'cluster' profiles the Hopper cluster forward (sm_90a, "
-                        "opt-in variant) with the persistent backward")
+                   help="cuda only: 'cluster' profiles the Hopper cluster forward and backward "
+                        "(sm_90a, opt-in variant)")
 
 
 def _positive(name):
@@ -281,7 +281,7 @@ def main(args) -> int:
     if args.measure:
         from .measure import measure
         if getattr(args, "variant", "persistent") == "cluster":
-            os.environ["RNNREG_CUDA_VARIANT"] = "cluster"  # the op then runs the cluster forward
+            os.environ["RNNREG_CUDA_VARIANT"] = "cluster"  # the op then runs the cluster kernels
         measure(result, args.backend, args.cell, args.hidden, args.batch, args.dtype, args.tf32)
     print(table(result))
     if args.json:

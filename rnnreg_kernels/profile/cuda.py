@@ -385,7 +385,7 @@ def versions() -> dict:
 
 # ----------------------------------------------------------------------------- cluster variant
 # The Hopper cluster forward (csrc/cluster.cu, opt-in: RNNREG_CUDA_VARIANT=cluster) compiled
-# for sm_90a, and the persistent backward it feeds.  Its plan is the one cluster.cu makes:
+# for sm_90a (its backward, cluster_backward.cu, is below).  Its plan is the one cluster.cu makes:
 # units per CTA round8(ceil(H / 16)), csize = ceil(H / units) CTAs per cluster (up to 16, the
 # non-portable maximum), CLUSTERS_PER_GPU(csize) clusters at once (one CTA per SM; the driver's
 # cudaOccupancyMaxActiveClusters may be lower where GPC boundaries cut SMs off), batch slices of
@@ -487,11 +487,12 @@ def _cluster_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[s
     KS = base["KS"]
     base["nmain"] = -(-(KS - 3 * KP) // (4 * KP)) if KS - 3 * KP > 0 else 0
     prod = _mma(nbv, G * u, Hx, 16) if es == 2 else _matvec(G * u, nbv, ld)
-    return {"cluster.cu": base, "common.cuh": dict(base, **prod), "forward.cu": base}
+    return {"cluster.cu": base, "cluster.cuh": base, "common.cuh": dict(base, **prod),
+            "forward.cu": base}
 
 
 def cluster_kernels(cell: str, H: int, B: int, dtype: str, sm_count: int) -> List[dict]:
-    """The cluster forward and the persistent backward: items for ``kernel_record``."""
+    """The cluster forward and the cluster backward: items for ``kernel_record``."""
     cp = cluster_plan(cell, B, H, dtype, sm_count)
     out = []
     cubin = compile_cluster_cubin()
@@ -516,7 +517,127 @@ def cluster_kernels(cell: str, H: int, B: int, dtype: str, sm_count: int) -> Lis
                    "note": "opt-in Hopper cluster variant (sm_90a); the instantiation of this "
                            "cell (lstm, or relu/tanh/trec with the activation picked at run "
                            "time)"})})
-    out.extend(item for item in kernels(cell, H, B, dtype, False, sm_count)
-               if item.get("direction", item.get("record_args", {}).get("direction"))
-               == "backward")
+    out.append(cluster_backward_item(cell, H, B, dtype, sm_count))
     return out
+
+
+# ----------------------------------------------------------------------------- cluster backward
+# The cluster variant's backward (csrc/cluster_backward.cu), compiled for sm_90a.  Same split
+# as the forward; CTA r keeps the W^T slice [units][srow(G*Hp)] (Hp = csize * units, the gate
+# segment of the gathered dz rows), the cluster's dz double-buffered [2][bs][srow(G*Hp)];
+# batch slices as the forward's planner, shrunk until cluster_bwd_layout fits SMEM_OPTIN.
+
+
+def _cluster_bwd_layout_total(G: int, H: int, units: int, bs: int, es: int) -> int:
+    """cluster_bwd_layout(...).total of csrc/cluster_backward.cu."""
+    k = constants()
+    hp = -(-H // units) * units
+    ld, u = srow(G * hp, es), units
+    dx = _align16(u * ld * es)
+    dl = _align16(dx + 2 * bs * ld * es)
+    df = _align16(dl + bs * G * u * es)
+    dh = _align16(df + bs * G * u * 4)
+    hc = _align16(dh + bs * u * 4)
+    cc = _align16(hc + bs * u * 4)
+    red = _align16(cc + (bs * u * 4 if G == 4 else 0))
+    return _align16(red + max(k["kWarps"] * 2 * 128, k["kRedFloats"]) * 4)
+
+
+def cluster_bwd_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
+                     csize_max: int = CLUSTER_MAX) -> dict:
+    """The plan csrc/cluster_backward.cu would make on an H100/H200-like device."""
+    if dtype not in DTYPE_CODE:
+        raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
+    G, es = gates_of(cell), DTYPE_SIZE[dtype]
+    units = _round_up(-(-H // csize_max), 8)
+    csize = -(-H // units)
+    one = _cluster_bwd_layout_total(G, H, units, 1, es)
+    if one > SMEM_OPTIN:
+        raise ValueError(f"the cuda cluster variant's backward cannot keep w_hh in one cluster "
+                         f"for cell={cell}, H={H}, dtype={dtype}: a {units}-unit slice needs "
+                         f"{one // 1024} KiB of shared memory per CTA, more than "
+                         f"{SMEM_OPTIN // 1024} KiB")
+    active = max(1, sm_count // csize)
+    bs = -(-B // active)
+    while bs > 1 and _cluster_bwd_layout_total(G, H, units, bs, es) > SMEM_OPTIN:
+        bs -= 1
+    clusters = -(-B // bs)
+    return {"variant": "cluster", "units": units, "csize": csize, "clusters": clusters,
+            "bs": bs, "blocks": csize * clusters, "Hp": csize * units,
+            "smem": _cluster_bwd_layout_total(G, H, units, bs, es),
+            "threads": constants()["kThreads"], "assumed_clusters_at_once": active}
+
+
+def compile_cluster_bwd_cubin() -> bytes:
+    """cluster_backward.cu for sm_90a (cached per source content)."""
+    src = csrc_dir()
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(src)):
+        if name.endswith((".cu", ".cuh", ".h")):
+            with open(os.path.join(src, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    key = f"{digest.hexdigest()[:16]}:cluster_backward"
+    if key not in _CACHE:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "cluster_backward.cubin")
+            cmd = [_nvcc(), *CLUSTER_NVCC_FLAGS, "-I", src, "-o", out,
+                   os.path.join(src, "cluster_backward.cu")]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            if res.returncode != 0:
+                raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+            with open(out, "rb") as f:
+                _CACHE[key] = f.read()
+    return _CACHE[key]
+
+
+def _cluster_bwd_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[str, Dict]:
+    """Values for the loop headers of cluster_backward.cu (CTA of rank 0 of cluster 0,
+    thread 0) and of the step product (cluster_product in cluster.cuh; block_matvec of
+    common.cuh for strict fp32)."""
+    k = constants()
+    G, es = gates_of(cell), DTYPE_SIZE[dtype]
+    u, C, bs = p["units"], p["csize"], p["bs"]
+    nu, nbv = min(u, H), min(bs, B)
+    E = 16 // es
+    cpn = -(-nu // E)
+    hp = C * u
+    Kx, ld = xrow(G * hp), srow(G * hp, es)
+    rows = nbv * G
+    base = dict(k, B=B, H=H, G=G, u=u, C=C, bs=bs, nu=nu, nbv=nbv, items=nbv * nu, E=E,
+                cpn=cpn, rows=rows, per_rank=rows * cpn, Hp=hp, Kx=Kx, ld=ld, rank=0, cid=0,
+                j0=0, cb0=0, tid=0, warp=0, lane=0, T_=None, k=None)
+    base["threadIdx.x"] = 0
+    MT, NT = -(-u // 16), -(-nbv // 8)
+    KP = 1 if MT >= k["kWarps"] else k["kWarps"] // MT
+    ntg = cluster_ntg(bs)
+    base.update(M=nbv, N=u, MT=MT, NT=NT, KS=Kx // (16 if es == 2 else 8), KP=KP,
+                work=MT * KP, NTG=ntg, ntg=ntg, red_n=MT * ntg * 32 if KP > 1 else 0, item=0,
+                kp=0, nt0=0)
+    KS = base["KS"]
+    base["nmain"] = -(-(KS - 3 * KP) // (4 * KP)) if KS - 3 * KP > 0 else 0
+    prod = _mma(nbv, u, Kx, 16) if es == 2 else _matvec(u, nbv, ld)
+    return {"cluster_backward.cu": base, "cluster.cuh": base,
+            "common.cuh": dict(base, **prod), "forward.cu": base}
+
+
+def cluster_backward_item(cell: str, H: int, B: int, dtype: str, sm_count: int) -> dict:
+    """The cluster backward as an item for ``kernel_record`` (or an error item)."""
+    bp = cluster_bwd_plan(cell, B, H, dtype, sm_count)
+    cubin = compile_cluster_bwd_cubin()
+    text = sass.disassemble(cubin)
+    wanted = template_args(dtype, cell, cluster_ntg(bp["bs"]))
+    names = [f for f in sass.split_functions(text)
+             if "cluster_backward_kernel" in f and wanted in f]
+    if len(names) != 1:
+        return {"direction": "backward",
+                "error": f"cluster_backward_kernel<{dtype}> not found in the cubin ({wanted})"}
+    spaces = _cluster_bwd_namespace(cell, B, H, bp, dtype)
+    return {"record_args": dict(
+        name="cluster_backward_kernel", direction="backward", plan=dict(bp), cubin=cubin,
+        warps=constants()["kWarps"], shared_dynamic=bp["smem"], programs=bp["blocks"],
+        trip_of=trip_rule("backward", cell, B, H, bp, dtype, spaces=spaces),
+        function=names[0], sass_text=text,
+        extra={"grid": [bp["blocks"]], "cluster": [bp["csize"], 1, 1],
+               "instantiation": names[0],
+               "note": "opt-in Hopper cluster variant's backward (sm_90a); the instantiation "
+                       "of this cell (lstm, or relu/tanh/trec)"})}

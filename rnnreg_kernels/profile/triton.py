@@ -1,7 +1,9 @@
 """Triton half of the static profile: compile the kernels a plan launches for sm_90, no GPU.
 
-The plan is ``rnnreg_kernels.triton.launch.plan(..., sm_count=N)``; its variant names the
-(forward, backward) kernels in ``launch.KERNELS``.  Each kernel is compiled with
+The plan is ``rnnreg_kernels.triton.launch.plan(..., sm_count=N)`` (for the forward kernel
+passed through ``launch.forward_plan``, which applies the forward's own tiling, as
+``launch.forward`` does); its variant names the (forward, backward) kernels in
+``launch.KERNELS``.  Each kernel is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90,
 32), options={"num_warps": plan.num_warps, ...})``:
 
@@ -158,6 +160,8 @@ def compile_one(job: dict) -> dict:
         p = _plan(job["cell"], job["B"], job["H"], job["dtype"], job["tf32"], job["sm_count"],
                   job.get("variant"))
         idx = 0 if job["direction"] == "forward" else 1
+        if idx == 0:
+            p = launch.forward_plan(p)   # the forward's own tiling, as launch.forward runs it
         name = launch.KERNELS[p.variant][idx]
         kern = getattr(fwd if idx == 0 else bwd, name)
         const = _constexprs(kern, p, job["cell"], job["dtype"], job["tf32"])

@@ -177,6 +177,59 @@ def _row_norms(hbuf_ptr, nrows, n_ok, HF: tl.constexpr, ACC: tl.constexpr):
     return tl.sum(v * v, axis=1)
 
 
+@triton.jit
+def _grid_barrier(bar_ptr, target):
+    """Grid-wide barrier of a co-resident grid, ``target`` = (barrier number) * (programs):
+    ``step.grid_barrier`` with two thread-block barriers fewer.  The poll is a do-while (no
+    poll before the loop), and there is no thread-block barrier after it: the poll's
+    acquire is one thread's, and the thread-block barrier with which Triton hands its
+    result to the other threads orders their later loads after it."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    seen = tl.zeros([], tl.int32)
+    while seen < target:
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _stacked_w(wt_ptr, pid, MR: tl.constexpr, KC: tl.constexpr, HF: tl.constexpr):
+    """The program's W slice (``wt`` rows ``pid*MR ..``) as the operand of
+    :func:`_stacked_product`, its two K-halves stacked along M: ``W' [2*MR, KC]``, row
+    ``i*MR + r`` = columns ``i*KC .. (i+1)*KC`` of slice row r."""
+    sr = tl.arange(0, 2 * MR)
+    sc = tl.arange(0, KC)
+    return tl.load(wt_ptr + (pid * MR + sr % MR)[:, None].to(tl.int64) * HF
+                   + ((sr // MR) * KC)[:, None] + sc[None, :])
+
+
+@triton.jit
+def _stacked_product(w_s, hslot_ptr, b0, B, ACC_F64: tl.constexpr, TF32: tl.constexpr,
+                     MR: tl.constexpr, KC: tl.constexpr, BB: tl.constexpr, HF: tl.constexpr,
+                     ACC: tl.constexpr):
+    """``W_sl^T @ h^T`` ``[MR, BB]`` for the rows ``b0 ..`` of the exchange slot ``hslot [B,
+    HF]``, with K = 2*KC in two halves stacked along M: ``W' [2*MR, KC] @ h' [KC, 2*BB]``
+    (``w_s`` from :func:`_stacked_w`; column ``j*BB + b`` of h' is K-half j of row b0 + b).
+    Block (i, j) of the product is K-half i of W times K-half j of h; the result is block
+    (0, 0) + block (1, 1), the other two are discarded.
+
+    Why: with 2*MR = 128 rows the two warpgroups of 8 warps split M, so each reads its own
+    K-half of W once per step (with 64 rows they split N and both read all of W), and each
+    accumulator chain is KC/16 MMAs deep.  The column halves of a row are held by one thread
+    in the MMA layout (the first split is in registers); the sum of the two row halves is
+    the one exchange between the warpgroups."""
+    sr = tl.arange(0, 2 * MR)
+    sc = tl.arange(0, KC)
+    sj = tl.arange(0, 2 * BB)
+    srow = b0 + sj % BB
+    h_s = tl.load(hslot_ptr + srow[None, :] * HF + ((sj // BB) * KC)[None, :] + sc[:, None],
+                  mask=(srow < B)[None, :], other=0.0, cache_modifier=".cg")
+    acc = dot_acc(w_s, h_s, tl.zeros([2 * MR, 2 * BB], ACC), ACC_F64, TF32)
+    c0, c1 = tl.split(tl.permute(tl.reshape(acc, [2 * MR, 2, BB]), (0, 2, 1)))
+    d = tl.where((sr < MR)[:, None], c0, c1)     # K-half i of W keeps K-half i of h
+    top, bottom = tl.split(tl.permute(tl.reshape(d, [2, MR, BB]), (1, 2, 0)))
+    return top + bottom
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
                    out_ptr, hn_ptr, cn_ptr, act_ptr, cs_ptr, norms_ptr, cnorms_ptr, tpart_ptr,
@@ -185,8 +238,8 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
                    w_ns, w_ns_lo, w_tar, w_tar_lo, w_ar, w_ar_lo,
                    CELL: tl.constexpr, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                    BK: tl.constexpr, HF: tl.constexpr, NR: tl.constexpr, HOLD: tl.constexpr,
-                   ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr,
-                   CELL_NORMS: tl.constexpr):
+                   KH: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr,
+                   TF32: tl.constexpr, CELL_NORMS: tl.constexpr):
     """One launch for the whole sequence.  Grid ``(NH, NB)``: program (p, q) owns the hidden
     units ``p*BH ..`` (all G gates) of batch tile q and keeps their state (h, c) in
     registers; the NH programs of tile q meet at the barrier ``bar[q]`` after each step.
@@ -197,7 +250,9 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     (row ``u*G + g`` = gate g of unit u), zero-padded to NH*BH units and HF = pow2(H)
     columns (``launch.interleave_w``), so that every W load is an unmasked full-width vector
     load.  ``HOLD``: the slice ``[G*BH, BK = HF]`` stays on chip for all steps; else it is
-    streamed in BK-chunks.  h is exchanged through ``hbuf [2, B, HF]`` (input dtype, row
+    streamed in BK-chunks.  ``KH`` = 2 (held slices only; 1: off): the product's K is split
+    into two halves stacked along M (``_stacked_product``; ``launch.plan`` sets it for the
+    one-gate cells).  The grid barrier is ``_grid_barrier``.  h is exchanged through ``hbuf [2, B, HF]`` (input dtype, row
     stride HF = pow2(H) >= BK, zero padding columns), slot k % 2 holding h_k in processing
     order, so every step reads one slot with full-width vector loads whatever the lengths
     and direction.  Norms: after barrier k each program reduces whole rows of h_k, the rows
@@ -222,8 +277,12 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     rows, row_ok, L = tile_rows(q * BB, B, T, len_ptr, has_len, BB)
     kk = tl.arange(0, BK)
     w_rows = wt_ptr + (pid * G * BH + tl.arange(0, G * BH))[:, None].to(tl.int64) * HF
+    tl.static_assert(KH == 1 or KH == 2)
     if HOLD:
-        w_t = tl.load(w_rows + kk[None, :])
+        if KH == 2:
+            w_t = _stacked_w(wt_ptr, pid, G * BH, BK // 2, HF)
+        else:
+            w_t = tl.load(w_rows + kk[None, :])
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
@@ -244,7 +303,7 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     nL = tl.load(len_ptr + nrows, mask=tl.where(has_len != 0, n_ok, False), other=T)
     nL = tl.where(has_len != 0, nL, T).to(tl.int64)
     x = load_x(1, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
-    grid_barrier(bar, NH)
+    _grid_barrier(bar, NH)
     n_prev = tl.sqrt(_row_norms(hbuf_ptr, nrows, n_ok, HF, ACC) + heps)
     tl.store(norms_ptr + nrows, n_prev, mask=n_ok)
     if CELL_NORMS:
@@ -256,7 +315,10 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
     acc_ar = tl.zeros([BB], ACC)
     for k in range(1, T + 1):
         src = hbuf_ptr + ((k - 1) % 2) * SLOT + rows[None, :] * HF
-        if HOLD:
+        if HOLD and KH == 2:
+            acc = _stacked_product(w_t, hbuf_ptr + ((k - 1) % 2) * SLOT, q * BB, B, ACC_F64,
+                                   TF32, G * BH, BK // 2, BB, HF, ACC)
+        elif HOLD:
             h_t = tl.load(src + kk[:, None], mask=row_ok[None, :], other=0.0,
                           cache_modifier=".cg")
             acc = dot_acc(w_t, h_t, tl.zeros([G * BH, BB], ACC), ACC_F64, TF32)
@@ -277,7 +339,7 @@ def fwd_persistent(x_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr,
         acc_ar += ar
         h = h_new
         x = load_x(k + 1, rows, row_ok, L, xcols, col_ok, x_ptr, B, H, rev, G)
-        grid_barrier(bar, (k + 1) * NH)
+        _grid_barrier(bar, (k + 1) * NH)
         n_k = tl.sqrt(_row_norms(hbuf_ptr + (k % 2) * SLOT, nrows, n_ok, HF, ACC) + heps)
         n_store, ns = ns_step(k, n_k, n_prev, n_ok, nL, ns_init)
         tl.store(norms_ptr + k * B + nrows, n_store, mask=n_ok)

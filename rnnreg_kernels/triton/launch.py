@@ -77,7 +77,10 @@ class Plan:
     BK-chunks (FMA types: fp32 without TF32, fp64).  ``HF`` = pow2(H) (the row stride of the
     persistent exchange buffer), ``NR`` the most rows whose norms one persistent program
     reduces per step, ``KS`` the K-slices of the persistent backward's step product (one per
-    warp, at least 16 wide).  ``cell_norms``, ``grad_norms``, ``grad_cell_norms`` are the
+    warp, at least 16 wide).  ``KH`` (forward only) the K-slices the persistent forward's
+    product stacks along M, ``fwd_tiles`` (forward only) ``(BB, NB, NR)`` of the persistent
+    forward when it tiles the batch differently from the backward (:func:`forward_plan`
+    applies both).  ``cell_norms``, ``grad_norms``, ``grad_cell_norms`` are the
     kernels' feature flags (constexprs ``CELL_NORMS``, ``GRAD_NORMS``, ``GRAD_CELL_NORMS``):
     :func:`plan` leaves them off (the fast path, what the static profile compiles), the
     launchers switch them on per call (:func:`with_features`).
@@ -95,6 +98,8 @@ class Plan:
     HF: int = 16
     NR: int = 1
     KS: int = 1
+    KH: int = 1
+    fwd_tiles: Optional[tuple] = None
     cell_norms: bool = False
     grad_norms: bool = False
     grad_cell_norms: bool = False
@@ -155,13 +160,47 @@ def plan(cell: str, B: int, H: int, dtype: torch.dtype, device: torch.device,
         BK = hfull if mma else min(32, hfull)
         NR = _pow2(triton.cdiv(BB, NH))
         KS = _backward_k_slices(G, BH, hfull)
+        KH, fwd_tiles = _forward_stacking(G, B, BB, NH, hfull, mma, n_co, block_b)
         return Plan("persistent", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH),
-                    PERSISTENT_WARPS, mma, hfull, NR, KS)
+                    PERSISTENT_WARPS, mma, hfull, NR, KS, KH, fwd_tiles)
     BH = block_h or (32 if G == 1 else 8)
     BB = block_b or min(bb, 16)
     NH = triton.cdiv(H, BH)
     BK = min(64 if mma else 32, hfull)
     return Plan("step", BB, BH, BK, NH, triton.cdiv(B, BB), _pow2(NH), 4, False, hfull)
+
+
+def _forward_stacking(G: int, B: int, BB: int, NH: int, hfull: int, mma: bool, n_co: int,
+                      block_b: Optional[int]) -> tuple:
+    """``(KH, fwd_tiles)`` of the persistent forward (``fwd.fwd_persistent``).
+
+    One-gate cells with the W slice held (tensor-core types) and ``pow2(H) >= 32``: the
+    product's K is split into KH = 2 slices stacked along M (``fwd._stacked_product``:
+    ``[2*64, H/2] @ [H/2, 2*BB]``), so the two warpgroups of 8 warps each read half of W
+    once per step instead of both reading all of it, and the accumulator chains are half
+    as deep.  The stacked operand h' has 2*BB columns, so the forward halves the batch
+    tile (``fwd_tiles = (BB/2, NB', NR')``: twice the programs, the MMA's N stays BB) when
+    BB >= 16, the grid still fits the ``n_co`` co-resident programs and ``block_b`` does
+    not fix the tile.  The LSTM-type cells (64 gate rows of 16 units) keep KH = 1."""
+    if G != 1 or not mma or hfull < 32:
+        return 1, None
+    fwd_tiles = None
+    if block_b is None and BB >= 16:
+        bb = BB // 2
+        nb = triton.cdiv(B, bb)
+        if n_co == 1 or NH * nb <= n_co:
+            fwd_tiles = (bb, nb, _pow2(triton.cdiv(bb, NH)))
+    return 2, fwd_tiles
+
+
+def forward_plan(p: Plan) -> Plan:
+    """The plan ``forward`` launches for ``p`` (what :func:`plan` returns, shared with the
+    backward): ``p`` with the forward's own batch tiling ``p.fwd_tiles`` applied, if any.
+    The static profile compiles the forward with it."""
+    if p.fwd_tiles is None:
+        return p
+    BB, NB, NR = p.fwd_tiles
+    return dataclasses.replace(p, BB=BB, NB=NB, NR=NR, fwd_tiles=None)
 
 
 def _backward_k_slices(G: int, BH: int, hfull: int) -> int:
@@ -353,8 +392,9 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
         raise ValueError(f"spec.cell_norms: only the cells with a cell state ("
                          f"{', '.join(LSTM_CELLS)}) have cell norms; got cell {spec.cell!r}")
     scale = _cell_scale(spec, cell_scale, H, acc, dev)
-    p = with_features(plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
-                           block_b), cell_norms=spec.cell_norms)
+    p = with_features(forward_plan(plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype),
+                                        variant, block_h, block_b)),
+                      cell_norms=spec.cell_norms)
     new = _alloc(poison)
     out = new(T, B, H, dtype=dtype, device=dev)
     h_n = new(B, H, dtype=dtype, device=dev)
@@ -383,7 +423,8 @@ def forward(spec: Spec, x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
             wt = interleave_w(w_hh, G, p.NH * p.BH, p.HF)
             _fwd.fwd_persistent[(p.NH, p.NB)](ptrs[0], wt, *ptrs[2:], tpart, hbuf, bar,
                                               *scal, BK=p.BK, HF=p.HF, NR=p.NR,
-                                              HOLD=p.hold, **meta, **_persist(p))
+                                              HOLD=p.hold, KH=p.KH, **meta,
+                                              **_persist(p))
         else:
             tpart = torch.zeros(p.NB * p.NH, 3, dtype=acc, device=dev)
             part = new(2, p.NH, B, dtype=acc, device=dev)
