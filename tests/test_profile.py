@@ -367,33 +367,15 @@ def test_gate_kernels_compile(gate, shape):
             assert not r["unweighted_loops"], r["unweighted_loops"]
 
 
-# Spills known and accepted for now, each with its reason: the gate still fails when one of
-# these kernels spills more than recorded, and when it stops spilling (then delete the entry),
-# so the list cannot go stale.  Every other kernel of the gate must not spill at all.
-KNOWN_SPILLS = {
-    ("triton", "lstm", 1024, 32, "bf16", "bwd_persistent"): (
-        280, "loop-invariant address registers of the LSTM backward (255 registers with the "
-             "4 gates' dz tiles in flight) are spilled and reloaded, ~34 LDL (L1 hits) per "
-             "step; 4 or 16 warps and fewer K-slices spill more (docs/triton.md)"),
-}
-
-
 @pytest.mark.parametrize("shape", baseline.GATE_SHAPES, ids=_ids())
 def test_gate_no_spills(gate, shape):
-    known = []
+    """No kernel of the gate spills: no stack, no local memory, no STL/LDL in the step (the
+    LSTM backward's 272 B of spilled addresses are gone since issue 8, session 3)."""
     for r in (r for r in _records(gate) if tuple(r["shape"]) == shape):
-        k = KNOWN_SPILLS.get(tuple(shape) + (r["name"],))
-        if k is not None:
-            assert 0 < r["spill_bytes"] <= k[0], (
-                f"{r['name']} ({r['direction']}): {r['spill_bytes']} B of spills, recorded "
-                f"{k[0]} B in KNOWN_SPILLS (remove the entry when it is 0)")
-            known.append(f"{r['name']}: {r['spill_bytes']} B ({k[1]})")
-            continue
         assert r["spill_bytes"] == 0 and r["spill_instructions_per_step"] == 0, (
             f"{r['name']} ({r['direction']}) spills on sm_90: {r['registers']} registers, "
-            f"{r['stack_bytes']} B stack, {r['local_bytes']} B local, plan {r['plan']}")
-    if known:
-        pytest.xfail("known spills: " + "; ".join(known))
+            f"{r['stack_bytes']} B stack, {r['local_bytes']} B local, "
+            f"{r['spill_instructions_per_step']} STL/LDL per step, plan {r['plan']}")
 
 
 @pytest.mark.parametrize("shape", baseline.GATE_SHAPES, ids=_ids())

@@ -10,6 +10,7 @@ output and every gradient (with random upstream gradients on output, h_n, c_n an
 penalty term) is compared: float64 tightly, float32 against the float32 reference's own
 error.  Every buffer is NaN-poisoned before the launch, so an unwritten element fails.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -332,6 +333,75 @@ def test_float16_normprop_within_same_dtype_error(variant):
         kw["block_h"] = 16
     compare(make_gpu_case("normprop", 5, 3, 20, [5, 1, 3], reverse=variant == "step",
                           cell_norms=True, norm_grads=True), torch.float16, **kw)
+
+
+# The persistent backward's K-split product (KS > 1: what the GPU plans use for 16 units per
+# program) and its row sub-tiles (batch tiles of 32 and 64 rows: 2 and 4 sub-tiles of 16),
+# which the interpreter's own plans (one program of 64 or more units: KS = 1) do not reach;
+# forced with k_slices and block_b.  B = 40 puts real rows in the second and third
+# sub-tiles and leaves rows of the last one past B.
+KSPLIT_CONFIGS = {  # name: (T, B, H, lengths, reverse, ns_include_initial, ar_mask, pens)
+    "B40-ragged-fwd-H50": (4, 40, 50, [4 - (3 * b) % 4 for b in range(39)] + [1], False,
+                           True, True, PEN_ON),
+    "B40-ragged-rev-H20": (3, 40, 20, [1 + (5 * b) % 3 for b in range(40)], True, False,
+                           True, PEN_ON),
+    "B3-full-rev-H60": (3, 3, 60, None, True, True, False, PEN_ON),
+}
+CONFIGS.update(KSPLIT_CONFIGS)
+# name: (cell, config, k_slices, block_b, cell_norms and norm gradients)
+KSPLIT = {
+    "lstm-KS4-BB32": ("lstm", "B40-ragged-fwd-H50", 4, 32, False),
+    "normprop-KS2-BB64-norms": ("normprop", "B40-ragged-rev-H20", 2, 64, True),
+    "lstm-KS8-BB16": ("lstm", "B3-full-rev-H60", 8, 16, False),
+    "relu-KS2-BB32": ("relu", "B40-ragged-fwd-H50", 2, 32, True),
+}
+
+
+def _ksplit_backends(name):
+    cell, config, ks, bb, v2 = KSPLIT[name]
+    kw = dict(variant="persistent", block_b=bb, poison=True)
+    fwd = functools.partial(launch.forward, **kw)
+    bwd = functools.partial(launch.backward, k_slices=ks, **kw)
+    return cell, config, v2, fwd, bwd
+
+
+@pytest.mark.parametrize("name", list(KSPLIT))
+def test_persistent_backward_k_split_float64(name):
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 kernels run only in the interpreter")
+    cell, config, v2, fwd, bwd = _ksplit_backends(name)
+    c = cast(make_case(cell, config, torch.float64, cell_norms=v2 and cell != "relu",
+                       norm_grads=v2), torch.float64, DEVICE)
+    got = run_backend(fwd, bwd, c)
+    assert_all_close(got, run_reference(c), rtol=1e-9, atol=1e-11, what=f"k-split/{name}")
+
+
+def test_persistent_backward_k_split_float16():
+    """float16 through the K-split product with 2 row sub-tiles vs float64 truth, bounded by
+    a float16 PyTorch recurrence's own error."""
+    if DEVICE.type == "cuda":
+        pytest.skip("test_triton_gpu.py covers the GPU plans")
+    from test_triton_gpu import check, in_dtype, lowp_naive, make as make_gpu_case, run, \
+        spec_of
+    _, _, _, fwd, bwd = _ksplit_backends("lstm-KS4-BB32")
+    c = make_gpu_case("lstm", 4, 40, 50, [4 - (3 * b) % 4 for b in range(40)], reverse=True)
+    truth = run(reference.forward, reference.backward, spec_of(c), in_dtype(c, torch.float64))
+    cd = in_dtype(c, torch.float16)
+    got = run(fwd, bwd, spec_of(c), cd)
+    check(got, lowp_naive(spec_of(c), cd), truth, 2.0 ** -10, "k-split fp16")
+
+
+def test_k_slices_bad_input():
+    c = cast(make_case("lstm", "ragged-rev-H5", torch.float64), torch.float64, DEVICE)
+    args = (c["spec"], c["x"], c["w"], c["h0"], c["c0"], c["mask"], c["lengths"], None)
+    out = launch.forward(*args, variant="persistent")
+    rest = (out[0], out[4], None, out[6], c["go"], c["ghn"], c["gcn"], c["gt"])
+    for bad in (3, 0, 32):
+        with pytest.raises(ValueError, match=r"k_slices: expected a power of two from 1 to "
+                                             r"pow2\(H\) = 16, got"):
+            launch.backward(*args, *rest, variant="persistent", k_slices=bad)
+    with pytest.raises(ValueError, match="k_slices: only the persistent variant"):
+        launch.backward(*args, *rest, variant="step", k_slices=2)
 
 
 # the persistent forward of the one-gate cells with its K-halves stacked along M (launch.plan:

@@ -241,13 +241,23 @@ def test_each_variant(cell, variant):
     compare(c, torch.float32, tf32=False, variant=variant)
 
 
-@pytest.mark.parametrize("cell,H", [("lstm", 1024), ("relu", 1024)])
-def test_persistent_at_large_hidden(cell, H):
-    p = launch.plan(cell, 32, H, torch.bfloat16, DEV)
+@pytest.mark.parametrize("cell,H,B,ragged", [
+    ("lstm", 1024, 32, False), ("relu", 1024, 32, False),
+    # the LSTM backward's K-split product at the key shape with ragged lengths (and reverse),
+    # and with a batch tile of 32 rows (2 row sub-tiles of the product)
+    ("lstm", 1024, 32, True), ("lstm", 1024, 64, True)],
+    ids=["lstm-H1024-B32", "relu-H1024-B32", "lstm-H1024-B32-ragged-rev",
+         "lstm-H1024-B64-ragged"])
+def test_persistent_at_large_hidden(cell, H, B, ragged):
+    p = launch.plan(cell, B, H, torch.bfloat16, DEV)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     if sms >= 128:
         assert p.variant == "persistent" and p.hold, p
-    c = make(cell, 50, 32, H, reverse=cell == "relu")
+    lengths = None
+    if ragged:
+        lengths = [50 - (7 * b) % 50 for b in range(B)]
+        lengths[-1] = 1
+    c = make(cell, 50, B, H, lengths, reverse=cell == "relu" or (ragged and B == 32))
     compare(c, torch.bfloat16)
 
 

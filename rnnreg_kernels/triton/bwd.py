@@ -36,30 +36,59 @@ def _mask_sq(mask_ptr, rows, row_ok, units, unit_ok, H, has_mask, ACC: tl.conste
 
 
 @triton.jit
-def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr,
-                   gh0_ptr, B, H, ns_init, c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
-    """Store grad_h0 = the recurrent grad of step 1 + the NS-initial term (+ the radial term
-    of ``gnorms[0]``)."""
+def _h0_grad(dh, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H, ns_init,
+             c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
+    """grad_h0 from ``dh [BB, BH]`` (the recurrent grad of step 1): + the NS-initial term
+    (+ the radial term of ``gnorms[0]``)."""
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
     h0 = tl.load(h0_ptr + noff, mask=um, other=0.0).to(ACC)
     n0 = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)
     n1 = tl.load(norms_ptr + B + rows, mask=row_ok, other=1.0)
-    gh0 = ns_initial_grad(dh_rec, h0, n0, n1, c_ns, ns_init)
+    gh0 = ns_initial_grad(dh, h0, n0, n1, c_ns, ns_init)
     if GRAD_NORMS:
         gh0 += radial(gnorms_ptr, norms_ptr, rows, row_ok)[:, None] * h0
+    return gh0
+
+
+@triton.jit
+def _c0_grad(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H,
+             ACC: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
+    """grad_c0 from ``dc [BB, BH]`` (dc of step 1): + the radial term of ``gcnorms[0]``
+    (with ``GRAD_CELL_NORMS``)."""
+    if GRAD_CELL_NORMS:
+        um = row_ok[:, None] & unit_ok[None, :]
+        c0 = tl.load(c0_ptr + rows[:, None] * H + units[None, :], mask=um, other=0.0).to(ACC)
+        dc += radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
+    return dc
+
+
+@triton.jit
+def _store_rows(v, rows, row_ok, units, unit_ok, ptr, H):
+    """Store ``v [BB, BH]`` at rows x units of ``ptr [B, H]`` (in ``ptr``'s dtype)."""
+    tl.store(ptr + rows[:, None] * H + units[None, :], v.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & unit_ok[None, :])
+
+
+@triton.jit
+def _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr,
+                   gh0_ptr, B, H, ns_init, c_ns, ACC: tl.constexpr, GRAD_NORMS: tl.constexpr):
+    """Store grad_h0 (``_h0_grad``)."""
+    um = row_ok[:, None] & unit_ok[None, :]
+    noff = rows[:, None] * H + units[None, :]
+    gh0 = _h0_grad(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H,
+                   ns_init, c_ns, ACC, GRAD_NORMS)
     tl.store(gh0_ptr + noff, gh0.to(gh0_ptr.dtype.element_ty), mask=um)
 
 
 @triton.jit
 def _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, gc0_ptr,
                    H, ACC: tl.constexpr, GRAD_CELL_NORMS: tl.constexpr):
-    """Store grad_c0 = dc of step 1 (+ the radial term of ``gcnorms[0]``)."""
+    """Store grad_c0 (``_c0_grad``)."""
     um = row_ok[:, None] & unit_ok[None, :]
     noff = rows[:, None] * H + units[None, :]
-    if GRAD_CELL_NORMS:
-        c0 = tl.load(c0_ptr + noff, mask=um, other=0.0).to(ACC)
-        dc += radial(gcnorms_ptr, cnorms_ptr, rows, row_ok)[:, None] * c0
+    dc = _c0_grad(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H, ACC,
+                  GRAD_CELL_NORMS)
     tl.store(gc0_ptr + noff, dc.to(gc0_ptr.dtype.element_ty), mask=um)
 
 
@@ -193,9 +222,10 @@ def _bwd_tile(k, rows, row_ok, L, units, unit_ok, xcols, acols, col_ok, m2,
 @triton.jit
 def _w_gate(wb_ptr, g, u0, HF: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr,
             KC: tl.constexpr, NHB):
-    """Gate g of the slice's W_hh columns as ``[KS, BH, KC]``: ``[s, j, c]`` = W[g*H + s*KC +
-    c, u0 + j] (from ``wb [G, NH*BH, HF]``, see ``launch.transpose_w``); ``[BH, KC]`` for
-    KS = 1."""
+    """Gate g of the slice's W_hh columns (from ``wb [G, NH*BH, HF]``, see
+    ``launch.transpose_w``): ``[BH, HF]`` for KS = 1 (``[j, c]`` = W[g*H + c, u0 + j], the A
+    operand of the transposed product); else ``[KS, KC, BH]`` (``[s, c, j]`` = W[g*H + s*KC +
+    c, u0 + j], the B operand of the per-slice product)."""
     j = tl.arange(0, BH)
     c = tl.arange(0, KC)
     row = (g * NHB + u0 + j).to(tl.int64) * HF
@@ -203,55 +233,125 @@ def _w_gate(wb_ptr, g, u0, HF: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr,
         w = tl.load(wb_ptr + row[:, None] + c[None, :])
     else:
         s = tl.arange(0, KS)
-        w = tl.load(wb_ptr + row[None, :, None] + (s[:, None, None] * KC + c[None, None, :]))
+        w = tl.load(wb_ptr + row[None, None, :] + (s[:, None, None] * KC + c[None, :, None]))
     return w
 
 
 @triton.jit
-def _dz_offsets(rows, HF: tl.constexpr, G: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr):
-    """Offsets of gate 0 in one exchange slot, transposed and split over K: ``[KS, KC, BB]``
-    (``[KC, BB]`` for KS = 1); gate g is at ``+ g * HF``.  One offset tensor serves all
-    gates (fewer live registers than one per gate)."""
+def _dz_offsets(rows, b0, HF: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
+                KC: tl.constexpr, RB: tl.constexpr):
+    """Offsets of gate 0 in one exchange slot: ``[HF, BB]`` (transposed, the tile's rows) for
+    KS = 1; else the first RB rows of the tile (from row ``b0``) split over K, ``[KS, RB,
+    KC]`` (int32; row sub-tile r is at ``+ r * RB * G * HF``).  Gate g is at ``+ g * HF``.
+    One offset tensor serves all gates and sub-tiles (fewer live registers than one each)."""
     c = tl.arange(0, KC)
     if KS == 1:
         off = (rows * (G * HF))[None, :] + c[:, None]
     else:
         s = tl.arange(0, KS)
-        off = (rows * (G * HF))[None, None, :] + (s[:, None, None] * KC + c[None, :, None])
+        r = b0 + tl.arange(0, RB)
+        off = (r * (G * HF))[None, :, None] + (s[:, None, None] * KC + c[None, None, :])
     return off
 
 
 @triton.jit
-def _dz_gate(src, g, off, row_ok, HF: tl.constexpr, KS: tl.constexpr):
-    """Gate g of one exchange slot (see ``_dz_offsets``)."""
+def _dz_gate(src, g, off, ok, HF: tl.constexpr, KS: tl.constexpr):
+    """Gate g of one exchange slot (see ``_dz_offsets``; ``ok`` masks its rows)."""
     if KS == 1:
-        ok = row_ok[None, :]
+        m = ok[None, :]
     else:
-        ok = row_ok[None, None, :]
-    return tl.load((src + g * HF) + off, mask=ok, other=0.0, cache_modifier=".cg")
+        m = ok[None, :, None]
+    return tl.load((src + g * HF) + off, mask=m, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
-def _dh_rec(src, off, row_ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
+def _dh_sub(src, off, ok, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
+            BH: tl.constexpr, KS: tl.constexpr, RB: tl.constexpr, ACC: tl.constexpr,
+            ACC_F64: tl.constexpr, TF32: tl.constexpr):
+    """``[RB, BH]`` of ``dz @ W_hh[:, units]`` for RB rows (KS > 1): per gate a batched
+    product over the KS K-slices (one per warp, no replicated MACs), ``dz [KS, RB, KC] @ W
+    [KS, KC, BH]``, into its own accumulator; then the gates' and slices' partial sums."""
+    z = tl.zeros([KS, RB, BH], ACC)
+    acc = dot_acc(_dz_gate(src, 0, off, ok, HF, KS), w0, z, ACC_F64, TF32)
+    if G == 4:
+        a1 = dot_acc(_dz_gate(src, 1, off, ok, HF, KS), w1, z, ACC_F64, TF32)
+        a2 = dot_acc(_dz_gate(src, 2, off, ok, HF, KS), w2, z, ACC_F64, TF32)
+        a3 = dot_acc(_dz_gate(src, 3, off, ok, HF, KS), w3, z, ACC_F64, TF32)
+        acc = (acc + a1) + (a2 + a3)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _rows_join(a, b, R: tl.constexpr, BH: tl.constexpr):
+    """``[2R, BH]``: ``a [R, BH]`` on top of ``b``."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * R, BH))
+
+
+@triton.jit
+def _gate_rows(src, g, off, r, B, STEP: tl.constexpr, w, acc0, acc1, acc2, acc3,
+               HF: tl.constexpr, KS: tl.constexpr, RB: tl.constexpr, NRB: tl.constexpr,
+               ACC_F64: tl.constexpr, TF32: tl.constexpr):
+    """Gate g's product for NRB (2 or 4) row sub-tiles, one after the other with the same
+    W operand ``w`` (its MMA fragments are read from shared memory once and die after the
+    gate), each into its sub-tile's accumulator; ``r`` = the first sub-tile's rows.  A CTA
+    barrier first (and after two sub-tiles): without it ptxas hoists the next gate's dz
+    loads into this gate's products, and a 32-row tile spills."""
+    tl.debug_barrier()
+    acc0 = dot_acc(_dz_gate(src, g, off, r < B, HF, KS), w, acc0, ACC_F64, TF32)
+    acc1 = dot_acc(_dz_gate(src + STEP, g, off, r + RB < B, HF, KS), w, acc1, ACC_F64, TF32)
+    if NRB == 4:
+        tl.debug_barrier()
+        acc2 = dot_acc(_dz_gate(src + 2 * STEP, g, off, r + 2 * RB < B, HF, KS), w, acc2,
+                       ACC_F64, TF32)
+        acc3 = dot_acc(_dz_gate(src + 3 * STEP, g, off, r + 3 * RB < B, HF, KS), w, acc3,
+                       ACC_F64, TF32)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _dh_rec(src, off, row_ok, b0, B, w0, w1, w2, w3, HF: tl.constexpr, G: tl.constexpr,
             BB: tl.constexpr, BH: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-            ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
-    """``dz @ W_hh[:, units]`` ``[BB, BH]`` from the exchange slot ``src``: per gate a batched
-    product over KS K-slices (one per warp, no replicated MACs) into its own accumulator,
-    then the gates' and slices' partial sums."""
+            RB: tl.constexpr, ACC: tl.constexpr, ACC_F64: tl.constexpr, TF32: tl.constexpr):
+    """``dz @ W_hh[:, units]`` ``[BB, BH]`` from the exchange slot ``src``.
+
+    KS = 1 (64 or more units): transposed, ``W^T [BH, HF] @ dz^T [HF, BB]`` (the units fill
+    the M of a warpgroup MMA), per gate into its own accumulator.  KS > 1 (LSTM, 16 units):
+    K split over the warps, a batched product ``dz [KS, RB, KC] @ W [KS, KC, BH]`` per gate
+    and row sub-tile of RB rows.  One sub-tile (RB = BB <= 16): per gate into its own
+    accumulator (``_dh_sub``).  2 or 4 sub-tiles (BB = 32 .. 128): gate by gate, each
+    gate's W operand serving all sub-tiles (``_gate_rows``), one accumulator per sub-tile;
+    so a product's dz tile, its staging in shared memory and the held W fragments stay
+    those of one sub-tile whatever BB is.  Then the sums over the slices, the sub-tiles
+    stacked."""
     if KS == 1:
         z = tl.zeros([BH, BB], ACC)
-    else:
-        z = tl.zeros([KS, BH, BB], ACC)
-    acc = dot_acc(w0, _dz_gate(src, 0, off, row_ok, HF, KS), z, ACC_F64, TF32)
-    if G == 4:
-        a1 = dot_acc(w1, _dz_gate(src, 1, off, row_ok, HF, KS), z, ACC_F64, TF32)
-        a2 = dot_acc(w2, _dz_gate(src, 2, off, row_ok, HF, KS), z, ACC_F64, TF32)
-        a3 = dot_acc(w3, _dz_gate(src, 3, off, row_ok, HF, KS), z, ACC_F64, TF32)
-        acc = (acc + a1) + (a2 + a3)
-    if KS == 1:
+        acc = dot_acc(w0, _dz_gate(src, 0, off, row_ok, HF, KS), z, ACC_F64, TF32)
+        if G == 4:
+            a1 = dot_acc(w1, _dz_gate(src, 1, off, row_ok, HF, KS), z, ACC_F64, TF32)
+            a2 = dot_acc(w2, _dz_gate(src, 2, off, row_ok, HF, KS), z, ACC_F64, TF32)
+            a3 = dot_acc(w3, _dz_gate(src, 3, off, row_ok, HF, KS), z, ACC_F64, TF32)
+            acc = (acc + a1) + (a2 + a3)
         dh = tl.trans(acc)
+    elif RB == BB:
+        dh = _dh_sub(src, off, row_ok, w0, w1, w2, w3, HF, G, BH, KS, RB, ACC, ACC_F64, TF32)
     else:
-        dh = tl.trans(tl.sum(acc, axis=0))
+        NRB: tl.constexpr = BB // RB
+        STEP: tl.constexpr = RB * G * HF
+        r = b0 + tl.arange(0, RB)
+        z = tl.zeros([KS, RB, BH], ACC)
+        a0, a1, a2, a3 = _gate_rows(src, 0, off, r, B, STEP, w0, z, z, z, z, HF, KS, RB, NRB,
+                                    ACC_F64, TF32)
+        if G == 4:
+            a0, a1, a2, a3 = _gate_rows(src, 1, off, r, B, STEP, w1, a0, a1, a2, a3, HF, KS,
+                                        RB, NRB, ACC_F64, TF32)
+            a0, a1, a2, a3 = _gate_rows(src, 2, off, r, B, STEP, w2, a0, a1, a2, a3, HF, KS,
+                                        RB, NRB, ACC_F64, TF32)
+            a0, a1, a2, a3 = _gate_rows(src, 3, off, r, B, STEP, w3, a0, a1, a2, a3, HF, KS,
+                                        RB, NRB, ACC_F64, TF32)
+        dh = _rows_join(tl.sum(a0, axis=0), tl.sum(a1, axis=0), RB, BH)
+        if NRB == 4:
+            dh = _rows_join(dh, _rows_join(tl.sum(a2, axis=0), tl.sum(a3, axis=0), RB, BH),
+                            2 * RB, BH)
     return dh
 
 
@@ -269,8 +369,10 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     (p, q) owns units ``p*BH ..`` of batch tile q and keeps the LSTM cell gradient in
     registers; the NH programs of tile q meet at ``bar[q]`` after each step.
 
-    The recurrent gradient of step k is ``dz_{k+1} @ W_hh[:, units]``, computed transposed,
-    gate by gate, with the K dimension split over KS slices (``_dh_rec``); the slice's
+    The recurrent gradient of step k is ``dz_{k+1} @ W_hh[:, units]``, computed gate by gate
+    (``_dh_rec``: transposed for 64 or more units, else with K split over KS slices and the
+    rows in sub-tiles of RB); the loop runs T + 1 iterations, the last (k = 0) storing
+    grad_h0 / grad_c0, so no product with the held W follows the loop; the slice's
     columns of W_hh stay on chip (``wb [G, NH*BH, HF]``: gate g, unit u, row k = W[g*H + k,
     u], zero-padded).  dz is exchanged through ``dzbuf [2, B, G*HF]`` (input dtype, zero
     padding, slot k % 2 holds dz_k in processing order; rows of an invalid step hold zeros).
@@ -287,6 +389,8 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     acols = act_cols(u0, G, BH)
     rows, row_ok, L = tile_rows(q * BB, B, T, len_ptr, has_len, BB)
     KC: tl.constexpr = HF // KS
+    # rows of a product's sub-tile: BB up to 16, else 16 (BB <= 64) or BB / 4
+    RB: tl.constexpr = BB // min(4, (BB + 15) // 16)
     w0 = _w_gate(wb_ptr, 0, u0, HF, BH, KS, KC, NHB)
     if G == 4:
         w1 = _w_gate(wb_ptr, 1, u0, HF, BH, KS, KC, NHB)
@@ -306,30 +410,38 @@ def bwd_persistent(out_ptr, wb_ptr, h0_ptr, c0_ptr, len_ptr, mask_ptr, scale_ptr
     dslot = rows[:, None] * (G * HF) + dcols[None, :]
     dmask = row_ok[:, None] & col_ok[None, :]
     SLOT = B * G * HF
-    doff = _dz_offsets(rows, HF, G, KS, KC)
+    doff = _dz_offsets(rows, q * BB, HF, G, KS, KC, RB)
     dc = tl.zeros([BB, BH], ACC)
     ga_acc = tl.zeros([BB, BH], ACC)
-    for j in range(0, T):
+    # the k = 0 terms of grad_h0 / grad_c0, loaded up front (the last iteration only stores)
+    zero = tl.zeros([BB, BH], ACC)
+    gh0_t = _h0_grad(zero, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, B, H,
+                     ns_init, c_ns, ACC, GRAD_NORMS)
+    gc0_t = _c0_grad(zero, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr, H,
+                     ACC, GRAD_CELL_NORMS)
+    # T + 1 iterations: the last (k = 0) stores grad_h0 / grad_c0.  Its product with the
+    # held W must be in the loop: after the loop it would keep W's MMA fragments (or their
+    # shared-memory addresses) live in registers across the whole loop, and spill.
+    for j in range(0, T + 1):
         k = T - j
-        dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G,
-                         BB, BH, KS, KC, ACC, ACC_F64, TF32)
-        dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols, acols,
-                              col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr, norms_ptr,
-                              gout_ptr, ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr, cnorms_ptr,
-                              gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar, c_ar, a, s,
-                              CELL, G, BB, BH, ACC, GRAD_NORMS, GRAD_CELL_NORMS)
-        if CELL == 4:
-            ga_acc += ga
-        tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
-                 mask=dmask)
-        grid_barrier(bar, (j + 1) * NH)
-    dh_rec = _dh_rec(dzbuf_ptr + (1 % 2) * SLOT, doff, row_ok, w0, w1, w2, w3, HF, G, BB, BH,
-                     KS, KC, ACC, ACC_F64, TF32)
-    _store_grad_h0(dh_rec, rows, row_ok, units, unit_ok, h0_ptr, norms_ptr, gnorms_ptr, gh0_ptr,
-                   B, H, ns_init, c_ns, ACC, GRAD_NORMS)
-    if G == 4:
-        _store_grad_c0(dc, rows, row_ok, units, unit_ok, c0_ptr, cnorms_ptr, gcnorms_ptr,
-                       gc0_ptr, H, ACC, GRAD_CELL_NORMS)
+        dh_rec = _dh_rec(dzbuf_ptr + ((k + 1) % 2) * SLOT, doff, row_ok, q * BB, B, w0, w1, w2,
+                         w3, HF, G, BB, BH, KS, KC, RB, ACC, ACC_F64, TF32)
+        if k >= 1:
+            dz, dc, ga = bwd_step(k, dh_rec, dc, m2, rows, row_ok, L, units, unit_ok, xcols,
+                                  acols, col_ok, out_ptr, h0_ptr, c0_ptr, act_ptr, cs_ptr,
+                                  norms_ptr, gout_ptr, ghn_ptr, gcn_ptr, gx_ptr, gnorms_ptr,
+                                  cnorms_ptr, gcnorms_ptr, B, H, rev, ns_init, c_ns, c_tar,
+                                  c_ar, a, s, CELL, G, BB, BH, ACC, GRAD_NORMS,
+                                  GRAD_CELL_NORMS)
+            if CELL == 4:
+                ga_acc += ga
+            tl.store(dzbuf_ptr + (k % 2) * SLOT + dslot, dz.to(dzbuf_ptr.dtype.element_ty),
+                     mask=dmask)
+            grid_barrier(bar, (j + 1) * NH)
+        else:
+            _store_rows(dh_rec + gh0_t, rows, row_ok, units, unit_ok, gh0_ptr, H)
+            if G == 4:
+                _store_rows(dc + gc0_t, rows, row_ok, units, unit_ok, gc0_ptr, H)
     if CELL == 4:
         _store_grad_scale(ga_acc, rows, row_ok, units, unit_ok, gscale_ptr, q, H, ACC, False)
 

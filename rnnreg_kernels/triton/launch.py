@@ -204,14 +204,28 @@ def forward_plan(p: Plan) -> Plan:
 
 
 def _backward_k_slices(G: int, BH: int, hfull: int) -> int:
-    """K-slices of the persistent backward's product ``W[:, units]^T [BH, G*H] @ dz^T``.
+    """K-slices of the persistent backward's product ``dz [BB, G*H] @ W[:, units]``.
 
-    With BH >= 64 units the product fills a warpgroup MMA as one 2-D dot (KS = 1); smaller
-    slices (LSTM: 16 units) would leave M at 16 and replicate the MMA over the warps, so K
-    is split into one slice per warp (a batched dot, then a sum), at least 16 wide."""
+    With BH >= 64 units the product, transposed (``W[:, units]^T @ dz^T``), fills a
+    warpgroup MMA as one 2-D dot (KS = 1); smaller slices (LSTM: 16 units) would leave M at
+    16 and replicate the MMA over the warps, so K is split into one slice per warp (a
+    batched ``dz [KS, rows, H/KS] @ W [KS, H/KS, BH]``, then a sum), at least 16 wide."""
     if BH >= PERSISTENT_MMA_M:
         return 1
     return max(1, min(PERSISTENT_WARPS, hfull // 16))
+
+
+def _check_k_slices(k_slices, p: Plan) -> int:
+    """``k_slices`` for the persistent backward of plan ``p``: a power of two that divides
+    ``p.HF``, at most ``p.HF``; else a ValueError naming it."""
+    if p.variant != "persistent":
+        raise ValueError(f"k_slices: only the persistent variant splits K; the plan is "
+                         f"{p.variant!r}")
+    ks = int(k_slices)
+    if ks != k_slices or ks < 1 or ks & (ks - 1) or ks > p.HF:
+        raise ValueError(f"k_slices: expected a power of two from 1 to pow2(H) = {p.HF}, got "
+                         f"{k_slices!r}")
+    return ks
 
 
 def _persistent_tiles(G: int, B: int, H: int, size: int, mma: bool, n_co: int,
@@ -428,7 +442,7 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, out
              cell_norms, saved, grad_output, grad_h_n, grad_c_n, grad_terms,
              grad_norms=None, grad_cell_norms=None, *, variant: Optional[str] = None,
              block_h: Optional[int] = None, block_b: Optional[int] = None,
-             poison: bool = False):
+             k_slices: Optional[int] = None, poison: bool = False):
     """Backward of the contract (v2): ``(grad_x_proj, grad_w_hh, grad_h0, grad_c0 or None,
     grad_cell_scale [H] (ACC) or None)``.
 
@@ -436,7 +450,9 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, out
     of grad_cell_scale (summed here); grad_w_hh is one GEMM ``dZ^T @ H_prev`` here.
     ``grad_norms`` / ``grad_cell_norms`` ``[T+1, B]`` (or None: zero) enter the kernels as
     the radial terms; ``grad_cell_norms`` needs the forward's ``cell_norms``.  Keywords as
-    in :func:`forward` (use the same plan).
+    in :func:`forward` (use the same plan); ``k_slices`` forces the K-slices of the
+    persistent backward's product (``Plan.KS``; tests: the interpreter's single-program
+    plans have 64 or more units and take KS = 1).
     """
     T, B, GH = output.shape[0], output.shape[1], w_hh.shape[0]
     H = w_hh.shape[1]
@@ -453,6 +469,8 @@ def backward(spec: Spec, x_proj, w_hh, h0, c0, ar_mask, lengths, cell_scale, out
     p = with_features(plan(spec.cell, B, H, dtype, dev, _tf32(spec, dtype), variant, block_h,
                            block_b), grad_norms=gnorms is not None,
                       grad_cell_norms=gcnorms is not None)
+    if k_slices is not None:
+        p = dataclasses.replace(p, KS=_check_k_slices(k_slices, p))
     new = _alloc(poison)
     gx = new(T, B, GH, dtype=dtype, device=dev)
     gh0 = new(B, H, dtype=dtype, device=dev)
