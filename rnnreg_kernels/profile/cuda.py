@@ -440,26 +440,31 @@ def cluster_ntg(bs: int) -> int:
     return 2 if bs > 8 else 1
 
 
-def compile_cluster_cubin() -> bytes:
-    """cluster.cu for sm_90a (cached per source content)."""
+def _compile_sm90a(source: str) -> bytes:
+    """``csrc/<source>`` compiled for sm_90a (cached per content of every csrc source)."""
     src = csrc_dir()
     digest = hashlib.sha256()
     for name in sorted(os.listdir(src)):
         if name.endswith((".cu", ".cuh", ".h")):
             with open(os.path.join(src, name), "rb") as f:
                 digest.update(name.encode() + f.read())
-    key = f"{digest.hexdigest()[:16]}:cluster"
+    key = f"{digest.hexdigest()[:16]}:{source}"
     if key not in _CACHE:
         with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "cluster.cubin")
+            out = os.path.join(tmp, source.replace(".cu", ".cubin"))
             cmd = [_nvcc(), *CLUSTER_NVCC_FLAGS, "-I", src, "-o", out,
-                   os.path.join(src, "cluster.cu")]
+                   os.path.join(src, source)]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if res.returncode != 0:
                 raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
             with open(out, "rb") as f:
                 _CACHE[key] = f.read()
     return _CACHE[key]
+
+
+def compile_cluster_cubin() -> bytes:
+    """cluster.cu for sm_90a (cached per source content)."""
+    return _compile_sm90a("cluster.cu")
 
 
 def _cluster_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[str, Dict]:
@@ -570,24 +575,7 @@ def cluster_bwd_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
 
 def compile_cluster_bwd_cubin() -> bytes:
     """cluster_backward.cu for sm_90a (cached per source content)."""
-    src = csrc_dir()
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(src)):
-        if name.endswith((".cu", ".cuh", ".h")):
-            with open(os.path.join(src, name), "rb") as f:
-                digest.update(name.encode() + f.read())
-    key = f"{digest.hexdigest()[:16]}:cluster_backward"
-    if key not in _CACHE:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "cluster_backward.cubin")
-            cmd = [_nvcc(), *CLUSTER_NVCC_FLAGS, "-I", src, "-o", out,
-                   os.path.join(src, "cluster_backward.cu")]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            if res.returncode != 0:
-                raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
-            with open(out, "rb") as f:
-                _CACHE[key] = f.read()
-    return _CACHE[key]
+    return _compile_sm90a("cluster_backward.cu")
 
 
 def _cluster_bwd_namespace(cell: str, B: int, H: int, p: dict, dtype: str) -> Dict[str, Dict]:
