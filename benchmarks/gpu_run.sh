@@ -99,8 +99,8 @@ if ! skip 3; then
   say "bench exit status $? (1 = a contender was wrong or crashed)"
   tail -n 12 "$OUT/3_bench_key.log"
   # auto's measured table from these rows (commit it as rnnreg_kernels/auto_wins.json with the
-  # JSON: python -m rnnreg_kernels.auto_rule --from <the committed JSON> --write)
-  [ -f "$OUT/3_bench_key.json" ] && run 30 $PY -m rnnreg_kernels.auto_rule \
+  # JSON: python -m rnnreg_kernels.bench.auto_table --from <the committed JSON> --write)
+  [ -f "$OUT/3_bench_key.json" ] && run 30 $PY -m rnnreg_kernels.bench.auto_table \
     --from "$OUT/3_bench_key.json" --out "$OUT/auto_wins.json" 2>&1 | tee -a "$OUT/summary.txt"
 fi
 

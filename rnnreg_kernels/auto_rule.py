@@ -7,7 +7,7 @@ on CUDA unless a committed measurement says a fused backend (``triton``, ``cuda`
 
 The measurements live in ``auto_wins.json`` beside this file, written by
 
-    python -m rnnreg_kernels.auto_rule --from benchmarks/results/<gpu run>.json [...] --write
+    python -m rnnreg_kernels.bench.auto_table --from benchmarks/results/<gpu run>.json [...] --write
 
 from benchmark result documents (``python -m rnnreg_kernels bench``, ``benchmarks/gpu_run.sh``).
 Each entry is one training-step case (shape, dtype) on one GPU model where a fused contender
@@ -24,12 +24,10 @@ choice.  ``backend="triton"`` / ``"cuda"`` opt in by name.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -126,42 +124,3 @@ def entries_from_results(docs: Iterable[tuple]) -> List[Measured]:
                                     t < min(base), min(base) / t,
                                     f"{source} ({doc.get('created_utc')})"))
     return out
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rnnreg_kernels.auto_rule",
-                                description="Build auto's table of measured fused-backend "
-                                            "wins from benchmark result JSON files.")
-    p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="JSON",
-                   help="benchmark result documents (GPU runs; CPU runs are ignored)")
-    p.add_argument("--out", help="write the table here (default: print it)")
-    p.add_argument("--write", action="store_true",
-                   help=f"write the table to the package's own {os.path.basename(WINS_FILE)}")
-    args = p.parse_args(argv)
-    docs = []
-    for path in args.sources:
-        try:
-            with open(path) as f:
-                docs.append((os.path.basename(path), json.load(f)))
-        except (OSError, json.JSONDecodeError) as e:
-            p.error(f"--from: cannot read {path!r} as a result JSON: {e}")
-    entries = entries_from_results(docs)
-    doc = {"about": "auto's measured fused-backend cases (rnnreg_kernels/auto_rule.py); "
-                    "written by `python -m rnnreg_kernels.auto_rule --from ... --write`",
-           "sources": [name for name, _ in docs],
-           "entries": [asdict(m) for m in entries]}
-    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-    target = WINS_FILE if args.write else args.out
-    if target:
-        with open(target, "w") as f:
-            f.write(text)
-        load.cache_clear()
-        print(f"wrote {target}: {len(entries)} entries "
-              f"({sum(m.won for m in entries)} wins) from {len(docs)} documents")
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

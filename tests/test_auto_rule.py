@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rnnreg_kernels import auto_rule
+from rnnreg_kernels.bench import auto_table
 from rnnreg_kernels.auto_rule import Measured, entries_from_results, fused_choice
 
 GPU = "NVIDIA H200"
@@ -82,7 +83,7 @@ def test_cli_writes_a_loadable_table(tmp_path, capsys):
     src = tmp_path / "run.json"
     src.write_text(json.dumps(_doc([_row("nn+eager", 10.0), _row("ours:triton", 4.0)])))
     out = tmp_path / "wins.json"
-    assert auto_rule.main(["--from", str(src), "--out", str(out)]) == 0
+    assert auto_table.main(["--from", str(src), "--out", str(out)]) == 0
     assert "1 entries (1 wins)" in capsys.readouterr().out
     entries = auto_rule.load(str(out))
     assert entries == (Measured(GPU, "triton", "lstm", "bf16", 1024, 32, True, 2.5,
@@ -92,7 +93,7 @@ def test_cli_writes_a_loadable_table(tmp_path, capsys):
 
 def test_cli_and_table_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        auto_rule.main(["--from", str(tmp_path / "missing.json")])
+        auto_table.main(["--from", str(tmp_path / "missing.json")])
     assert "--from: cannot read" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"entries": [{"device_name": GPU, "backend": "native"}]}))
@@ -102,3 +103,20 @@ def test_cli_and_table_errors(tmp_path, capsys):
     auto_rule.load.cache_clear()
     with pytest.raises(ValueError, match="backend expected one of"):
         auto_rule.load(str(bad))
+
+
+def test_cli_runs_as_a_module_without_warnings(tmp_path):
+    """``python -m rnnreg_kernels.bench.auto_table`` (what the docs and gpu_run.sh run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(_doc([_row("nn+eager", 10.0), _row("ours:cuda", 20.0)])))
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
+                          "rnnreg_kernels.bench.auto_table", "--from", str(src)],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert [e["won"] for e in doc["entries"]] == [False] and doc["sources"] == ["run.json"]
