@@ -59,6 +59,21 @@ void check_maybe(const OptTensor& t, const char* name, at::IntArrayRef shape, at
   if (given(t)) check(*t, name, shape, dtype, device);
 }
 
+rnnreg::Plan plan_or_throw(const rnnreg::Scalars& s, int dtype, int device, int64_t units) {
+  rnnreg::Plan p;
+  const std::string why = rnnreg::make_plan(s.cell, dtype, s.B, s.H, device, (int)units, &p);
+  TORCH_CHECK(why.empty(), why);
+  return p;
+}
+
+void poison(const std::vector<Tensor>& ts) {
+  for (const auto& t : ts)
+    if (t.defined()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+}
+
+}  // namespace
+
+// The kernels' scalars with their checks; also called by cluster_binding.cpp (one extension).
 rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double theta, double w_ns,
                         double w_tar, double w_ar, bool incl, double ns_eps, bool reverse,
                         bool tf32, double h_scale, int64_t plant) {
@@ -95,20 +110,6 @@ rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double th
   s.plant = (int)plant;
   return s;
 }
-
-rnnreg::Plan plan_or_throw(const rnnreg::Scalars& s, int dtype, int device, int64_t units) {
-  rnnreg::Plan p;
-  const std::string why = rnnreg::make_plan(s.cell, dtype, s.B, s.H, device, (int)units, &p);
-  TORCH_CHECK(why.empty(), why);
-  return p;
-}
-
-void poison(const std::vector<Tensor>& ts) {
-  for (const auto& t : ts)
-    if (t.defined()) t.fill_(std::numeric_limits<float>::quiet_NaN());
-}
-
-}  // namespace
 
 // "" when (cell, dtype, B, H) runs on `device` (units > 0 forces the units per block).
 std::string plan(int64_t cell, int64_t dtype, int64_t B, int64_t H, int64_t device, int64_t units) {

@@ -41,27 +41,12 @@ int cl_dtype(at::ScalarType t) {
 
 }  // namespace
 
-// "" when (cell, dtype code, B, H) runs in one cluster per batch slice on `device`.
-// the scalars both kernels take (rnnreg::Scalars of rnnreg_api.h)
-static rnnreg::Scalars cl_scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double theta,
-                                  double w_ns, double w_tar, double w_ar, double ns_eps,
-                                  bool incl, bool reverse, bool tf32) {
-  rnnreg::Scalars s{};
-  s.T = (int)T;
-  s.B = (int)B;
-  s.H = (int)H;
-  s.cell = (int)cell;
-  s.theta = (float)theta;
-  s.w_ns = (float)w_ns;
-  s.w_tar = (float)w_tar;
-  s.w_ar = (float)w_ar;
-  s.heps = (float)((double)H * ns_eps);
-  s.ns_include_initial = incl ? 1 : 0;
-  s.reverse = reverse ? 1 : 0;
-  s.tf32 = tf32 ? 1 : 0;
-  return s;
-}
+// The scalars with their checks: binding.cpp (linked into the same extension).
+rnnreg::Scalars scalars(int64_t T, int64_t B, int64_t H, int64_t cell, double theta, double w_ns,
+                        double w_tar, double w_ar, bool incl, double ns_eps, bool reverse,
+                        bool tf32, double h_scale, int64_t plant);
 
+// "" when (cell, dtype code, B, H) runs in one cluster per batch slice on `device`.
 static std::string cluster_plan(int64_t cell, int64_t dtype, int64_t B, int64_t H, int64_t device,
                                 int64_t units, int64_t csize) {
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype: expected a code 0..2, got ", dtype);
@@ -128,7 +113,7 @@ static std::vector<Tensor> cluster_forward(const Tensor& x, const Tensor& w, con
       if (t->defined()) t->fill_(std::numeric_limits<float>::quiet_NaN());
 
   rnnreg::ClusterFwdArgs a;
-  a.s = cl_scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, ns_eps, incl, reverse, tf32);
+  a.s = scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, incl, ns_eps, reverse, tf32, 1.0, 0);
   a.plan = p;
   a.x = x.data_ptr();
   a.w = w.data_ptr();
@@ -236,7 +221,7 @@ static std::vector<Tensor> cluster_backward(
       if (t->defined()) t->fill_(std::numeric_limits<float>::quiet_NaN());
 
   rnnreg::ClusterBwdArgs a;
-  a.s = cl_scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, ns_eps, incl, reverse, tf32);
+  a.s = scalars(T, B, H, cell, theta, w_ns, w_tar, w_ar, incl, ns_eps, reverse, tf32, 1.0, 0);
   a.plan = p;
   a.w = w.data_ptr();
   a.h0 = h0.data_ptr();
