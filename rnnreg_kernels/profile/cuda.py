@@ -413,26 +413,37 @@ def _cluster_layout_total(G: int, H: int, units: int, bs: int, es: int) -> int:
 def cluster_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
                  csize_max: int = CLUSTER_MAX) -> dict:
     """The plan csrc/cluster.cu would make on an H100/H200-like device with ``sm_count`` SMs."""
+    return _cluster_plan_of(_cluster_layout_total, "", cell, B, H, dtype, sm_count, csize_max)
+
+
+def _cluster_plan_of(layout, whose: str, cell: str, B: int, H: int, dtype: str,
+                     sm_count: int, csize_max: int) -> dict:
+    """The cluster planner of cluster.cuh for one direction: ``layout`` is that kernel's
+    shared-memory total (``_cluster_layout_total`` / ``_cluster_bwd_layout_total``), ``whose``
+    names it in the error ("" or "'s backward"); the backward's plan also gives ``Hp``."""
     if dtype not in DTYPE_CODE:
         raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
     G, es = gates_of(cell), DTYPE_SIZE[dtype]
     units = _round_up(-(-H // csize_max), 8)
     csize = -(-H // units)
-    if _cluster_layout_total(G, H, units, 1, es) > SMEM_OPTIN:
-        raise ValueError(f"the cuda cluster variant cannot keep w_hh in one cluster for "
-                         f"cell={cell}, H={H}, dtype={dtype}: a {units}-unit slice needs "
-                         f"{_cluster_layout_total(G, H, units, 1, es) // 1024} KiB of shared "
-                         f"memory per CTA, more than {SMEM_OPTIN // 1024} KiB")
+    one = layout(G, H, units, 1, es)
+    if one > SMEM_OPTIN:
+        raise ValueError(f"the cuda cluster variant{whose} cannot keep w_hh in one cluster "
+                         f"for cell={cell}, H={H}, dtype={dtype}: a {units}-unit slice needs "
+                         f"{one // 1024} KiB of shared memory per CTA, more than "
+                         f"{SMEM_OPTIN // 1024} KiB")
     active = max(1, sm_count // csize)
     bs = -(-B // active)
-    while bs > 1 and _cluster_layout_total(G, H, units, bs, es) > SMEM_OPTIN:
+    while bs > 1 and layout(G, H, units, bs, es) > SMEM_OPTIN:
         bs -= 1
     clusters = -(-B // bs)
-    return {"variant": "cluster", "units": units, "csize": csize, "clusters": clusters,
-            "bs": bs, "blocks": csize * clusters,
-            "smem": _cluster_layout_total(G, H, units, bs, es),
-            "threads": constants()["kThreads"],
-            "assumed_clusters_at_once": active}
+    plan = {"variant": "cluster", "units": units, "csize": csize, "clusters": clusters,
+            "bs": bs, "blocks": csize * clusters}
+    if whose:
+        plan["Hp"] = csize * units
+    plan.update(smem=layout(G, H, units, bs, es), threads=constants()["kThreads"],
+                assumed_clusters_at_once=active)
+    return plan
 
 
 def cluster_ntg(bs: int) -> int:
@@ -551,26 +562,8 @@ def _cluster_bwd_layout_total(G: int, H: int, units: int, bs: int, es: int) -> i
 def cluster_bwd_plan(cell: str, B: int, H: int, dtype: str, sm_count: int,
                      csize_max: int = CLUSTER_MAX) -> dict:
     """The plan csrc/cluster_backward.cu would make on an H100/H200-like device."""
-    if dtype not in DTYPE_CODE:
-        raise ValueError(f"dtype: the cuda backend supports fp32, bf16 and fp16, got {dtype!r}")
-    G, es = gates_of(cell), DTYPE_SIZE[dtype]
-    units = _round_up(-(-H // csize_max), 8)
-    csize = -(-H // units)
-    one = _cluster_bwd_layout_total(G, H, units, 1, es)
-    if one > SMEM_OPTIN:
-        raise ValueError(f"the cuda cluster variant's backward cannot keep w_hh in one cluster "
-                         f"for cell={cell}, H={H}, dtype={dtype}: a {units}-unit slice needs "
-                         f"{one // 1024} KiB of shared memory per CTA, more than "
-                         f"{SMEM_OPTIN // 1024} KiB")
-    active = max(1, sm_count // csize)
-    bs = -(-B // active)
-    while bs > 1 and _cluster_bwd_layout_total(G, H, units, bs, es) > SMEM_OPTIN:
-        bs -= 1
-    clusters = -(-B // bs)
-    return {"variant": "cluster", "units": units, "csize": csize, "clusters": clusters,
-            "bs": bs, "blocks": csize * clusters, "Hp": csize * units,
-            "smem": _cluster_bwd_layout_total(G, H, units, bs, es),
-            "threads": constants()["kThreads"], "assumed_clusters_at_once": active}
+    return _cluster_plan_of(_cluster_bwd_layout_total, "'s backward", cell, B, H, dtype,
+                            sm_count, csize_max)
 
 
 def compile_cluster_bwd_cubin() -> bytes:
