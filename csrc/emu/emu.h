@@ -77,28 +77,30 @@ inline unsigned char* block_smem() {
 
 inline void __syncthreads() { emu::g_grid->block_bar[blockIdx.x]->arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned, float v, int offset) {
-  emu::Grid& g = *emu::g_grid;
+namespace emu {
+// A warp shuffle: every lane publishes v, then reads the value of lane src(lane) (its own v
+// when that is out of range, as __shfl_down_sync does); two warp barriers around the read.
+template <class Src>
+inline float warp_shuffle(float v, Src src) {
+  Grid& g = *g_grid;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* slot = g.lanes.data() + (size_t)blockIdx.x * g.threads + warp * 32;
   std::barrier<>& bar = *g.warp_bar[blockIdx.x * g.warps + warp];
   slot[lane] = v;
   bar.arrive_and_wait();
-  const float r = slot[lane ^ offset];
+  const unsigned from = src((unsigned)lane);
+  const float r = from < 32 ? slot[from] : v;
   bar.arrive_and_wait();
   return r;
 }
+}  // namespace emu
+
+inline float __shfl_xor_sync(unsigned, float v, int offset) {
+  return emu::warp_shuffle(v, [offset](unsigned lane) { return lane ^ (unsigned)offset; });
+}
 
 inline float __shfl_down_sync(unsigned, float v, unsigned delta) {
-  emu::Grid& g = *emu::g_grid;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* slot = g.lanes.data() + (size_t)blockIdx.x * g.threads + warp * 32;
-  std::barrier<>& bar = *g.warp_bar[blockIdx.x * g.warps + warp];
-  slot[lane] = v;
-  bar.arrive_and_wait();
-  const float r = lane + delta < 32 ? slot[lane + delta] : v;  // (out of range: own value)
-  bar.arrive_and_wait();
-  return r;
+  return emu::warp_shuffle(v, [delta](unsigned lane) { return lane + delta; });
 }
 
 template <class V> inline V __ldcg(const V* p) { return *p; }
