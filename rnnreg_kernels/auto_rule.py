@@ -5,7 +5,8 @@ post-hoc penalties.  The ``native`` backend is that arithmetic (PyTorch's own re
 on CUDA, plus one fused penalty pass instead of the eager penalty ops), so it is auto's choice
 on CUDA unless a committed measurement says a fused backend (``triton``, ``cuda``) is faster.
 
-The measurements live in ``auto_wins.json`` beside this file, written by
+The measurements live in ``auto_wins.json`` beside this file, written
+(:mod:`rnnreg_kernels.bench.auto_table`) by
 
     python -m rnnreg_kernels.bench.auto_table --from benchmarks/results/<gpu run>.json [...] --write
 
@@ -28,15 +29,12 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 WINS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_wins.json")
 FUSED = ("triton", "cuda")  # the order auto tries them in when both are measured faster
-BASELINES = ("ours:native", "nn+eager")
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-               torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,10 @@ def load(path: str = WINS_FILE) -> tuple:
 def fused_choice(device_name: str, cell: str, dtype: torch.dtype, hidden: int, batch: int,
                  table: Optional[Sequence[Measured]] = None) -> Optional[str]:
     """The fused backend measured faster for this case, or None (then ``native``)."""
+    from .bench.contenders import DTYPES  # the dtype names of the benchmark's result rows
+
     table = load() if table is None else table
-    name = DTYPE_NAMES.get(dtype)
+    name = next((n for n, d in DTYPES.items() if d == dtype), None)
     for backend in FUSED:
         rows = [m for m in table if (m.device_name, m.backend, m.cell, m.dtype)
                 == (device_name, backend, cell, name)]
@@ -96,31 +96,3 @@ def fused_choice(device_name: str, cell: str, dtype: torch.dtype, hidden: int, b
             continue
         return backend
     return None
-
-
-def entries_from_results(docs: Iterable[tuple]) -> List[Measured]:
-    """Measured entries from ``(source name, result document)`` pairs of the benchmark."""
-    out = []
-    for source, doc in docs:
-        env = doc.get("env", {})
-        if env.get("device_type") != "cuda":
-            continue
-        rows = [r for r in doc.get("rows", []) if r.get("mode") == "train"
-                and r.get("status") == "ok" and r.get("time_ms")]
-        by_case = {}
-        for r in rows:
-            by_case.setdefault((r["shape"]["name"], r["dtype"]), {})[r["contender"]] = r
-        for (_, dtype), group in sorted(by_case.items()):
-            base = [group[c]["time_ms"]["median"] for c in BASELINES if c in group]
-            if not base:
-                continue
-            for backend in FUSED:
-                r = group.get(f"ours:{backend}")
-                if r is None:
-                    continue
-                t = r["time_ms"]["median"]
-                out.append(Measured(env["device_name"], backend, r["shape"]["cell"], dtype,
-                                    int(r["shape"]["hidden"]), int(r["shape"]["batch"]),
-                                    t < min(base), min(base) / t,
-                                    f"{source} ({doc.get('created_utc')})"))
-    return out

@@ -8,7 +8,8 @@ import torch
 
 from rnnreg_kernels import auto_rule
 from rnnreg_kernels.bench import auto_table
-from rnnreg_kernels.auto_rule import Measured, entries_from_results, fused_choice
+from rnnreg_kernels.bench.auto_table import entries_from_results
+from rnnreg_kernels.auto_rule import Measured, fused_choice
 
 GPU = "NVIDIA H200"
 

@@ -13,9 +13,43 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 from rnnreg_kernels import auto_rule
+from rnnreg_kernels.bench.contenders import BASELINE
+
+# the contenders a fused backend must beat in the same run
+BASELINES = ("ours:native", BASELINE)
+
+
+def entries_from_results(docs: Iterable[tuple]) -> List[auto_rule.Measured]:
+    """:class:`~rnnreg_kernels.auto_rule.Measured` entries from ``(source name, result
+    document)`` pairs of the benchmark: every timed training-step row of a fused contender,
+    ``won`` when faster than each of :data:`BASELINES` that ran the same case."""
+    out = []
+    for source, doc in docs:
+        env = doc.get("env", {})
+        if env.get("device_type") != "cuda":
+            continue
+        rows = [r for r in doc.get("rows", []) if r.get("mode") == "train"
+                and r.get("status") == "ok" and r.get("time_ms")]
+        by_case = {}
+        for r in rows:
+            by_case.setdefault((r["shape"]["name"], r["dtype"]), {})[r["contender"]] = r
+        for (_, dtype), group in sorted(by_case.items()):
+            base = [group[c]["time_ms"]["median"] for c in BASELINES if c in group]
+            if not base:
+                continue
+            for backend in auto_rule.FUSED:
+                r = group.get(f"ours:{backend}")
+                if r is None:
+                    continue
+                t = r["time_ms"]["median"]
+                out.append(auto_rule.Measured(
+                    env["device_name"], backend, r["shape"]["cell"], dtype,
+                    int(r["shape"]["hidden"]), int(r["shape"]["batch"]), t < min(base),
+                    min(base) / t, f"{source} ({doc.get('created_utc')})"))
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -36,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 docs.append((os.path.basename(path), json.load(f)))
         except (OSError, json.JSONDecodeError) as e:
             p.error(f"--from: cannot read {path!r} as a result JSON: {e}")
-    entries = auto_rule.entries_from_results(docs)
+    entries = entries_from_results(docs)
     doc = {"about": "auto's measured fused-backend cases (rnnreg_kernels/auto_rule.py); "
                     "written by `python -m rnnreg_kernels.bench.auto_table --from ... --write`",
            "sources": [name for name, _ in docs],
